@@ -1,0 +1,116 @@
+"""Build offline checkpoints into the cache: `tiny-random`, `large-random` and trained `shapes`.
+
+Each is written to a temporary folder beside its final place and renamed into place only when
+complete (and, for `shapes`, only when it captions held-out images well enough), so a killed
+build never leaves a half checkpoint that tests would trust.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capworks.checkpoints.layout import ofa_config_kwargs, write_checkpoint
+from capworks.checkpoints.shapes_world import sample_scenes
+from schema.errors import CheckpointError
+from workers.checkpoint import OFFLINE_NAMES, read_config
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 7
+HELD_OUT_COUNT = 200
+MIN_HELD_OUT_EXACT = 0.95
+RANDOM_SPECS = {"tiny-random": ("tiny", 480, 20221), "large-random": ("large", 480, 20222)}
+
+
+def ensure_checkpoint(name: str, cache: Path) -> Path:
+    """The folder of checkpoint `name`, building it first if it is not in the cache."""
+    if name not in OFFLINE_NAMES:
+        raise CheckpointError(f"unknown offline checkpoint {name!r}; use one of {OFFLINE_NAMES}")
+    final = cache / name
+    if (final / "build.json").is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    with _build_lock(cache / f".{name}.lock"):
+        if (final / "build.json").is_file():  # another process built it while we waited
+            return final
+        with tempfile.TemporaryDirectory(dir=cache, prefix=f".{name}-") as tmp:
+            work = Path(tmp) / name
+            metrics = _build_shapes(work) if name == "shapes" else _build_random(name, work)
+            (work / "build.json").write_text(json.dumps(metrics, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            work.rename(final)
+    log.info("built %s in %s", name, final)
+    return final
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_random(name: str, out: Path) -> dict[str, Any]:
+    from modelscope.models.multi_modal.ofa import OFAModel
+    from modelscope.models.multi_modal.ofa.configuration_ofa import OFAConfig
+
+    arch, size_px, seed = RANDOM_SPECS[name]
+    torch.manual_seed(seed)
+    model = OFAModel(OFAConfig(**ofa_config_kwargs(arch)))
+    write_checkpoint(model, out, size_px)
+    params = sum(p.numel() for p in model.parameters())
+    return {"name": name, "architecture": arch, "seed": seed, "parameters": params}
+
+
+def _build_shapes(out: Path) -> dict[str, Any]:
+    from capworks.checkpoints.train_shapes import PATCH_PX, train_shapes
+
+    model, metrics = train_shapes()
+    write_checkpoint(model, out, PATCH_PX)
+    exact = held_out_exact(out)
+    metrics.update(name="shapes", held_out_images=HELD_OUT_COUNT, held_out_exact=exact)
+    if exact < MIN_HELD_OUT_EXACT:
+        raise CheckpointError(
+            f"shapes checkpoint captions only {exact:.1%} of held-out images exactly "
+            f"(needs {MIN_HELD_OUT_EXACT:.0%}); not published"
+        )
+    return metrics
+
+
+def held_out_exact(model_dir: Path) -> float:
+    """Share of held-out synthetic images the checkpoint captions exactly, via the real engine."""
+    from workers.engine import OfaEngine
+
+    engine = OfaEngine.load(read_config(model_dir, "shapes"), device="cpu", batch_size=50)
+    try:
+        pairs = sample_scenes(HELD_OUT_COUNT, HELD_OUT_SEED)
+        results = engine.caption_images([_png(img) for img, _ in pairs])
+    finally:
+        engine.close()
+    hits = sum(
+        not isinstance(r, Exception) and r.caption.text == want
+        for r, (_, want) in zip(results, pairs, strict=True)
+    )
+    return hits / len(pairs)
+
+
+def _png(img: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

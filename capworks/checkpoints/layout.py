@@ -1,0 +1,64 @@
+"""Writing a checkpoint folder in the hub's layout, and the architectures we build."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_DIR = Path(__file__).parent / "ofa_tokenizer"
+VOCAB_SIZE = 59457  # 50265 BPE entries + 8192 <code_i> + 1000 <bin_i>
+
+# OFA-Sys/OFA models/ofa/ofa.py sizes; only the fields that differ from OFAConfig's defaults.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                 resnet_type="resnet50"),
+    "large": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                  decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
+                  resnet_type="resnet152"),
+    # Small enough to train to near-perfect captions on two CPU cores in minutes.
+    "shapes": dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
+                   resnet_type="resnet50"),
+}
+
+
+def ofa_config_kwargs(arch: str) -> dict[str, Any]:
+    """Full OFAConfig arguments for an architecture (inference-time dropout off)."""
+    return dict(vocab_size=VOCAB_SIZE, dropout=0.0, attention_dropout=0.0,
+                activation_dropout=0.0, **ARCHITECTURES[arch])
+
+
+def configuration_json(patch_image_size: int) -> dict[str, Any]:
+    """ModelScope's `configuration.json` for an English OFA captioner."""
+    return {
+        "framework": "pytorch",
+        "task": "image-captioning",
+        "pipeline": {"type": "image-captioning"},
+        "model": {
+            "type": "ofa",
+            "beam_search": {"beam_size": 5, "max_len_b": 16, "no_repeat_ngram_size": 3},
+            "seed": 7,
+            "max_src_length": 256,
+            "language": "en",
+            "gen_type": "generation",
+            "patch_image_size": patch_image_size,
+            "max_image_size": patch_image_size,
+            "imagenet_default_mean_and_std": False,
+        },
+        "preprocessor": {},
+    }
+
+
+def write_checkpoint(model: Any, out_dir: Path, patch_image_size: int) -> None:
+    """Save an `OFAModel` and its tokenizer files as the hub lays them out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Tied embeddings: transformers 4.5x refuses safetensors for them, and the hub ships .bin.
+    model.save_pretrained(out_dir, safe_serialization=False)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(TOKENIZER_DIR / name, out_dir / name)
+    (out_dir / "configuration.json").write_text(
+        json.dumps(configuration_json(patch_image_size), indent=4)
+    )

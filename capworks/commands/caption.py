@@ -1,0 +1,129 @@
+"""`capworks caption`: the one-shot local mode, with no broker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from producer.sources import InputError, iter_refs
+from schema.db import connect
+from schema.settings import Settings, get_settings
+from schema.storage import make_s3_client
+from schema.uris import ImageRef, is_http, is_s3
+from workers.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
+from workers.engine import CaptionedImage, OfaEngine
+from workers.fetch import Fetcher
+from workers.persist import Outcome, ResultWriter
+from workers.pipeline import caption_refs
+from workers.preprocess import ImageLimits
+
+TABLE_ROWS = 50
+
+
+class RateColumn(TextColumn):
+    """Images per second."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task: Any) -> Any:
+        """The task's speed as images/s."""
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} img/s" if speed else "- img/s", style="progress.data.speed")
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption every image under the inputs into the database and print the results."""
+    settings = get_settings()
+    for item in args.inputs:
+        if not is_s3(item) and not is_http(item) and not Path(item).exists():
+            raise InputError(f"no such file or directory: {item}")
+    engine_db = connect(args.db)
+    config = resolve_model(args.model, args.revision, settings)
+    s3 = make_s3_client(settings) if any(is_s3(i) for i in args.inputs) else None
+    refs = list(iter_refs(args.inputs, s3))
+    engine = OfaEngine.load(
+        config, device=args.device, dtype=args.dtype, generator=args.generator,
+        batch_size=args.batch_size, decode_threads=settings.decode_threads,
+        limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
+    )
+    try:
+        outcomes = caption_with_progress(refs, engine, settings, engine_db, args)
+    finally:
+        engine.close()
+    print_results(outcomes, as_json=args.json)
+    return 0
+
+
+def resolve_model(model: str, revision: str | None, settings: Settings) -> CheckpointConfig:
+    """Resolve `--model`, building an offline checkpoint on first use."""
+    if model in OFFLINE_NAMES and not (settings.checkpoint_dir / model).is_dir():
+        from capworks.checkpoints.build import ensure_checkpoint
+
+        print(f"building the {model} checkpoint (first use)...", file=sys.stderr)
+        ensure_checkpoint(model, settings.checkpoint_dir)
+    return resolve_checkpoint(model, revision, settings.checkpoint_dir)
+
+
+def caption_with_progress(
+    refs: list[ImageRef], engine: OfaEngine, settings: Settings, db: Any, args: argparse.Namespace
+) -> list[Outcome]:
+    """Run the pipeline with a progress bar (rate and ETA) on stderr."""
+    s3 = make_s3_client(settings) if any(r.bucket for r in refs) else None
+    fetcher = Fetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
+    writer = ResultWriter(db, engine.config)
+    columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=args.no_progress) as progress:
+        task = progress.add_task("captioning", total=len(refs))
+        return caption_refs(refs, fetcher, engine, writer, chunk_size=args.batch_size * 4,
+                            on_chunk=lambda chunk: progress.advance(task, len(chunk)))
+
+
+def outcome_dict(o: Outcome) -> dict[str, Any]:
+    """One outcome as a JSON-able dict."""
+    if isinstance(o.result, CaptionedImage):
+        cap = o.result.caption
+        return {"uri": o.ref.uri, "caption": cap.text, "score": round(cap.score, 4),
+                "alternatives": [{"text": a.text, "score": round(a.score, 4)}
+                                 for a in cap.alternatives]}
+    return {"uri": o.ref.uri, "error": o.result.code.value, "message": o.result.message}
+
+
+def print_results(outcomes: list[Outcome], as_json: bool) -> None:
+    """JSON lines, or a table of the first rows and a summary line."""
+    if as_json:
+        for o in outcomes:
+            sys.stdout.write(json.dumps(outcome_dict(o)) + "\n")
+        return
+    table = Table("image", "caption", "score", title="capworks captions")
+    for o in outcomes[:TABLE_ROWS]:
+        d = outcome_dict(o)
+        name = d["uri"] if len(d["uri"]) <= 60 else "…" + d["uri"][-59:]
+        if "caption" in d:
+            table.add_row(name, d["caption"], f"{d['score']:.3f}")
+        else:
+            table.add_row(name, f"[red]{d['error']}[/red]: {d['message'][:60]}", "-")
+    console = Console()
+    console.print(table)
+    failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))
+    more = f" ({len(outcomes) - TABLE_ROWS} more rows in the database)" if len(outcomes) > TABLE_ROWS else ""
+    console.print(f"{len(outcomes) - failed} captioned, {failed} failed{more}")

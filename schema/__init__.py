@@ -1,0 +1,1 @@
+"""Contracts shared by producers and workers: settings, tables, URIs, the error taxonomy."""

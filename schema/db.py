@@ -1,0 +1,51 @@
+"""Database engine construction and schema migration (Alembic, run programmatically)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from schema.errors import Code, CapworksError
+
+log = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def connect(url: str) -> Engine:
+    """Build an engine for any SQLAlchemy URL and bring its schema to the newest migration."""
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as exc:
+        raise CapworksError(Code.DATABASE_UNAVAILABLE, f"bad database URL {url!r}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        migrate(engine)
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise CapworksError(
+            Code.DATABASE_UNAVAILABLE, f"cannot reach database {engine.url!r}: {reason}"
+        ) from exc
+    return engine
+
+
+def migrate(engine: Engine) -> None:
+    """Run every pending Alembic migration on `engine`."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+    # WAL lets readers (a results table, a dashboard) run while a worker writes.
+    cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()

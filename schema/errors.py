@@ -1,0 +1,58 @@
+"""The error taxonomy: every failure has a kind (transient or permanent) and a short code."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kind(enum.Enum):
+    """Transient failures are retried with backoff; permanent ones are dead-lettered at once."""
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+class Code(enum.Enum):
+    """Machine-readable failure codes stored with every dead letter."""
+
+    EMPTY = "empty"
+    UNDECODABLE = "undecodable"
+    TRUNCATED = "truncated"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TOO_LARGE_BYTES = "too_large_bytes"
+    TOO_LARGE_PIXELS = "too_large_pixels"
+    NOT_FOUND = "not_found"
+    ACCESS_DENIED = "access_denied"
+    BAD_URI = "bad_uri"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    OUT_OF_MEMORY = "out_of_memory"
+
+
+TRANSIENT_CODES = frozenset({Code.STORAGE_UNAVAILABLE, Code.DATABASE_UNAVAILABLE, Code.OUT_OF_MEMORY})
+
+
+class CapworksError(Exception):
+    """A failure with a code and a human-readable reason."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+    @property
+    def kind(self) -> Kind:
+        """Whether retrying can help."""
+        return Kind.TRANSIENT if self.code in TRANSIENT_CODES else Kind.PERMANENT
+
+
+class ImageError(CapworksError):
+    """One image could not be used; the rest of its batch goes on."""
+
+
+class StorageError(CapworksError):
+    """Fetching from or listing a store failed."""
+
+
+class CheckpointError(Exception):
+    """A model checkpoint could not be found or loaded."""

@@ -1,0 +1,1 @@
+"""Workers turn image references into captions: fetch, decode, batch, OFA, persist."""

@@ -1,0 +1,123 @@
+"""Finding a checkpoint (ModelScope hub id + revision, or a local folder) and reading its settings.
+
+A checkpoint folder has the hub's layout: `configuration.json` (ModelScope's task settings),
+`config.json` (the OFA architecture), `pytorch_model.bin`, `vocab.json` and `merges.txt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schema.errors import CheckpointError
+from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalization
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("configuration.json", "config.json", "pytorch_model.bin", "vocab.json", "merges.txt")
+# Checkpoints that `capworks checkpoint build NAME` makes offline, in the hub's layout.
+OFFLINE_NAMES = ("shapes", "tiny-random", "large-random")
+DEFAULT_PROMPT = " what does the image describe?"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Beam-search settings; defaults are ModelScope's for OFA captioning."""
+
+    beam_size: int = 5
+    max_len_a: float = 0.0
+    max_len_b: int = 16
+    min_len: int = 1
+    no_repeat_ngram_size: int = 3
+    len_penalty: float = 1.0
+    normalize_scores: bool = True
+    temperature: float = 1.0
+    unk_penalty: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values."""
+        return asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash, part of a caption's identity in the database."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What `configuration.json` says about prompting, preprocessing and generation."""
+
+    model_dir: Path
+    model_id: str
+    revision: str
+    prompt: str = DEFAULT_PROMPT
+    patch_image_size: int = 480
+    imagenet_default_mean_and_std: bool = False
+    max_src_length: int = 256
+    language: str = "en"
+    num_return_sequences: int = 1
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    @property
+    def normalization(self) -> Normalization:
+        """Resize target and mean/std for preprocessing."""
+        if self.imagenet_default_mean_and_std:
+            return Normalization(self.patch_image_size, IMAGENET_MEAN, IMAGENET_STD)
+        return Normalization(self.patch_image_size)
+
+
+def read_config(model_dir: Path, model_id: str, revision: str = "") -> CheckpointConfig:
+    """Read `configuration.json` of a checkpoint folder, with ModelScope's defaults."""
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{model_dir} is not an OFA checkpoint: missing {', '.join(missing)}")
+    cfg = json.loads((model_dir / "configuration.json").read_text())
+    model = cfg.get("model", {})
+    known = GenerationSettings.__dataclass_fields__
+    beam = {k: v for k, v in model.get("beam_search", {}).items() if k in known}
+    return CheckpointConfig(
+        model_dir=model_dir,
+        model_id=model_id,
+        revision=revision,
+        prompt=model.get("prompt", DEFAULT_PROMPT),
+        patch_image_size=int(model.get("patch_image_size", 480)),
+        imagenet_default_mean_and_std=bool(model.get("imagenet_default_mean_and_std", False)),
+        max_src_length=int(model.get("max_src_length", 256)),
+        language=model.get("language", "en"),
+        num_return_sequences=int(model.get("num_return_sequences", 1)),
+        generation=GenerationSettings(**beam),
+    )
+
+
+def resolve_checkpoint(model: str, revision: str | None, checkpoint_dir: Path) -> CheckpointConfig:
+    """Find the folder of `model`: a local folder, an offline-built name, or a ModelScope hub id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_config(path.resolve(), model_id=str(path.resolve()), revision=revision or "")
+    if model in OFFLINE_NAMES:
+        built = checkpoint_dir / model
+        if not built.is_dir():
+            raise CheckpointError(
+                f"checkpoint {model!r} is not built yet: run `capworks checkpoint build {model}`"
+            )
+        return read_config(built, model_id=model, revision=revision or "")
+    return read_config(download_from_hub(model, revision), model_id=model, revision=revision or "")
+
+
+def download_from_hub(model_id: str, revision: str | None) -> Path:
+    """Download (or find in ModelScope's cache) a hub checkpoint; one clear error if impossible."""
+    from modelscope.hub.snapshot_download import snapshot_download  # slow import, only when needed
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot fetch {model_id!r} from the ModelScope hub ({reason}); pass --model with a "
+            f"local folder holding {', '.join(REQUIRED_FILES)}"
+        ) from exc

@@ -1,0 +1,156 @@
+"""OfaEngine: images in, captions out, in batches, with per-image failures.
+
+The lifecycle is LitServe's: `load` (once per process, on a device), `preprocess` (decode and
+resize in threads), `predict` (one batch through a generator), `decode` (tokens to text).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from schema.errors import ImageError
+from workers.checkpoint import CheckpointConfig
+from workers.generators import Generator, Hypothesis, make_generator
+from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_dtype
+from workers.preprocess import ImageLimits, PreparedImage, preprocess_many
+
+log = logging.getLogger(__name__)
+_PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A lower-ranked beam hypothesis."""
+
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Caption:
+    """The best caption of one image, its score, and the other beam hypotheses."""
+
+    text: str
+    score: float
+    alternatives: tuple[Alternative, ...]
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    """A caption with the dimensions of the image it describes."""
+
+    caption: Caption
+    width_px: int
+    height_px: int
+
+
+class OfaEngine:
+    """A loaded OFA captioner on one device."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        model: Any,
+        tokenizer: Any,
+        generator: Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 8,
+        limits: ImageLimits = ImageLimits(),
+        decode_threads: int = 0,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generator = generator
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.limits = limits
+        self.prompt_ids = encode_prompt(tokenizer, config)
+        self._pool = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1, "capworks-decode")
+
+    @classmethod
+    def load(
+        cls,
+        config: CheckpointConfig,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        generator: str = "reference",
+        batch_size: int = 8,
+        limits: ImageLimits = ImageLimits(),
+        decode_threads: int = 0,
+    ) -> OfaEngine:
+        """Load model and tokenizer from a resolved checkpoint onto a device."""
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        tokenizer = load_tokenizer(config)
+        model = load_model(config, dev, dt)
+        gen = make_generator(generator, model, tokenizer, config.generation)
+        log.info("loaded %s on %s (%s, generator %s)", config.model_id, dev, dt, gen.name)
+        return cls(config, model, tokenizer, gen, dev, dt, batch_size, limits, decode_threads)
+
+    def close(self) -> None:
+        """Stop the preprocessing threads."""
+        self._pool.shutdown(wait=False)
+
+    def preprocess(self, blobs: Sequence[bytes]) -> list[PreparedImage | ImageError]:
+        """Decode, validate and resize encoded images in the thread pool."""
+        return preprocess_many(blobs, self.limits, self.config.normalization, self._pool)
+
+    def predict(self, pixels: Sequence[np.ndarray]) -> list[list[Hypothesis]]:
+        """Run one batch of preprocessed images through the generator."""
+        if not pixels:
+            return []
+        images = torch.from_numpy(np.stack(pixels)).to(self.device, self.dtype)
+        prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=self.device)
+        hyps = self.generator.generate(prompt.expand(len(pixels), -1), images)
+        if len(hyps) != len(pixels):
+            raise RuntimeError(f"generator returned {len(hyps)} results for {len(pixels)} images")
+        return hyps
+
+    def decode(self, hyps: Sequence[Hypothesis]) -> Caption:
+        """Tokens to text exactly as ModelScope's captioning pipeline does it."""
+        texts = self.tokenizer.batch_decode(
+            [list(h.tokens) for h in hyps],
+            skip_special_tokens=True,
+            # Pinned: the default changed in transformers 4.45 and hub checkpoints ship no
+            # tokenizer_config.json; True is what the published OFA captions were made with.
+            clean_up_tokenization_spaces=True,
+        )
+        texts = [t.strip() for t in texts]
+        if self.config.language == "en":
+            texts = [t.translate(_PUNCTUATION).strip() for t in texts]
+        alternatives = tuple(Alternative(t, h.score) for t, h in zip(texts[1:], hyps[1:], strict=True))
+        return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens)
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+        """Caption preprocessed images, `batch_size` at a time."""
+        out: list[Caption] = []
+        for start in range(0, len(pixels), self.batch_size):
+            out.extend(self.decode(h) for h in self.predict(pixels[start : start + self.batch_size]))
+        return out
+
+    def caption_images(self, blobs: Sequence[bytes]) -> list[CaptionedImage | ImageError]:
+        """Caption encoded images; a bad image stays in its slot as an `ImageError`."""
+        results: list[CaptionedImage | ImageError] = []
+        prepared = self.preprocess(blobs)
+        good = [p for p in prepared if isinstance(p, PreparedImage)]
+        captions = iter(self.caption_pixels([p.pixels for p in good]))
+        for p in prepared:
+            if isinstance(p, ImageError):
+                results.append(p)
+            else:
+                results.append(CaptionedImage(next(captions), p.width_px, p.height_px))
+        return results

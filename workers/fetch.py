@@ -1,0 +1,78 @@
+"""Fetching image bytes from local files, S3 and http(s), with failures mapped to error codes."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from schema.errors import Code, StorageError
+from schema.uris import is_http, is_s3, local_path, parse_s3
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
+DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
+
+
+class Fetcher:
+    """Reads the bytes behind a URI; reads at most `max_bytes + 1` so a huge object costs little."""
+
+    def __init__(self, s3_client: Any, max_bytes: int, http_timeout_s: float) -> None:
+        self._s3 = s3_client
+        self._max_bytes = max_bytes
+        self._http_timeout_s = http_timeout_s
+
+    def fetch(self, uri: str) -> bytes:
+        """The bytes of the object at `uri`, or `StorageError` with a code."""
+        if is_s3(uri):
+            return self._fetch_s3(uri)
+        if is_http(uri):
+            return self._fetch_http(uri)
+        return self._fetch_file(uri)
+
+    def _fetch_file(self, uri: str) -> bytes:
+        path = local_path(uri)
+        try:
+            with path.open("rb") as f:
+                return f.read(self._max_bytes + 1)
+        except FileNotFoundError as exc:
+            raise StorageError(Code.NOT_FOUND, f"no such file: {path}") from exc
+        except PermissionError as exc:
+            raise StorageError(Code.ACCESS_DENIED, f"permission denied: {path}") from exc
+        except IsADirectoryError as exc:
+            raise StorageError(Code.BAD_URI, f"is a directory: {path}") from exc
+
+    def _fetch_s3(self, uri: str) -> bytes:
+        loc = parse_s3(uri)
+        try:
+            obj = self._s3.get_object(Bucket=loc.bucket, Key=loc.key)
+            body = obj["Body"]
+            try:
+                return body.read(self._max_bytes + 1)  # type: ignore[no-any-return]
+            finally:
+                body.close()
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in NOT_FOUND_CODES or status == 404:
+                raise StorageError(Code.NOT_FOUND, f"no such object: {uri}") from exc
+            if code in DENIED_CODES or status == 403:
+                raise StorageError(Code.ACCESS_DENIED, f"access denied: {uri}") from exc
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {code} {status}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc
+
+    def _fetch_http(self, uri: str) -> bytes:
+        try:
+            with urllib.request.urlopen(uri, timeout=self._http_timeout_s) as resp:
+                return resp.read(self._max_bytes + 1)  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 or exc.code == 410:
+                raise StorageError(Code.NOT_FOUND, f"{uri}: HTTP {exc.code}") from exc
+            if exc.code in (401, 403):
+                raise StorageError(Code.ACCESS_DENIED, f"{uri}: HTTP {exc.code}") from exc
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc

@@ -1,0 +1,40 @@
+"""Generators: the seam where beam-search implementations plug into the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from workers.checkpoint import GenerationSettings
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One finished beam: its tokens (ending with EOS) and its length-normalised score."""
+
+    tokens: tuple[int, ...]
+    score: float
+
+
+class Generator(Protocol):
+    """Turns a batch of prompts and images into finished hypotheses, best first, per image."""
+
+    name: str
+
+    def generate(self, input_ids: torch.Tensor, patch_images: torch.Tensor) -> list[list[Hypothesis]]:
+        """Hypotheses per image, sorted by score, best first."""
+        ...
+
+
+GENERATORS = ("reference",)
+
+
+def make_generator(name: str, model: Any, tokenizer: Any, settings: GenerationSettings) -> Generator:
+    """Build the generator called `name` for a loaded model."""
+    if name == "reference":
+        from workers.generators.reference import ReferenceGenerator
+
+        return ReferenceGenerator(model, tokenizer, settings)
+    raise ValueError(f"unknown generator {name!r}; use one of {', '.join(GENERATORS)}")

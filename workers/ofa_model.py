@@ -1,0 +1,64 @@
+"""Loading ModelScope's `OFAModel` and `OFATokenizer` from a checkpoint folder."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from workers.checkpoint import CheckpointConfig
+
+log = logging.getLogger(__name__)
+NUM_CODES = 8192
+NUM_BINS = 1000
+
+
+def load_tokenizer(config: CheckpointConfig) -> Any:
+    """The OFA tokenizer with the `<code_i>` and `<bin_i>` tokens ModelScope adds (vocab 59457)."""
+    from modelscope.models.multi_modal.ofa import OFATokenizer
+
+    tokenizer = OFATokenizer.from_pretrained(str(config.model_dir))
+    tokenizer.add_tokens([f"<code_{i}>" for i in range(NUM_CODES)])
+    tokenizer.add_tokens([f"<bin_{i}>" for i in range(NUM_BINS)])
+    return tokenizer
+
+
+def load_model(config: CheckpointConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """`OFAModel` in eval mode on `device`."""
+    from modelscope.models.multi_modal.ofa import OFAModel
+
+    model = OFAModel.from_pretrained(str(config.model_dir))
+    model.eval()
+    return model.to(device=device, dtype=dtype)
+
+
+def encode_prompt(tokenizer: Any, config: CheckpointConfig) -> list[int]:
+    """BOS + the prompt's tokens (truncated to max_src_length) + EOS, as ModelScope builds it."""
+    ids = tokenizer(
+        config.prompt,
+        add_special_tokens=False,
+        truncation=True,
+        max_length=config.max_src_length,
+    ).input_ids
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 (the reference precision); float16/bfloat16 need CUDA."""
+    table = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+             "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    dtype = table[name]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ValueError(f"dtype {name} needs a CUDA device; this run uses {device}")
+    return dtype

@@ -1,0 +1,127 @@
+"""Image decoding and validation, and OFA's preprocessing (bit-exact to ModelScope's).
+
+ModelScope loads an image with `Image.open` -> `ImageOps.exif_transpose` -> `convert("RGB")`,
+resizes it to S x S with bicubic filtering (aspect ratio not kept), scales to [0, 1] and
+normalises with the checkpoint's mean and std. We do the same with Pillow and numpy, several
+images at once in a thread pool (Pillow releases the GIL while decoding and resizing).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schema.errors import Code, ImageError
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may be; larger ones fail with a specific code."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    max_px: int = 3000
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The resize target and per-channel mean and std of a checkpoint."""
+
+    size_px: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded RGB image, upright, with its original dimensions."""
+
+    image: Image.Image
+    width_px: int
+    height_px: int
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Decode encoded bytes to an upright RGB image, or raise `ImageError` with a specific code."""
+    if not data:
+        raise ImageError(Code.EMPTY, "zero bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageError(
+            Code.TOO_LARGE_BYTES, f"{len(data)} bytes is over the limit of {limits.max_bytes}"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (rather than fails) between 1x and 2x its bomb limit; we check below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError(Code.UNDECODABLE, "not a recognisable image") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(Code.TOO_LARGE_PIXELS, str(exc)) from exc
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(Code.UNSUPPORTED_FORMAT, f"format {img.format} is not supported")
+    width, height = img.size
+    if width > limits.max_px or height > limits.max_px:
+        raise ImageError(
+            Code.TOO_LARGE_PIXELS,
+            f"{width}x{height} px is over the limit of {limits.max_px}x{limits.max_px}",
+        )
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb = img.convert("RGB")
+    except OSError as exc:
+        code = Code.TRUNCATED if "truncated" in str(exc) else Code.UNDECODABLE
+        raise ImageError(code, str(exc)) from exc
+    except (SyntaxError, ValueError) as exc:
+        raise ImageError(Code.UNDECODABLE, str(exc)) from exc
+    return DecodedImage(rgb, rgb.width, rgb.height)
+
+
+def to_pixels(image: Image.Image, norm: Normalization) -> np.ndarray:
+    """Resize and normalise one image to a CHW float32 array, exactly as ModelScope does."""
+    resized = image.convert("RGB").resize((norm.size_px, norm.size_px), Image.BICUBIC)
+    a = np.asarray(resized).astype(np.float32) / np.float32(255)
+    a = (a - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model-ready pixels of one image and its upright dimensions."""
+
+    pixels: np.ndarray
+    width_px: int
+    height_px: int
+
+
+def prepare_image(data: bytes, limits: ImageLimits, norm: Normalization) -> PreparedImage:
+    """Decode, validate and preprocess one encoded image."""
+    decoded = decode_image(data, limits)
+    return PreparedImage(to_pixels(decoded.image, norm), decoded.width_px, decoded.height_px)
+
+
+def preprocess_many(
+    blobs: Sequence[bytes],
+    limits: ImageLimits,
+    norm: Normalization,
+    pool: ThreadPoolExecutor,
+) -> list[PreparedImage | ImageError]:
+    """Preprocess several images in a thread pool; a failure stays in its slot as an `ImageError`."""
+
+    def one(data: bytes) -> PreparedImage | ImageError:
+        try:
+            return prepare_image(data, limits, norm)
+        except ImageError as exc:
+            return exc
+
+    return list(pool.map(one, blobs))
