@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
@@ -35,6 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     cap.add_argument("--json", action="store_true", help="print results as JSON lines")
     cap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    enq = sub.add_parser("enqueue", help="crawl sources and enqueue jobs for the workers")
+    enq.add_argument("sources", nargs="+", metavar="SOURCE",
+                     help="s3://bucket/prefix, a local folder, or @FILE with one URI per line")
+    enq.add_argument("--model", default=settings.model, help="model whose captions count as done")
+    enq.add_argument("--revision", default=settings.revision)
+    enq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    enq.add_argument("--crawl-id", help="resume this crawl (default: derived from the source)")
+    enq.add_argument("--force", action="store_true", help="re-caption objects already captioned")
+    enq.add_argument("--suffix", action="append", default=[], help="only keys ending so (repeat)")
+    enq.add_argument("--min-bytes", type=int)
+    enq.add_argument("--max-bytes", type=int)
+    enq.add_argument("--modified-since", type=iso_datetime, help="ISO date or time (UTC)")
+    enq.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    work = sub.add_parser("worker", help="run captioning workers, one process per GPU")
+    work.add_argument("--gpus", default="all", help="all, cpu, or a list such as 0,1")
+    work.add_argument("--concurrency", type=positive_int, help="jobs held per process")
+    work.add_argument("--loglevel", default="INFO")
+
+    dlq = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
+    dlq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    for name in ("list", "replay", "purge"):
+        p = dlq_sub.add_parser(name)
+        p.add_argument("--code", help="only this failure code")
+        p.add_argument("--prefix", help="only URIs starting so")
+        p.add_argument("--older-than", type=duration_s, help="only last seen before: 30s, 2h, 7d")
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+            p.add_argument("--limit", type=positive_int, default=100)
+        if name == "replay":
+            p.add_argument("--rate", type=rate_per_s, default=100.0, help="images per second: 50/s")
+    show = dlq_sub.add_parser("show")
+    show.add_argument("uri")
 
     demo = sub.add_parser("demo", help="caption generated sample images with the shapes model")
     demo.add_argument("--dir", default="capworks-demo", help="folder for images and database")
@@ -72,6 +108,35 @@ def positive_int(text: str) -> int:
     return value
 
 
+def iso_datetime(text: str) -> datetime:
+    """An argparse type for ISO 8601 dates and times (naive means UTC)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def duration_s(text: str) -> float:
+    """An argparse type for durations such as 90s, 15m, 2h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"not a duration like 30s, 2h or 7d: {text!r}") from None
+
+
+def rate_per_s(text: str) -> float:
+    """An argparse type for rates such as 50/s or 50."""
+    try:
+        value = float(text.removesuffix("/s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate like 50/s: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"rate must be positive: {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `capworks` console script."""
     args = build_parser().parse_args(argv)
@@ -81,6 +146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from capworks.commands.caption import run_caption
 
             return run_caption(args)
+        if args.command == "enqueue":
+            from capworks.commands.enqueue import run_enqueue
+
+            return run_enqueue(args)
+        if args.command == "worker":
+            from capworks.commands.worker import run_worker
+
+            return run_worker(args)
+        if args.command == "dlq":
+            from capworks.commands.dlq import run_dlq
+
+            return run_dlq(args)
         if args.command == "demo":
             from capworks.commands.demo import run_demo
 
@@ -101,7 +178,7 @@ def configure_logging(verbosity: int) -> None:
     """Our loggers at WARNING (INFO with -v); the model libraries' chatter at ERROR."""
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("modelscope", "transformers", "fairseq", "botocore", "urllib3"):
+    for noisy in ("modelscope", "modelscope_hub", "transformers", "fairseq", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import transformers

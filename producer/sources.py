@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +34,38 @@ def iter_refs(inputs: Iterable[str], s3_client: Any | None) -> Iterator[ImageRef
             yield from iter_local(Path(item))
 
 
-def iter_local(path: Path) -> Iterator[ImageRef]:
-    """A file, or the image files under a folder (by suffix, recursively, sorted)."""
+def local_ref(path: Path) -> ImageRef:
+    """A local file's reference; its "ETag" is size and modification time, so an edit shows."""
+    st = path.stat()
+    return ImageRef(uri=file_uri(path), etag=f"{st.st_size:x}-{st.st_mtime_ns:x}",
+                    size_bytes=st.st_size,
+                    last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+
+def iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]:
+    """A file, or the image files under a folder (by suffix, recursively, in URI order)."""
     if path.is_file():
-        yield ImageRef(uri=file_uri(path), size_bytes=path.stat().st_size)
+        yield local_ref(path)
     elif path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            if child.suffix.lower() in IMAGE_SUFFIXES:
-                yield ImageRef(uri=file_uri(child), size_bytes=child.stat().st_size)
+        files = sorted(file_uri(p) for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for uri in files:
+            if start_after is None or uri > start_after:
+                yield local_ref(Path(uri))
     else:
         raise InputError(f"no such file or directory: {path}")
 
 
-def iter_s3(prefix_uri: str, s3_client: Any) -> Iterator[ImageRef]:
-    """Every object under an `s3://bucket/prefix`, via paginated ListObjectsV2."""
+def iter_s3(prefix_uri: str, s3_client: Any, start_after: str | None = None) -> Iterator[ImageRef]:
+    """Every object under an `s3://bucket/prefix`, via paginated ListObjectsV2, in key order.
+
+    `start_after` is a key: listing resumes after it (continuation tokens expire; keys do not).
+    """
     loc = parse_s3(prefix_uri)
     paginator = s3_client.get_paginator("list_objects_v2")
+    extra = {"StartAfter": start_after} if start_after else {}
     try:
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, **extra):
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):
                     continue
@@ -60,9 +75,42 @@ def iter_s3(prefix_uri: str, s3_client: Any) -> Iterator[ImageRef]:
                     key=obj["Key"],
                     etag=obj.get("ETag", "").strip('"') or None,
                     size_bytes=obj.get("Size"),
+                    last_modified=obj.get("LastModified"),
                 )
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         raise InputError(f"cannot list {prefix_uri}: {code or exc}") from exc
     except BotoCoreError as exc:
         raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot list {prefix_uri}: {exc}") from exc
+
+
+def iter_uri_file(path: Path, start_after: str | None = None) -> Iterator[tuple[str, ImageRef]]:
+    """(line number, reference) for one URI per line, skipping blanks and `#` comments."""
+    skip = int(start_after or 0)
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            uri = line.strip()
+            if number > skip and uri and not uri.startswith("#"):
+                yield str(number), ImageRef(uri=uri)
+
+
+def iter_positions(
+    source: str, s3_client: Any | None, start_after: str | None
+) -> Iterator[tuple[str, ImageRef]]:
+    """(resume position, reference) pairs of one source, in a stable order.
+
+    A position is the S3 key, the local URI, or the line number of a URI list (`@FILE`).
+    """
+    if is_s3(source):
+        if s3_client is None:
+            raise InputError(f"{source}: no S3 client configured")
+        for ref in iter_s3(source, s3_client, start_after):
+            yield ref.key or ref.uri, ref
+    elif source.startswith("@"):
+        path = Path(source[1:])
+        if not path.is_file():
+            raise InputError(f"no such URI list: {path}")
+        yield from iter_uri_file(path, start_after)
+    else:
+        for ref in iter_local(Path(source), start_after):
+            yield ref.uri, ref

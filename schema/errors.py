@@ -27,6 +27,9 @@ class Code(enum.Enum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     DATABASE_UNAVAILABLE = "database_unavailable"
     OUT_OF_MEMORY = "out_of_memory"
+    MALFORMED_MESSAGE = "malformed_message"
+    POISON = "poison"
+    RETRIES_EXHAUSTED = "retries_exhausted"
 
 
 TRANSIENT_CODES = frozenset({Code.STORAGE_UNAVAILABLE, Code.DATABASE_UNAVAILABLE, Code.OUT_OF_MEMORY})

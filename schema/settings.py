@@ -43,6 +43,22 @@ class Settings(BaseSettings):
     max_image_px: int = 3000
     decode_threads: int = 0
 
+    # Queue (Celery on Redis)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "capworks"
+    # Kombu re-delivers an unacknowledged job after this long: keep it well above the longest
+    # job (a 1,000-image job on a slow CPU) and above every retry countdown.
+    visibility_timeout_s: int = 3600
+    restore_interval_s: int = 10
+    job_images: int = Field(default=64, ge=1, le=1000)
+    prefetch_jobs: int = Field(default=4, ge=1)
+    max_batch_wait_ms: int = 50
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_s: float = 2.0
+    retry_cap_s: float = 300.0
+    poison_deliveries: int = Field(default=3, ge=1)
+    max_queued_images: int = 200_000
+
     @property
     def checkpoint_dir(self) -> Path:
         """Folder of checkpoints built offline by `capworks checkpoint build`."""

@@ -104,3 +104,37 @@ class Failure(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    job_id: Mapped[str | None] = mapped_column(String(128))
+    traceback: Mapped[str | None] = mapped_column(Text)
+    replays: Mapped[int] = mapped_column(Integer, default=0)
+    last_replayed: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BadMessage(Base):
+    """A queue message that failed validation: kept for inspection, never retried."""
+
+    __tablename__ = "bad_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_key: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    received: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Crawl(Base):
+    """A resumable listing of a source: where it got to and what it did."""
+
+    __tablename__ = "crawls"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # running, done
+    last_key: Mapped[str | None] = mapped_column(Text)
+    pending_job: Mapped[str | None] = mapped_column(Text)
+    listed: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    enqueued: Mapped[int] = mapped_column(BigInteger, default=0)
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ class ImageRef:
     version_id: str | None = None
     etag: str | None = None
     size_bytes: int | None = None
+    last_modified: datetime | None = None
 
 
 @dataclass(frozen=True)

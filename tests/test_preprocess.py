@@ -12,9 +12,8 @@ import torch
 from PIL import Image, ImageOps
 
 from schema.errors import Code, ImageError
+from schema.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from workers.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageLimits,
     Normalization,
     decode_image,

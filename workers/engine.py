@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from schema.errors import ImageError
-from workers.checkpoint import CheckpointConfig
+from schema.checkpoint import CheckpointConfig
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_dtype
-from workers.preprocess import ImageLimits, PreparedImage, preprocess_many
+from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
 
 log = logging.getLogger(__name__)
 _PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
@@ -78,6 +78,7 @@ class OfaEngine:
         self.batch_size = batch_size
         self.limits = limits
         self.prompt_ids = encode_prompt(tokenizer, config)
+        self.normalization = Normalization(config.patch_image_size, *config.mean_std)
         self._pool = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1, "capworks-decode")
 
     @classmethod
@@ -107,7 +108,7 @@ class OfaEngine:
 
     def preprocess(self, blobs: Sequence[bytes]) -> list[PreparedImage | ImageError]:
         """Decode, validate and resize encoded images in the thread pool."""
-        return preprocess_many(blobs, self.limits, self.config.normalization, self._pool)
+        return preprocess_many(blobs, self.limits, self.normalization, self._pool)
 
     def predict(self, pixels: Sequence[np.ndarray]) -> list[list[Hypothesis]]:
         """Run one batch of preprocessed images through the generator."""

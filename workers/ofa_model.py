@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import CheckpointConfig
+from schema.checkpoint import CheckpointConfig
 
 log = logging.getLogger(__name__)
 NUM_CODES = 8192

@@ -17,9 +17,9 @@ from sqlalchemy.engine import Connection
 
 from schema.errors import CapworksError, Code
 from schema.tables import Caption as CaptionRow
-from schema.tables import Failure, Image, Tag, utcnow
+from schema.tables import BadMessage, Failure, Image, Tag, utcnow
 from schema.uris import ImageRef
-from workers.checkpoint import CheckpointConfig
+from schema.checkpoint import CheckpointConfig
 from workers.engine import CaptionedImage
 from workers.tags import derive_tags
 
@@ -59,8 +59,9 @@ class ResultWriter:
         self._settings = config.generation.to_dict()
         self._settings_hash = config.generation.digest()
 
-    def save(self, outcomes: Sequence[Outcome]) -> SaveCounts:
-        """Upsert all outcomes in one transaction."""
+    def save(self, outcomes: Sequence[Outcome], job_id: str | None = None,
+             trace: str | None = None) -> SaveCounts:
+        """Upsert all outcomes in one transaction; failures remember the job and a traceback."""
         if not outcomes:
             return SaveCounts(0, 0)
         with self._engine.begin() as conn:
@@ -68,8 +69,15 @@ class ResultWriter:
             done = [o for o in outcomes if isinstance(o.result, CaptionedImage)]
             failed = [o for o in outcomes if isinstance(o.result, CapworksError)]
             self._upsert_captions(conn, ids, done)
-            self._upsert_failures(conn, ids, failed)
+            self._upsert_failures(conn, ids, failed, job_id, trace)
         return SaveCounts(len(done), len(failed))
+
+    def save_message_failure(self, job_key: str, error: CapworksError, body: object) -> None:
+        """Keep a message that failed validation, with the reason."""
+        with self._engine.begin() as conn:
+            conn.execute(self._insert(BadMessage).values(
+                job_key=job_key[:256], reason=error.message, body=repr(body)[:10000],
+                received=utcnow()))
 
     def _upsert_images(self, conn: Connection, outcomes: Sequence[Outcome]) -> dict[str, int]:
         now = utcnow()
@@ -135,7 +143,8 @@ class ResultWriter:
         # A captioned image is no longer a failure.
         conn.execute(delete(Failure).where(Failure.image_id.in_(image_ids)))
 
-    def _upsert_failures(self, conn: Connection, ids: dict[str, int], failed: Sequence[Outcome]) -> None:
+    def _upsert_failures(self, conn: Connection, ids: dict[str, int], failed: Sequence[Outcome],
+                         job_id: str | None, trace: str | None) -> None:
         if not failed:
             return
         now = utcnow()
@@ -144,12 +153,13 @@ class ResultWriter:
             assert isinstance(o.result, CapworksError)
             rows.append(dict(image_id=ids[o.ref.uri], code=o.result.code.value,
                              message=o.result.message[:2000], attempts=1, first_seen=now,
-                             last_seen=now))
+                             last_seen=now, job_id=job_id, traceback=trace, replays=0))
         stmt = self._insert(Failure)
         conn.execute(stmt.on_conflict_do_update(
             index_elements=["image_id"],
             set_={"code": stmt.excluded.code, "message": stmt.excluded.message,
-                  "last_seen": stmt.excluded.last_seen,
+                  "last_seen": stmt.excluded.last_seen, "job_id": stmt.excluded.job_id,
+                  "traceback": stmt.excluded.traceback,
                   "attempts": Failure.__table__.c.attempts + 1},
         ), sorted(rows, key=lambda r: r["image_id"]))
 

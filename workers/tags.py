@@ -1,38 +1,62 @@
 """Tags: the content words of a caption and its alternatives, lemmatised, scored by agreement.
 
-A tag's score is the share of the returned hypotheses (best caption and alternatives) whose
+Lemmas come from lemminflect's dictionary. Captions use "-ing" forms as participles ("a man
+riding a horse"), so those take the verb lemma; other words take the noun lemma when there is
+one. A tag's score is the share of the returned hypotheses (best caption and alternatives) whose
 lemmas contain it, so a word every beam agrees on scores 1.0.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from functools import lru_cache
 
-import simplemma
-from stop_words import get_stop_words
+from lemminflect import getAllLemmas, getAllLemmasOOV
+
+# Closed-class words (determiners, pronouns, prepositions, conjunctions, auxiliaries): they say
+# nothing about what is in the image. Numbers and position words ("top", "front") stay.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every no another other such
+i me my we our you your he him his she her it its they them their there here
+what which who whom whose where when while how why
+of in on at to from by with without for about into onto over under above below
+between among through across along around near behind beside besides inside outside
+off up down out upon against toward towards within during before after than as
+and or but nor so yet if then else because although though
+be is are was were been being am do does did have has had having
+can could will would shall should may might must
+not very too also just only still even
+""".split())
+_WORD = re.compile(r"[a-z]+")
+_POS_ORDER = ("NOUN", "VERB", "ADJ", "ADV", "PROPN")
 
 
-@lru_cache(maxsize=1)
-def _stop_words() -> frozenset[str]:
-    return frozenset(get_stop_words("en"))
+def lemma_of(word: str) -> str:
+    """The dictionary lemma of one lower-case word."""
+    lemmas = getAllLemmas(word)
+    if word.endswith("ing") and "VERB" in lemmas:
+        return str(lemmas["VERB"][0])
+    for pos in _POS_ORDER:
+        if pos in lemmas:
+            return str(lemmas[pos][0])
+    oov = getAllLemmasOOV(word, upos="NOUN")
+    return str(oov["NOUN"][0]) if oov.get("NOUN") else word
 
 
 def content_lemmas(text: str) -> list[str]:
     """The lemmas of the content words of `text`, in order, without repeats."""
-    stop = _stop_words()
     out: list[str] = []
-    for token in simplemma.simple_tokenizer(text.lower()):
-        if not token.isalpha() or len(token) < 2 or token in stop:
+    for word in _WORD.findall(text.lower()):
+        if len(word) < 2 or word in FUNCTION_WORDS:
             continue
-        lemma = simplemma.lemmatize(token, lang="en")
-        if lemma not in stop and lemma not in out:
+        lemma = lemma_of(word)
+        if lemma not in FUNCTION_WORDS and lemma not in out:
             out.append(lemma)
     return out
 
 
 def derive_tags(caption: str, alternatives: Sequence[str]) -> list[tuple[str, float]]:
-    """Tags with scores in [0, 1], best first; ties keep the caption's word order."""
+    """Tags with scores in [0, 1], best first; ties keep first-seen order."""
     hypotheses = [caption, *alternatives]
     lemma_sets = [set(content_lemmas(h)) for h in hypotheses]
     candidates: list[str] = []

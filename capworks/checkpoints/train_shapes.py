@@ -24,7 +24,7 @@ from workers.preprocess import Normalization, to_pixels
 
 log = logging.getLogger(__name__)
 
-PATCH_PX = 64
+PATCH_PX = 96
 TRAIN_SEED = 1000
 VALID_SEED = 5
 
@@ -71,10 +71,10 @@ def _forward(model: Any, prompt: torch.Tensor, images: torch.Tensor, dec: torch.
 
 def train_shapes(
     seed: int = 0,
-    batch: int = 32,
-    max_steps: int = 900,
-    max_seconds: float = 420.0,
-    lr: float = 1e-3,
+    batch: int = 16,
+    max_steps: int = 600,
+    max_seconds: float = 540.0,
+    lr: float = 3e-4,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train and return (model, metrics)."""
@@ -119,6 +119,7 @@ def train_shapes(
             if on_step is not None:
                 on_step(step, float(loss))
             if (step + 1) % 50 == 0:
+                recalibrate_batchnorm(model, prompt, batches, count=3, seed=10_000 + step)
                 valid_exact = teacher_forced_exact(model, prompt, valid, tok.pad_token_id)
                 log.info("step %d loss %.4f valid exact %.3f", step + 1, float(loss), valid_exact)
                 perfect_checks = perfect_checks + 1 if valid_exact == 1.0 else 0
@@ -127,11 +128,36 @@ def train_shapes(
             if time.monotonic() - started > max_seconds:
                 log.warning("stopping at the time budget of %.0f s", max_seconds)
                 break
+        recalibrate_batchnorm(model, prompt, batches)
+        valid_exact = teacher_forced_exact(model, prompt, valid, tok.pad_token_id)
     model.eval()
     metrics = {"steps": step + 1, "train_seconds": round(time.monotonic() - started, 1),
                "final_loss": round(float(loss), 5), "valid_teacher_forced_exact": valid_exact,
                "batch": batch, "lr": lr, "seed": seed, "patch_image_size": PATCH_PX}
     return model, metrics
+
+
+def recalibrate_batchnorm(model: Any, prompt: torch.Tensor, batches: ShapesBatches,
+                          count: int = 8, seed: int = 50_000) -> None:
+    """Recompute BatchNorm running statistics for the final weights.
+
+    The running averages trail weights that changed fast during training; at inference they
+    are what the ResNet uses, so they are recomputed as plain averages over fresh batches.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for i in range(count):
+            images, dec, _ = batches.make(32, seed + i)
+            _forward(model, prompt, images, dec)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def teacher_forced_exact(

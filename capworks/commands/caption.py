@@ -25,7 +25,7 @@ from schema.db import connect
 from schema.settings import Settings, get_settings
 from schema.storage import make_s3_client
 from schema.uris import ImageRef, is_http, is_s3
-from workers.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
+from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
 from workers.engine import CaptionedImage, OfaEngine
 from workers.fetch import Fetcher
 from workers.persist import Outcome, ResultWriter

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from workers.checkpoint import GenerationSettings
+from schema.checkpoint import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Generator(Protocol):
         ...
 
 
-GENERATORS = ("reference",)
+GENERATORS = ("reference", "fast")
 
 
 def make_generator(name: str, model: Any, tokenizer: Any, settings: GenerationSettings) -> Generator:
@@ -37,4 +37,8 @@ def make_generator(name: str, model: Any, tokenizer: Any, settings: GenerationSe
         from workers.generators.reference import ReferenceGenerator
 
         return ReferenceGenerator(model, tokenizer, settings)
+    if name == "fast":
+        from workers.generators.fast import FastGenerator
+
+        return FastGenerator(model, tokenizer, settings)
     raise ValueError(f"unknown generator {name!r}; use one of {', '.join(GENERATORS)}")

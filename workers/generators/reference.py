@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import GenerationSettings
+from schema.checkpoint import GenerationSettings
 from workers.generators import Hypothesis
 
 

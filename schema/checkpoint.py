@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from schema.errors import CheckpointError
-from workers.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +21,8 @@ REQUIRED_FILES = ("configuration.json", "config.json", "pytorch_model.bin", "voc
 # Checkpoints that `capworks checkpoint build NAME` makes offline, in the hub's layout.
 OFFLINE_NAMES = ("shapes", "tiny-random", "large-random")
 DEFAULT_PROMPT = " what does the image describe?"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,16 @@ class CheckpointConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     @property
-    def normalization(self) -> Normalization:
-        """Resize target and mean/std for preprocessing."""
+    def mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Per-channel mean and std for normalising pixels in [0, 1]."""
         if self.imagenet_default_mean_and_std:
-            return Normalization(self.patch_image_size, IMAGENET_MEAN, IMAGENET_STD)
-        return Normalization(self.patch_image_size)
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What makes two captions comparable: model id, revision, generation settings hash."""
+        return self.model_id, self.revision, self.generation.digest()
 
 
 def read_config(model_dir: Path, model_id: str, revision: str = "") -> CheckpointConfig:

@@ -1,0 +1,214 @@
+"""A resumable crawl: list a source, skip what is filtered or already captioned, and publish
+chunks of references as jobs, recording progress in SQL after every job.
+
+Resuming: the crawl row keeps the position after the last published job. A job is written to
+the row as `pending_job` before it is published and cleared with the new position after, and
+the publish is marked in Redis; so a crawl killed between the two republishes exactly the job
+that was not marked as sent, with its id unchanged (workers drop a job id they have committed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from producer.sources import iter_positions
+from schema.jobs import Job
+from schema.tables import Caption, Crawl, Image, utcnow
+from schema.uris import ImageRef
+
+log = logging.getLogger(__name__)
+SENT_KEY = "capworks:sent:{}"
+SENT_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which listed objects to caption."""
+
+    suffixes: frozenset[str] = frozenset()
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+    modified_since: datetime | None = None
+
+    def accept(self, ref: ImageRef) -> bool:
+        """True when the object passes every filter."""
+        if self.suffixes and not ref.uri.lower().endswith(tuple(self.suffixes)):
+            return False
+        size = ref.size_bytes
+        if size is not None and self.min_bytes is not None and size < self.min_bytes:
+            return False
+        if size is not None and self.max_bytes is not None and size > self.max_bytes:
+            return False
+        return not (self.modified_since and ref.last_modified
+                    and ref.last_modified < self.modified_since)
+
+
+@dataclass
+class CrawlStats:
+    """Counts of one crawl so far (across resumes)."""
+
+    listed: int = 0
+    skipped: int = 0
+    enqueued: int = 0
+    jobs: int = 0
+    resumed_from: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Publisher:
+    """Sends jobs to the queue and tells how many images wait there."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], redis: Any, queue: str,
+                 job_images: int) -> None:
+        self._send = send
+        self.redis = redis
+        self._queue = queue
+        self._job_images = job_images
+
+    def publish(self, job: Job) -> None:
+        """Send one job and mark it as sent."""
+        self._send(job.to_wire())
+        self.redis.set(SENT_KEY.format(job.job_id), 1, ex=SENT_TTL_S)
+
+    def was_sent(self, job_id: str) -> bool:
+        """True when a job id was published before."""
+        return bool(self.redis.exists(SENT_KEY.format(job_id)))
+
+    def queued_images(self) -> int:
+        """About how many images wait in the queue (jobs times images per job)."""
+        return int(self.redis.llen(self._queue)) * self._job_images
+
+
+def crawl_id_for(source: str, filters: Filters, identity: tuple[str, str, str]) -> str:
+    """A stable id for crawling this source with these filters for this model."""
+    blob = json.dumps([source, sorted(filters.suffixes), filters.min_bytes, filters.max_bytes,
+                       str(filters.modified_since), identity])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_crawl(
+    source: str,
+    *,
+    crawl_id: str,
+    db: Engine,
+    publisher: Publisher,
+    s3_client: Any | None,
+    identity: tuple[str, str, str],
+    filters: Filters = Filters(),
+    job_images: int = 64,
+    max_queued_images: int = 200_000,
+    force: bool = False,
+    on_progress: Callable[[CrawlStats], None] | None = None,
+) -> CrawlStats:
+    """Crawl `source` to the end (or resume it), publishing jobs; returns the counts."""
+    with Session(db) as session:
+        crawl = session.get(Crawl, crawl_id)
+        if crawl is None or crawl.state == "done":
+            crawl = _start(session, crawl, crawl_id, source)
+        stats = CrawlStats(crawl.listed, crawl.skipped, crawl.enqueued, crawl.jobs,
+                           resumed_from=crawl.last_key)
+        if crawl.pending_job:
+            _finish_pending(session, crawl, publisher, stats)
+        positions = iter_positions(source, s3_client, crawl.last_key)
+        for page in _pages(positions, 1000):
+            keep = [(pos, ref) for pos, ref in page if filters.accept(ref)]
+            if not force:
+                keep = _drop_captioned(session, keep, identity)
+            stats.listed += len(page)
+            stats.skipped += len(page) - len(keep)
+            for start in range(0, len(keep), job_images):
+                chunk = keep[start : start + job_images]
+                _wait_for_room(publisher, max_queued_images)
+                job = Job.new([ref for _, ref in chunk], crawl_id,
+                              job_id=f"{crawl_id}-{stats.jobs:08d}")
+                crawl.pending_job = json.dumps({"job": job.to_wire(), "last_key": chunk[-1][0]})
+                session.commit()
+                publisher.publish(job)
+                stats.enqueued += len(chunk)
+                stats.jobs += 1
+                _save(session, crawl, stats, last_key=chunk[-1][0])
+                if on_progress:
+                    on_progress(stats)
+            _save(session, crawl, stats, last_key=page[-1][0])
+            if on_progress:
+                on_progress(stats)
+        crawl.state = "done"
+        _save(session, crawl, stats, last_key=crawl.last_key)
+    return stats
+
+
+def _start(session: Session, old: Crawl | None, crawl_id: str, source: str) -> Crawl:
+    if old is not None:  # a finished crawl runs again from the start; dedup skips what is done
+        session.delete(old)
+        session.flush()
+    crawl = Crawl(id=crawl_id, source=source, state="running", listed=0, skipped=0,
+                  enqueued=0, jobs=0, created=utcnow(), updated=utcnow())
+    session.add(crawl)
+    session.commit()
+    return crawl
+
+
+def _finish_pending(session: Session, crawl: Crawl, publisher: Publisher, stats: CrawlStats) -> None:
+    pending = json.loads(crawl.pending_job or "{}")
+    job = Job.from_wire(pending["job"])
+    if not publisher.was_sent(job.job_id):
+        log.info("republishing job %s, cut off by the last run", job.job_id)
+        publisher.publish(job)
+    stats.enqueued += len(job.images)
+    stats.jobs += 1
+    _save(session, crawl, stats, last_key=pending["last_key"])
+
+
+def _save(session: Session, crawl: Crawl, stats: CrawlStats, last_key: str | None) -> None:
+    crawl.last_key = last_key
+    crawl.pending_job = None
+    crawl.listed, crawl.skipped = stats.listed, stats.skipped
+    crawl.enqueued, crawl.jobs = stats.enqueued, stats.jobs
+    crawl.updated = utcnow()
+    session.commit()
+
+
+def _pages(items: Iterator[tuple[str, ImageRef]], size: int) -> Iterator[list[tuple[str, ImageRef]]]:
+    page: list[tuple[str, ImageRef]] = []
+    for item in items:
+        page.append(item)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _drop_captioned(session: Session, items: list[tuple[str, ImageRef]],
+                    identity: tuple[str, str, str]) -> list[tuple[str, ImageRef]]:
+    """Items whose object was not yet captioned by this model with this ETag."""
+    if not items:
+        return items
+    model_id, revision, settings_hash = identity
+    done = dict(session.execute(
+        select(Image.uri, Image.etag).join(Caption, Caption.image_id == Image.id).where(
+            Image.uri.in_([ref.uri for _, ref in items]), Caption.model_id == model_id,
+            Caption.revision == revision, Caption.settings_hash == settings_hash)
+    ).all())
+    return [(pos, ref) for pos, ref in items
+            if ref.uri not in done or (ref.etag is not None and done[ref.uri] != ref.etag)]
+
+
+def _wait_for_room(publisher: Publisher, max_queued_images: int) -> None:
+    """Backpressure: pause while the queue holds more than the allowed number of images."""
+    waited = False
+    while publisher.queued_images() > max_queued_images:
+        if not waited:
+            log.info("queue holds over %d images: pausing the crawl", max_queued_images)
+            waited = True
+        time.sleep(0.5)

@@ -1,0 +1,150 @@
+"""Helpers for pipeline tests: real worker subprocesses, the real Redis, S3 buckets of images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from conftest import REPO, png_bytes, s3_client
+from sqlalchemy import create_engine, func, select
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from schema.tables import Caption, Failure, Image
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@dataclass
+class Pipeline:
+    """Environment shared by the producer and workers of one test."""
+
+    db_url: str
+    s3_endpoint: str
+    tmp: Path
+    queue: str = field(default_factory=lambda: f"capworks-test-{uuid.uuid4().hex[:8]}")
+    extra_env: dict[str, str] = field(default_factory=dict)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "CAPWORKS_DATABASE_URL": self.db_url,
+                "CAPWORKS_BROKER_URL": REDIS_URL, "CAPWORKS_QUEUE_NAME": self.queue,
+                "CAPWORKS_MODEL": "shapes", "CAPWORKS_S3_ENDPOINT_URL": self.s3_endpoint,
+                "CAPWORKS_S3_ADDRESSING_STYLE": "path", "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "CAPWORKS_VISIBILITY_TIMEOUT_S": "20", "CAPWORKS_RETRY_BASE_S": "1",
+                "CAPWORKS_RETRY_CAP_S": "4", "CAPWORKS_BATCH_SIZE": "8",
+                "PYTHONUNBUFFERED": "1", **self.extra_env}
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        exe = Path(sys.executable).parent / "capworks"
+        return subprocess.run([str(exe), *args], capture_output=True, text=True,
+                              timeout=timeout, env=self.env, cwd=REPO)
+
+    def start_worker(self, name: str = "w", wrapper: Path | None = None,
+                     concurrency: int = 4) -> subprocess.Popen[bytes]:
+        """A Celery worker process, run directly (the supervisor is not part of these tests)."""
+        log = (self.tmp / f"{name}.log").open("ab")
+        if wrapper is None:
+            cmd = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker"]
+        else:
+            cmd = [sys.executable, str(wrapper), "worker"]
+        cmd += ["--pool", "threads", "--concurrency", str(concurrency), "--hostname",
+                f"{name}-{uuid.uuid4().hex[:6]}@%h", "--queues", self.queue, "--loglevel", "INFO",
+                "--without-gossip", "--without-mingle"]
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": "", "CAPWORKS_DEVICE": "cpu"}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.workers.append(proc)
+        return proc
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.workers.clear()
+
+    def log_text(self, name: str = "w") -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def redis(self) -> Any:
+        return redis.Redis.from_url(REDIS_URL)
+
+    def queue_length(self) -> int:
+        r = self.redis()
+        return int(r.llen(self.queue)) + int(r.hlen("unacked"))
+
+
+def make_bucket(endpoint: str, bucket: str, count: int, seed: int) -> dict[str, str]:
+    """A bucket of synthetic images with awkward keys; returns URI -> expected caption."""
+    s3 = s3_client(endpoint)
+    s3.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    names = ["plain", "with space", "plus+sign", "ünïcödé", "mixed + ü"]
+    expected = {}
+    for i, (img, caption) in enumerate(sample_scenes(count, seed)):
+        key = f"set{i % 3}/sub{i % 2}/{names[i % len(names)]} {i:04d}.png"
+        s3.put_object(Bucket=bucket, Key=key, Body=png_bytes(img))  # type: ignore[attr-defined]
+        expected[f"s3://{bucket}/{key}"] = caption
+    return expected
+
+
+def captions(db_url: str) -> dict[str, str]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        out = dict(conn.execute(select(Image.uri, Caption.text).join(Caption)).all())
+    engine.dispose()
+    return out
+
+
+def count_rows(db_url: str) -> dict[str, int]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        out = {t.__tablename__: int(conn.scalar(select(func.count()).select_from(t)) or 0)
+               for t in (Image, Caption, Failure)}
+    engine.dispose()
+    return out
+
+
+def failures(db_url: str) -> dict[str, str]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        out = dict(conn.execute(select(Image.uri, Failure.code).join(Failure)).all())
+    engine.dispose()
+    return out
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str,
+               on_timeout: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{on_timeout()}")
+
+
+def queued_images(p: Pipeline) -> list[str]:
+    """URIs of every image in the queue's messages, read from Redis without consuming them."""
+    import base64
+
+    uris = []
+    for raw in p.redis().lrange(p.queue, 0, -1):
+        envelope = json.loads(raw)
+        args = json.loads(base64.b64decode(envelope["body"]))[0]
+        uris.extend(item[0] for item in args[0]["images"])
+    return uris

@@ -1,0 +1,93 @@
+"""Results are upserted: writing the same outcomes twice adds no rows, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from schema.db import connect
+from schema.errors import Code, ImageError, StorageError
+from schema.tables import Caption, Failure, Image, Tag
+from schema.uris import ImageRef
+from schema.checkpoint import CheckpointConfig, GenerationSettings
+from workers.engine import Alternative, CaptionedImage
+from workers.engine import Caption as EngineCaption
+from workers.persist import Outcome, ResultWriter
+
+CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
+
+
+def captioned(text: str, *alts: str) -> CaptionedImage:
+    return CaptionedImage(
+        EngineCaption(text, -0.5, tuple(Alternative(a, -1.0) for a in alts), (1, 2, 3)), 64, 48
+    )
+
+
+def outcomes() -> list[Outcome]:
+    return [
+        Outcome(ImageRef("s3://b/a red+cat é.jpg", bucket="b", key="a red+cat é.jpg",
+                         etag="e1", size_bytes=10), captioned("a red cat", "a red dog")),
+        Outcome(ImageRef("/data/x.png"), captioned("two dogs running", "a dog running")),
+        Outcome(ImageRef("/data/bad.jpg"), ImageError(Code.TRUNCATED, "image file is truncated")),
+        Outcome(ImageRef("s3://b/gone.jpg"), StorageError(Code.NOT_FOUND, "no such object")),
+    ]
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {t.__tablename__: conn.scalar(select(func.count()).select_from(t))  # type: ignore[misc]
+                for t in (Image, Caption, Tag, Failure)}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    if request.param == "sqlite":
+        return connect(f"sqlite:///{tmp_path / 'c.db'}")
+    return connect(request.getfixturevalue("pg_url"))
+
+
+def test_writing_the_same_outcomes_twice_adds_no_rows(db: Engine) -> None:
+    writer = ResultWriter(db, CONFIG)
+    assert writer.save(outcomes()).captioned == 2
+    first = counts(db)
+    writer.save(outcomes())
+    assert counts(db) == first == {"images": 4, "captions": 2, "tags": 6, "failures": 2}
+
+
+def test_failures_keep_code_and_count_attempts(db: Engine) -> None:
+    writer = ResultWriter(db, CONFIG)
+    writer.save(outcomes())
+    writer.save(outcomes()[2:3])
+    with db.connect() as conn:
+        rows = dict(conn.execute(select(Image.uri, Failure.attempts).join(Failure)).all())
+        codes = set(conn.scalars(select(Failure.code)))
+    assert rows == {"/data/bad.jpg": 2, "s3://b/gone.jpg": 1}
+    assert codes == {"truncated", "not_found"}
+
+
+def test_a_captioned_retry_clears_the_failure_and_keeps_storage_identity(db: Engine) -> None:
+    writer = ResultWriter(db, CONFIG)
+    writer.save(outcomes())
+    writer.save([Outcome(ImageRef("/data/bad.jpg"), captioned("a bird"))])
+    with db.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Failure)) == 1
+        row = conn.execute(select(Image).where(Image.key == "a red+cat é.jpg")).one()
+    assert (row.bucket, row.etag, row.width_px, row.height_px) == ("b", "e1", 64, 48)
+
+
+def test_other_generation_settings_make_a_second_caption(db: Engine) -> None:
+    ResultWriter(db, CONFIG).save(outcomes())
+    other = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1",
+                             generation=GenerationSettings(beam_size=3))
+    ResultWriter(db, other).save(outcomes())
+    assert counts(db)["captions"] == 4
+
+
+def test_tags_are_scored_lemmas(db: Engine) -> None:
+    ResultWriter(db, CONFIG).save(outcomes())
+    with db.connect() as conn:
+        tags = dict(conn.execute(select(Tag.tag, Tag.score).join(Image).where(
+            Image.uri == "/data/x.png")).all())
+    assert tags == {"dog": 1.0, "run": 1.0, "two": 0.5}

@@ -1,0 +1,190 @@
+"""The distributed pipeline end to end: `capworks enqueue` from a real S3 server into the real
+Redis, real Celery worker processes with the shapes model, captions in the real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from conftest import png_bytes, s3_client
+from capworks.checkpoints.shapes_world import sample_scenes
+from pipeline_support import (
+    Pipeline,
+    captions,
+    count_rows,
+    failures,
+    make_bucket,
+    queued_images,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+WRAPPERS = Path(__file__).parent / "wrappers"
+
+
+@pytest.fixture()
+def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(pg_url, s3_endpoint, tmp_path)
+    try:
+        p.redis().ping()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
+        from conftest import require_service
+
+        require_service("Redis", str(exc))
+    yield p
+    p.stop_workers()
+    r = p.redis()
+    r.delete(p.queue)
+    for key in r.scan_iter("capworks:*"):
+        r.delete(key)
+
+
+def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(pipeline: Pipeline) -> None:
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "library", 500, seed=41)
+    result = p.cli("enqueue", "s3://library/", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "enqueued 500" in result.stdout
+    worker = p.start_worker("first")
+    wait_until(lambda: count_rows(p.db_url)["captions"] >= 100, 600, "100 captions",
+               lambda: p.log_text("first")[-3000:])
+    os.kill(worker.pid, signal.SIGKILL)  # mid-run: jobs it held are unacknowledged
+    worker.wait()
+    p.start_worker("second")
+    wait_until(lambda: count_rows(p.db_url)["captions"] == 500 and p.queue_length() == 0, 900,
+               "all 500 captions and an empty queue", lambda: p.log_text("second")[-3000:])
+    assert captions(p.db_url) == expected
+    assert count_rows(p.db_url) == {"images": 500, "captions": 500, "failures": 0}
+    # Re-running the finished crawl enqueues nothing: every object is already captioned.
+    again = p.cli("enqueue", "s3://library/", "--no-progress")
+    assert again.returncode == 0 and "enqueued 0" in again.stdout, again.stdout
+
+
+def test_killed_producer_resumes_without_enqueueing_anything_twice(pipeline: Pipeline) -> None:
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "resume", 300, seed=42)
+    p.extra_env.update(CAPWORKS_JOB_IMAGES="10", CAPWORKS_MAX_QUEUED_IMAGES="100")
+    # No worker runs, so backpressure holds the producer at ~100 queued images: kill it there.
+    producer = subprocess.Popen([str(Path(sys.executable).parent / "capworks"), "enqueue",
+                                 "s3://resume/", "--no-progress"], env=p.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: len(queued_images(p)) >= 100, 120, "the producer to fill the queue")
+    time.sleep(1.0)
+    producer.send_signal(signal.SIGKILL)
+    producer.wait()
+    first = queued_images(p)
+    assert 100 <= len(first) < 300
+    p.extra_env["CAPWORKS_MAX_QUEUED_IMAGES"] = "100000"
+    result = p.cli("enqueue", "s3://resume/", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "resumed after" in result.stdout
+    every = queued_images(p)
+    assert sorted(every) == sorted(expected)  # each object exactly once across both runs
+
+
+def test_bad_objects_become_dead_letters_and_replay_captions_a_fixed_one(pipeline: Pipeline) -> None:
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "mixed", 40, seed=43)
+    s3 = s3_client(p.s3_endpoint)
+    bad = {"bad/corrupt.jpg": b"\xff\xd8\xff\xe0 this is no jpeg at all" * 10,
+           "bad/empty.png": b"", "bad/gone.png": png_bytes(sample_scenes(1, 5)[0][0])}
+    for key, body in bad.items():
+        s3.put_object(Bucket="mixed", Key=key, Body=body)  # type: ignore[attr-defined]
+    s3.put_object(Bucket="mixed", Key="bad/huge.png",  # type: ignore[attr-defined]
+                  Body=png_bytes(Image.new("L", (3200, 100))))
+    p.extra_env["CAPWORKS_JOB_IMAGES"] = "16"
+    result = p.cli("enqueue", "s3://mixed/", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    s3.delete_object(Bucket="mixed", Key="bad/gone.png")  # deleted after listing
+    p.start_worker()
+    wait_until(lambda: sum(count_rows(p.db_url)[k] for k in ("captions", "failures")) == 44
+               and p.queue_length() == 0, 600, "44 outcomes", lambda: p.log_text()[-3000:])
+    assert captions(p.db_url) == expected
+    assert failures(p.db_url) == {"s3://mixed/bad/corrupt.jpg": "undecodable",
+                                  "s3://mixed/bad/empty.png": "empty",
+                                  "s3://mixed/bad/gone.png": "not_found",
+                                  "s3://mixed/bad/huge.png": "too_large_pixels"}
+    listed = p.cli("dlq", "list", "--code", "not_found", "--json")
+    assert listed.returncode == 0 and "bad/gone.png" in listed.stdout
+    fixed_img, fixed_caption = sample_scenes(1, 77)[0]
+    s3.put_object(Bucket="mixed", Key="bad/gone.png", Body=png_bytes(fixed_img))  # type: ignore[attr-defined]
+    replay = p.cli("dlq", "replay", "--prefix", "s3://mixed/bad/gone", "--rate", "5/s")
+    assert replay.returncode == 0 and "replayed 1" in replay.stdout, replay.stderr
+    wait_until(lambda: "s3://mixed/bad/gone.png" in captions(p.db_url), 120, "the replayed image")
+    assert captions(p.db_url)["s3://mixed/bad/gone.png"] == fixed_caption
+    assert "s3://mixed/bad/gone.png" not in failures(p.db_url)
+
+
+def test_two_workers_share_a_queue_and_batch_single_image_jobs(pipeline: Pipeline) -> None:
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "uploads", 48, seed=44)
+    p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_MAX_BATCH_WAIT_MS="400")
+    result = p.cli("enqueue", "s3://uploads/", "--no-progress")
+    assert result.returncode == 0 and "in 48 jobs" in result.stdout, result.stdout
+    p.start_worker("a", concurrency=8)
+    p.start_worker("b", concurrency=8)
+    wait_until(lambda: count_rows(p.db_url)["captions"] == 48 and p.queue_length() == 0, 600,
+               "48 captions", lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:])
+    assert captions(p.db_url) == expected
+    logs = p.log_text("a") + p.log_text("b")
+    sizes = [int(line.split("batch of ")[1].split()[0]) for line in logs.splitlines()
+             if "batch of " in line]
+    assert sum(sizes) == 48 and max(sizes) > 1
+    assert "Task capworks.caption_job" in p.log_text("a") and "Task capworks.caption_job" in p.log_text("b")
+
+
+def test_transient_s3_outage_is_retried_with_backoff_and_ends_captioned(
+    pg_url: str, own_s3_server: object, shapes_dir: Path, tmp_path: Path
+) -> None:
+    server = own_s3_server
+    p = Pipeline(pg_url, server.endpoint, tmp_path)  # type: ignore[attr-defined]
+    p.extra_env.update(CAPWORKS_JOB_IMAGES="4", CAPWORKS_MAX_ATTEMPTS="8")
+    try:
+        expected = make_bucket(p.s3_endpoint, "flaky", 24, seed=45)
+        assert p.cli("enqueue", "s3://flaky/", "--no-progress").returncode == 0
+        server.stop()  # type: ignore[attr-defined]
+        p.start_worker("flaky")
+        wait_until(lambda: "failed transiently" in p.log_text("flaky"), 180,
+                   "a transient failure", lambda: p.log_text("flaky")[-3000:])
+        server.start()  # type: ignore[attr-defined]
+        wait_until(lambda: count_rows(p.db_url)["captions"] == 24 and p.queue_length() == 0,
+                   300, "24 captions after the outage", lambda: p.log_text("flaky")[-3000:])
+        assert captions(p.db_url) == expected
+        assert failures(p.db_url) == {}
+        assert "storage_unavailable" in p.log_text("flaky")
+    finally:
+        p.stop_workers()
+
+
+def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
+    pipeline: Pipeline,
+) -> None:
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "poison", 6, seed=46)
+    s3_client(p.s3_endpoint).put_object(  # type: ignore[attr-defined]
+        Bucket="poison", Key="zz/poison.png", Body=png_bytes(sample_scenes(1, 3)[0][0]))
+    p.extra_env.update(CAPWORKS_JOB_IMAGES="16", CAPWORKS_POISON_DELIVERIES="2",
+                       CAPWORKS_VISIBILITY_TIMEOUT_S="6", CAPWORKS_RESTORE_INTERVAL_S="2")
+    result = p.cli("enqueue", "s3://poison/", "--no-progress")
+    assert result.returncode == 0 and "in 1 jobs" in result.stdout, result.stdout
+    deaths = 0
+    deadline = time.monotonic() + 400
+    worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
+    while time.monotonic() < deadline:
+        if "s3://poison/zz/poison.png" in failures(p.db_url) and len(captions(p.db_url)) == 6:
+            break
+        if worker.poll() is not None:  # the supervisor's job: start a fresh worker
+            deaths += 1
+            worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
+        time.sleep(1.0)
+    assert failures(p.db_url) == {"s3://poison/zz/poison.png": "poison"}, p.log_text("poisoned")[-3000:]
+    assert captions(p.db_url) == expected
+    assert deaths == 4  # twice as a 7-image job, twice alone
+    assert "splitting its 7 images" in p.log_text("poisoned")

@@ -1,0 +1,25 @@
+"""A real Celery worker whose fetch step kills the whole process on any image whose URI contains
+"poison" — a stand-in for an image that crashes a worker (a native decoder bug, an OOM kill),
+which cannot be produced on purpose here. Everything else is the production worker."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import workers.job
+from workers.tasks import app
+
+real_fetch_many = workers.job.fetch_many
+
+
+def fake_fetch_many(refs, fetcher, pool):  # type: ignore[no-untyped-def]
+    if any("poison" in ref.uri for ref in refs):
+        os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
+    return real_fetch_many(refs, fetcher, pool)
+
+
+workers.job.fetch_many = fake_fetch_many
+
+if __name__ == "__main__":
+    app.worker_main(argv=sys.argv[1:])

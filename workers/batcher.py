@@ -1,0 +1,103 @@
+"""Dynamic batching across jobs: images from every job a worker process holds share one queue,
+and a batch runs when it is full or when its oldest image has waited `max_wait_ms`.
+
+So single-image jobs from upload events still fill GPU batches. One model thread runs batches;
+job threads submit prepared images and wait on futures. A CUDA out-of-memory error halves the
+batch and tries again; an image that fails alone gets its own error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from schema.errors import CapworksError, Code
+from workers.engine import Caption, OfaEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: Future[Caption]
+    enqueued_s: float
+
+
+class Batcher:
+    """Collects images from many submitters into batches for one engine."""
+
+    def __init__(self, engine: OfaEngine, max_batch: int, max_wait_ms: float) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_ms / 1000
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self.batch_sizes: Counter[int] = Counter()
+        self._thread = threading.Thread(target=self._run, name="capworks-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, pixels: Sequence[np.ndarray]) -> list[Future[Caption]]:
+        """Queue preprocessed images; each future resolves to its caption or a `CapworksError`."""
+        now = time.monotonic()
+        items = [_Item(p, Future(), now) for p in pixels]
+        for item in items:
+            self._queue.put(item)
+        return [item.future for item in items]
+
+    def close(self) -> None:
+        """Finish queued batches and stop the model thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = first.enqueued_s + self._max_wait_s
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        self.batch_sizes[len(batch)] += 1
+        log.info("batch of %d images", len(batch))
+        try:
+            captions = self._engine.caption_pixels([i.pixels for i in batch])
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(batch) == 1:
+                batch[0].future.set_exception(
+                    CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image"))
+                return
+            log.warning("CUDA out of memory on %d images: halving the batch", len(batch))
+            half = len(batch) // 2
+            self._run_batch(batch[:half])
+            self._run_batch(batch[half:])
+            return
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting job, which records it
+            for item in batch:
+                item.future.set_exception(exc)
+            return
+        for item, caption in zip(batch, captions, strict=True):
+            item.future.set_result(caption)

@@ -1,0 +1,92 @@
+"""The Celery task shell: count the delivery, validate, isolate poison, run the job, retry
+transient failures with backoff, dead-letter the rest. The work itself is `workers.job.run_job`.
+
+Start a worker with `capworks worker` (which runs `celery -A workers.tasks worker ...`).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from celery import Task
+from sqlalchemy.exc import OperationalError
+
+from schema.backoff import compute_backoff
+from schema.errors import CapworksError, Code
+from schema.jobs import Job, MalformedJob
+from schema.queue import CAPTION_TASK, make_celery
+from schema.settings import get_settings
+from schema.uris import ImageRef
+from workers.job import run_job
+from workers.persist import Outcome
+from workers.runtime import Runtime, get_runtime
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+app = make_celery(settings)
+
+
+@app.task(name=CAPTION_TASK, bind=True, max_retries=None)
+def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
+    """Caption one job message; see the module docstring for the policy."""
+    rt = get_runtime(settings)
+    job_key = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
+    deliveries = rt.count_delivery(job_key or str(self.request.id))
+    try:
+        job = Job.from_wire(body)
+    except MalformedJob as exc:
+        log.error("dead-lettering malformed job %s: %s", self.request.id, exc.message)
+        rt.writer.save_message_failure(job_key or str(self.request.id), exc, body)
+        return {"dead_lettered": 1}
+    if rt.is_done(job.job_id):
+        log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
+        return {"duplicate": 1}
+    if deliveries > settings.poison_deliveries:
+        return isolate_poison(rt, job, deliveries)
+    try:
+        result = run_job(job, rt)
+    except OperationalError as exc:
+        # The database went away: the whole job is retried; nothing of it was committed.
+        raise self.retry(exc=exc, countdown=compute_backoff(attempt, settings.retry_base_s,
+                                                            settings.retry_cap_s)) from exc
+    if result.transient:
+        retry_transient(rt, job, result.transient, attempt)
+    rt.mark_done(job.job_id)
+    return {"captioned": result.captioned, "dead_lettered": result.dead_lettered,
+            "retrying": len(result.transient)}
+
+
+def retry_transient(rt: Runtime, job: Job, failed: tuple[tuple[ImageRef, CapworksError], ...],
+                    attempt: int) -> None:
+    """Send the transiently failed images again after a backoff, or dead-letter them at the cap."""
+    if attempt >= settings.max_attempts:
+        rt.writer.save([Outcome(ref, CapworksError(
+            Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")) for ref, err in failed])
+        return
+    delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
+    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=f"{job.job_id}.r{attempt}")
+    log.warning("job %s: %d images failed transiently (%s); retry %d in %.1f s", job.job_id,
+                len(failed), failed[0][1].code.value, attempt + 1, delay_s)
+    caption_job.apply_async(args=[retry.to_wire(), attempt + 1], countdown=delay_s)
+
+
+def isolate_poison(rt: Runtime, job: Job, deliveries: int) -> dict[str, int]:
+    """A job delivered too often without finishing killed its worker: split it, or dead-letter
+    its single image, so one bad image cannot keep killing workers."""
+    if len(job.images) > 1:
+        log.error("job %s delivered %d times without finishing: splitting its %d images",
+                  job.job_id, deliveries, len(job.images))
+        for i, ref in enumerate(job.images):
+            single = Job.new([ref], job.crawl_id, job_id=f"{job.job_id}~{i}")
+            caption_job.apply_async(args=[single.to_wire()])
+        rt.mark_done(job.job_id)
+        return {"split": len(job.images)}
+    ref = job.images[0]
+    log.error("image %s killed its worker %d times: dead-lettering it", ref.uri, deliveries - 1)
+    error = CapworksError(Code.POISON, f"worker died {deliveries - 1} times while captioning it")
+    rt.writer.save([Outcome(ref, error)], job_id=job.job_id,
+                   trace="".join(traceback.format_stack(limit=5)))
+    rt.mark_done(job.job_id)
+    return {"dead_lettered": 1}
