@@ -28,10 +28,17 @@ WORDS = "a man riding a horse on a beach next to the ocean at sunset".split()
 def outcome(i: int) -> Outcome:
     """A realistic caption with four alternatives for image i."""
     text_ = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8))
-    alts = tuple(Alternative(" ".join(WORDS[(i + k + j) % len(WORDS)] for k in range(8)), -1.0 - j)
-                 for j in range(1, 5))
-    ref = ImageRef(f"s3://photos/bench/{i:08d}.jpg", bucket="photos", key=f"bench/{i:08d}.jpg",
-                   etag=f"{i:032x}", size_bytes=100_000 + i)
+    alts = tuple(
+        Alternative(" ".join(WORDS[(i + k + j) % len(WORDS)] for k in range(8)), -1.0 - j)
+        for j in range(1, 5)
+    )
+    ref = ImageRef(
+        f"s3://photos/bench/{i:08d}.jpg",
+        bucket="photos",
+        key=f"bench/{i:08d}.jpg",
+        etag=f"{i:032x}",
+        size_bytes=100_000 + i,
+    )
     return Outcome(ref, CaptionedImage(Caption(text_, -0.4, alts, (0, 1, 2)), 640, 480))
 
 
@@ -66,11 +73,13 @@ def main() -> None:
         if scratch:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
-    print(f"| pass | caption rows | chunk | seconds | rows/s | vs goal 10,000/s |")
+    print("| pass | caption rows | chunk | seconds | rows/s | vs goal 10,000/s |")
     print("|---|---|---|---|---|---|")
     for label, elapsed, rate in results:
-        print(f"| {label} | {args.rows:,} | {args.chunk} | {elapsed:.2f} | {rate:,.0f} | "
-              f"{rate / 10000:.2f}x |")
+        print(
+            f"| {label} | {args.rows:,} | {args.chunk} | {elapsed:.2f} | {rate:,.0f} | "
+            f"{rate / 10000:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

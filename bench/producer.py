@@ -34,8 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "keys.txt"
-        listing.write_text("".join(f"s3://photos/2024/{i % 97:02d}/IMG_{i:07d}.jpg\n"
-                                   for i in range(args.keys)))
+        listing.write_text(
+            "".join(f"s3://photos/2024/{i % 97:02d}/IMG_{i:07d}.jpg\n" for i in range(args.keys))
+        )
         db = connect(args.db or f"sqlite:///{tmp}/crawl.db")
         queue = f"bench-{uuid.uuid4().hex[:8]}"
         settings = Settings(broker_url=REDIS_URL, queue_name=queue, job_images=args.job_images)
@@ -43,9 +44,17 @@ def main() -> None:
         r = redis.Redis.from_url(REDIS_URL)
         try:
             started = time.perf_counter()
-            stats = run_crawl(f"@{listing}", crawl_id=queue, db=db, publisher=publisher,
-                              s3_client=None, identity=("bench", "", "x"), filters=Filters(),
-                              job_images=args.job_images, max_queued_images=10**9)
+            stats = run_crawl(
+                f"@{listing}",
+                crawl_id=queue,
+                db=db,
+                publisher=publisher,
+                s3_client=None,
+                identity=("bench", "", "x"),
+                filters=Filters(),
+                job_images=args.job_images,
+                max_queued_images=10**9,
+            )
             elapsed = time.perf_counter() - started
             queue_bytes = int(r.memory_usage(queue, samples=0) or 0)
         finally:
@@ -54,10 +63,15 @@ def main() -> None:
                 r.delete(key)
     rate = stats.enqueued / elapsed
     per_uri = queue_bytes / stats.enqueued
-    print(f"| keys | job images | seconds | URIs/s | vs goal 20,000/s | Redis bytes/URI | vs goal 200 |")
-    print(f"|---|---|---|---|---|---|---|")
-    print(f"| {stats.enqueued:,} | {args.job_images} | {elapsed:.2f} | {rate:,.0f} | "
-          f"{rate / 20000:.2f}x | {per_uri:.1f} | {200 / per_uri:.2f}x under |")
+    print(
+        "| keys | job images | seconds | URIs/s | vs goal 20,000/s | Redis bytes/URI "
+        "| vs goal 200 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {stats.enqueued:,} | {args.job_images} | {elapsed:.2f} | {rate:,.0f} | "
+        f"{rate / 20000:.2f}x | {per_uri:.1f} | {200 / per_uri:.2f}x under |"
+    )
 
 
 if __name__ == "__main__":

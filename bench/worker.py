@@ -53,16 +53,42 @@ def engine_rate(model: str, blobs: list[bytes], batch: int) -> float:
 def worker_rate(model: str, folder: Path, count: int, db_url: str, batch: int) -> float:
     """Images/s of the enqueue -> worker -> PostgreSQL path."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "CAPWORKS_DATABASE_URL": db_url, "CAPWORKS_BROKER_URL": REDIS_URL,
-           "CAPWORKS_QUEUE_NAME": queue, "CAPWORKS_MODEL": model, "CAPWORKS_DEVICE": "cpu",
-           "CAPWORKS_BATCH_SIZE": str(batch), "CAPWORKS_JOB_IMAGES": "16",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "CAPWORKS_DATABASE_URL": db_url,
+        "CAPWORKS_BROKER_URL": REDIS_URL,
+        "CAPWORKS_QUEUE_NAME": queue,
+        "CAPWORKS_MODEL": model,
+        "CAPWORKS_DEVICE": "cpu",
+        "CAPWORKS_BATCH_SIZE": str(batch),
+        "CAPWORKS_JOB_IMAGES": "16",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     settings = Settings(broker_url=REDIS_URL, queue_name=queue, job_images=16)
     log = open(folder / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.tasks", "worker",
-                             "--pool", "threads", "--concurrency", "4", "--queues", queue,
-                             "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.tasks",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "4",
+            "--queues",
+            queue,
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     db = create_engine(db_url)
     try:
         # Warm the worker: one image, so the model is loaded before the clock starts.
@@ -119,8 +145,10 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
     print("| model | images | batch | raw engine img/s | worker img/s | ratio | goal |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | {args.images} | {args.batch} | {raw:.2f} | {full:.2f} | "
-          f"{full / raw:.2f} | >= 0.90 |")
+    print(
+        f"| {args.model} | {args.images} | {args.batch} | {raw:.2f} | {full:.2f} | "
+        f"{full / raw:.2f} | >= 0.90 |"
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
@@ -38,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     enq = sub.add_parser("enqueue", help="crawl sources and enqueue jobs for the workers")
-    enq.add_argument("sources", nargs="+", metavar="SOURCE",
-                     help="s3://bucket/prefix, a local folder, or @FILE with one URI per line")
+    enq.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="s3://bucket/prefix, a local folder, or @FILE with one URI per line",
+    )
     enq.add_argument("--model", default=settings.model, help="model whose captions count as done")
     enq.add_argument("--revision", default=settings.revision)
     enq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
@@ -86,14 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> None:
     """Options that choose and run the model."""
     settings = get_settings()
-    parser.add_argument("--model", default=default_model,
-                        help="ModelScope hub id, local checkpoint folder, or an offline name "
-                             "(shapes, tiny-random, large-random)")
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help="ModelScope hub id, local checkpoint folder, or an offline name "
+        "(shapes, tiny-random, large-random)",
+    )
     parser.add_argument("--revision", default=settings.revision, help="hub revision")
     parser.add_argument("--batch-size", type=positive_int, default=settings.batch_size)
     parser.add_argument("--device", default=settings.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=settings.dtype,
-                        choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default=settings.dtype, choices=["auto", "float32", "float16", "bfloat16"]
+    )
     parser.add_argument("--generator", default="reference", choices=["reference"])
 
 
@@ -114,7 +122,7 @@ def iso_datetime(text: str) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def duration_s(text: str) -> float:

@@ -49,8 +49,9 @@ class Filters:
             return False
         if size is not None and self.max_bytes is not None and size > self.max_bytes:
             return False
-        return not (self.modified_since and ref.last_modified
-                    and ref.last_modified < self.modified_since)
+        return not (
+            self.modified_since and ref.last_modified and ref.last_modified < self.modified_since
+        )
 
 
 @dataclass
@@ -68,8 +69,9 @@ class CrawlStats:
 class Publisher:
     """Sends jobs to the queue and tells how many images wait there."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], redis: Any, queue: str,
-                 job_images: int) -> None:
+    def __init__(
+        self, send: Callable[[dict[str, Any]], None], redis: Any, queue: str, job_images: int
+    ) -> None:
         self._send = send
         self.redis = redis
         self._queue = queue
@@ -91,8 +93,16 @@ class Publisher:
 
 def crawl_id_for(source: str, filters: Filters, identity: tuple[str, str, str]) -> str:
     """A stable id for crawling this source with these filters for this model."""
-    blob = json.dumps([source, sorted(filters.suffixes), filters.min_bytes, filters.max_bytes,
-                       str(filters.modified_since), identity])
+    blob = json.dumps(
+        [
+            source,
+            sorted(filters.suffixes),
+            filters.min_bytes,
+            filters.max_bytes,
+            str(filters.modified_since),
+            identity,
+        ]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -115,8 +125,9 @@ def run_crawl(
         crawl = session.get(Crawl, crawl_id)
         if crawl is None or crawl.state == "done":
             crawl = _start(session, crawl, crawl_id, source)
-        stats = CrawlStats(crawl.listed, crawl.skipped, crawl.enqueued, crawl.jobs,
-                           resumed_from=crawl.last_key)
+        stats = CrawlStats(
+            crawl.listed, crawl.skipped, crawl.enqueued, crawl.jobs, resumed_from=crawl.last_key
+        )
         if crawl.pending_job:
             _finish_pending(session, crawl, publisher, stats)
         positions = iter_positions(source, s3_client, crawl.last_key)
@@ -129,8 +140,9 @@ def run_crawl(
             for start in range(0, len(keep), job_images):
                 chunk = keep[start : start + job_images]
                 _wait_for_room(publisher, max_queued_images)
-                job = Job.new([ref for _, ref in chunk], crawl_id,
-                              job_id=f"{crawl_id}-{stats.jobs:08d}")
+                job = Job.new(
+                    [ref for _, ref in chunk], crawl_id, job_id=f"{crawl_id}-{stats.jobs:08d}"
+                )
                 crawl.pending_job = json.dumps({"job": job.to_wire(), "last_key": chunk[-1][0]})
                 session.commit()
                 publisher.publish(job)
@@ -151,14 +163,25 @@ def _start(session: Session, old: Crawl | None, crawl_id: str, source: str) -> C
     if old is not None:  # a finished crawl runs again from the start; dedup skips what is done
         session.delete(old)
         session.flush()
-    crawl = Crawl(id=crawl_id, source=source, state="running", listed=0, skipped=0,
-                  enqueued=0, jobs=0, created=utcnow(), updated=utcnow())
+    crawl = Crawl(
+        id=crawl_id,
+        source=source,
+        state="running",
+        listed=0,
+        skipped=0,
+        enqueued=0,
+        jobs=0,
+        created=utcnow(),
+        updated=utcnow(),
+    )
     session.add(crawl)
     session.commit()
     return crawl
 
 
-def _finish_pending(session: Session, crawl: Crawl, publisher: Publisher, stats: CrawlStats) -> None:
+def _finish_pending(
+    session: Session, crawl: Crawl, publisher: Publisher, stats: CrawlStats
+) -> None:
     pending = json.loads(crawl.pending_job or "{}")
     job = Job.from_wire(pending["job"])
     if not publisher.was_sent(job.job_id):
@@ -178,7 +201,9 @@ def _save(session: Session, crawl: Crawl, stats: CrawlStats, last_key: str | Non
     session.commit()
 
 
-def _pages(items: Iterator[tuple[str, ImageRef]], size: int) -> Iterator[list[tuple[str, ImageRef]]]:
+def _pages(
+    items: Iterator[tuple[str, ImageRef]], size: int
+) -> Iterator[list[tuple[str, ImageRef]]]:
     page: list[tuple[str, ImageRef]] = []
     for item in items:
         page.append(item)
@@ -189,19 +214,30 @@ def _pages(items: Iterator[tuple[str, ImageRef]], size: int) -> Iterator[list[tu
         yield page
 
 
-def _drop_captioned(session: Session, items: list[tuple[str, ImageRef]],
-                    identity: tuple[str, str, str]) -> list[tuple[str, ImageRef]]:
+def _drop_captioned(
+    session: Session, items: list[tuple[str, ImageRef]], identity: tuple[str, str, str]
+) -> list[tuple[str, ImageRef]]:
     """Items whose object was not yet captioned by this model with this ETag."""
     if not items:
         return items
     model_id, revision, settings_hash = identity
-    done = dict(session.execute(
-        select(Image.uri, Image.etag).join(Caption, Caption.image_id == Image.id).where(
-            Image.uri.in_([ref.uri for _, ref in items]), Caption.model_id == model_id,
-            Caption.revision == revision, Caption.settings_hash == settings_hash)
-    ).all())
-    return [(pos, ref) for pos, ref in items
-            if ref.uri not in done or (ref.etag is not None and done[ref.uri] != ref.etag)]
+    done = dict(
+        session.execute(
+            select(Image.uri, Image.etag)
+            .join(Caption, Caption.image_id == Image.id)
+            .where(
+                Image.uri.in_([ref.uri for _, ref in items]),
+                Caption.model_id == model_id,
+                Caption.revision == revision,
+                Caption.settings_hash == settings_hash,
+            )
+        ).all()
+    )
+    return [
+        (pos, ref)
+        for pos, ref in items
+        if ref.uri not in done or (ref.etag is not None and done[ref.uri] != ref.etag)
+    ]
 
 
 def _wait_for_room(publisher: Publisher, max_queued_images: int) -> None:

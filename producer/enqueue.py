@@ -21,12 +21,16 @@ def make_publisher(settings: Settings) -> Publisher:
     def send(body: dict[str, Any]) -> None:
         app.send_task(CAPTION_TASK, args=[body], queue=settings.queue_name)
 
-    return Publisher(send, redis.Redis.from_url(settings.broker_url), settings.queue_name,
-                     settings.job_images)
+    return Publisher(
+        send, redis.Redis.from_url(settings.broker_url), settings.queue_name, settings.job_images
+    )
 
 
-def enqueue(images: Iterable[str | ImageRef], settings: Settings | None = None,
-            publisher: Publisher | None = None) -> list[str]:
+def enqueue(
+    images: Iterable[str | ImageRef],
+    settings: Settings | None = None,
+    publisher: Publisher | None = None,
+) -> list[str]:
     """Enqueue images now (e.g. from an upload hook), `job_images` per job; returns the job ids."""
     settings = settings or get_settings()
     publisher = publisher or make_publisher(settings)

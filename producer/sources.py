@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,12 @@ def iter_refs(inputs: Iterable[str], s3_client: Any | None) -> Iterator[ImageRef
 def local_ref(path: Path) -> ImageRef:
     """A local file's reference; its "ETag" is size and modification time, so an edit shows."""
     st = path.stat()
-    return ImageRef(uri=file_uri(path), etag=f"{st.st_size:x}-{st.st_mtime_ns:x}",
-                    size_bytes=st.st_size,
-                    last_modified=datetime.fromtimestamp(st.st_mtime, timezone.utc))
+    return ImageRef(
+        uri=file_uri(path),
+        etag=f"{st.st_size:x}-{st.st_mtime_ns:x}",
+        size_bytes=st.st_size,
+        last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
+    )
 
 
 def iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]:
@@ -47,8 +50,11 @@ def iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]
     if path.is_file():
         yield local_ref(path)
     elif path.is_dir():
-        files = sorted(file_uri(p) for p in path.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            file_uri(p)
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         for uri in files:
             if start_after is None or uri > start_after:
                 yield local_ref(Path(uri))

@@ -17,7 +17,13 @@ from schema.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("configuration.json", "config.json", "pytorch_model.bin", "vocab.json", "merges.txt")
+REQUIRED_FILES = (
+    "configuration.json",
+    "config.json",
+    "pytorch_model.bin",
+    "vocab.json",
+    "merges.txt",
+)
 # Checkpoints that `capworks checkpoint build NAME` makes offline, in the hub's layout.
 OFFLINE_NAMES = ("shapes", "tiny-random", "large-random")
 DEFAULT_PROMPT = " what does the image describe?"

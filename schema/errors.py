@@ -32,7 +32,9 @@ class Code(enum.Enum):
     RETRIES_EXHAUSTED = "retries_exhausted"
 
 
-TRANSIENT_CODES = frozenset({Code.STORAGE_UNAVAILABLE, Code.DATABASE_UNAVAILABLE, Code.OUT_OF_MEMORY})
+TRANSIENT_CODES = frozenset(
+    {Code.STORAGE_UNAVAILABLE, Code.DATABASE_UNAVAILABLE, Code.OUT_OF_MEMORY}
+)
 
 
 class CapworksError(Exception):

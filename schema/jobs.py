@@ -36,8 +36,9 @@ class Job:
     crawl_id: str | None = None
 
     @classmethod
-    def new(cls, images: Sequence[ImageRef], crawl_id: str | None = None,
-            job_id: str | None = None) -> Job:
+    def new(
+        cls, images: Sequence[ImageRef], crawl_id: str | None = None, job_id: str | None = None
+    ) -> Job:
         """A job with a fresh id unless one is given (crawls use deterministic ids)."""
         return cls(job_id or uuid.uuid4().hex, tuple(images), crawl_id)
 
@@ -83,5 +84,4 @@ def _image_from_wire(item: Any) -> ImageRef:
     if is_s3(uri):
         loc = parse_s3(uri)
         bucket, key = loc.bucket, loc.key
-    return ImageRef(uri=uri, bucket=bucket, key=key, version_id=version, etag=etag,
-                    size_bytes=size)
+    return ImageRef(uri=uri, bucket=bucket, key=key, version_id=version, etag=etag, size_bytes=size)

@@ -112,11 +112,22 @@ class SeaweedServer:
     def start(self) -> str:
         """Start the server and wait until S3 answers; returns the endpoint."""
         log_path = self._data / "weed.log"
-        cmd = [self._weed, "mini", f"-dir={self._data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={self._ports['s3']}",
-               f"-master.port={self._ports['master']}", f"-volume.port={self._ports['volume']}",
-               f"-filer.port={self._ports['filer']}"]
+        cmd = [
+            self._weed,
+            "mini",
+            f"-dir={self._data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={self._ports['s3']}",
+            f"-master.port={self._ports['master']}",
+            f"-volume.port={self._ports['volume']}",
+            f"-filer.port={self._ports['filer']}",
+        ]
         with log_path.open("a") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -170,9 +181,14 @@ def s3_client(endpoint: str) -> object:
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
-                        aws_secret_access_key="test", region_name="us-east-1",
-                        config=Config(s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
 
 
 def png_bytes(img: object, fmt: str = "PNG") -> bytes:
@@ -181,10 +197,12 @@ def png_bytes(img: object, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the `capworks` console script as a user would."""
     exe = Path(sys.executable).parent / "capworks"
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=REPO)
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
+from schema.checkpoint import CheckpointConfig, GenerationSettings
 from schema.db import connect
 from schema.errors import Code, ImageError, StorageError
 from schema.tables import Caption, Failure, Image, Tag
 from schema.uris import ImageRef
-from schema.checkpoint import CheckpointConfig, GenerationSettings
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
 from workers.persist import Outcome, ResultWriter
@@ -27,8 +27,16 @@ def captioned(text: str, *alts: str) -> CaptionedImage:
 
 def outcomes() -> list[Outcome]:
     return [
-        Outcome(ImageRef("s3://b/a red+cat é.jpg", bucket="b", key="a red+cat é.jpg",
-                         etag="e1", size_bytes=10), captioned("a red cat", "a red dog")),
+        Outcome(
+            ImageRef(
+                "s3://b/a red+cat é.jpg",
+                bucket="b",
+                key="a red+cat é.jpg",
+                etag="e1",
+                size_bytes=10,
+            ),
+            captioned("a red cat", "a red dog"),
+        ),
         Outcome(ImageRef("/data/x.png"), captioned("two dogs running", "a dog running")),
         Outcome(ImageRef("/data/bad.jpg"), ImageError(Code.TRUNCATED, "image file is truncated")),
         Outcome(ImageRef("s3://b/gone.jpg"), StorageError(Code.NOT_FOUND, "no such object")),
@@ -37,8 +45,10 @@ def outcomes() -> list[Outcome]:
 
 def counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return {t.__tablename__: conn.scalar(select(func.count()).select_from(t))  # type: ignore[misc]
-                for t in (Image, Caption, Tag, Failure)}
+        return {
+            t.__tablename__: conn.scalar(select(func.count()).select_from(t))  # type: ignore[misc]
+            for t in (Image, Caption, Tag, Failure)
+        }
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -79,8 +89,9 @@ def test_a_captioned_retry_clears_the_failure_and_keeps_storage_identity(db: Eng
 
 def test_other_generation_settings_make_a_second_caption(db: Engine) -> None:
     ResultWriter(db, CONFIG).save(outcomes())
-    other = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1",
-                             generation=GenerationSettings(beam_size=3))
+    other = CheckpointConfig(
+        model_dir=Path("."), model_id="m", revision="r1", generation=GenerationSettings(beam_size=3)
+    )
     ResultWriter(db, other).save(outcomes())
     assert counts(db)["captions"] == 4
 
@@ -88,6 +99,9 @@ def test_other_generation_settings_make_a_second_caption(db: Engine) -> None:
 def test_tags_are_scored_lemmas(db: Engine) -> None:
     ResultWriter(db, CONFIG).save(outcomes())
     with db.connect() as conn:
-        tags = dict(conn.execute(select(Tag.tag, Tag.score).join(Image).where(
-            Image.uri == "/data/x.png")).all())
+        tags = dict(
+            conn.execute(
+                select(Tag.tag, Tag.score).join(Image).where(Image.uri == "/data/x.png")
+            ).all()
+        )
     assert tags == {"dog": 1.0, "run": 1.0, "two": 0.5}

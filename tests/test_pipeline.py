@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from conftest import png_bytes, s3_client
-from capworks.checkpoints.shapes_world import sample_scenes
+from PIL import Image
 from pipeline_support import (
     Pipeline,
+    assert_mostly_true,
     captions,
     count_rows,
     failures,
@@ -24,6 +24,8 @@ from pipeline_support import (
     queued_images,
     wait_until,
 )
+
+from capworks.checkpoints.shapes_world import sample_scenes
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
@@ -46,21 +48,33 @@ def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) ->
         r.delete(key)
 
 
-def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(pipeline: Pipeline) -> None:
+def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(
+    pipeline: Pipeline, shapes_engine: object
+) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "library", 500, seed=41)
+    bucket = make_bucket(p.s3_endpoint, "library", 500, seed=41)
+    expected = bucket.expected(shapes_engine)
     result = p.cli("enqueue", "s3://library/", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "enqueued 500" in result.stdout
     worker = p.start_worker("first")
-    wait_until(lambda: count_rows(p.db_url)["captions"] >= 100, 600, "100 captions",
-               lambda: p.log_text("first")[-3000:])
+    wait_until(
+        lambda: count_rows(p.db_url)["captions"] >= 100,
+        600,
+        "100 captions",
+        lambda: p.log_text("first")[-3000:],
+    )
     os.kill(worker.pid, signal.SIGKILL)  # mid-run: jobs it held are unacknowledged
     worker.wait()
     p.start_worker("second")
-    wait_until(lambda: count_rows(p.db_url)["captions"] == 500 and p.queue_length() == 0, 900,
-               "all 500 captions and an empty queue", lambda: p.log_text("second")[-3000:])
+    wait_until(
+        lambda: count_rows(p.db_url)["captions"] == 500 and p.queue_length() == 0,
+        900,
+        "all 500 captions and an empty queue",
+        lambda: p.log_text("second")[-3000:],
+    )
     assert captions(p.db_url) == expected
+    assert_mostly_true(captions(p.db_url), bucket.truth)
     assert count_rows(p.db_url) == {"images": 500, "captions": 500, "failures": 0}
     # Re-running the finished crawl enqueues nothing: every object is already captioned.
     again = p.cli("enqueue", "s3://library/", "--no-progress")
@@ -69,12 +83,15 @@ def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(pipeline
 
 def test_killed_producer_resumes_without_enqueueing_anything_twice(pipeline: Pipeline) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "resume", 300, seed=42)
+    expected = make_bucket(p.s3_endpoint, "resume", 300, seed=42).truth
     p.extra_env.update(CAPWORKS_JOB_IMAGES="10", CAPWORKS_MAX_QUEUED_IMAGES="100")
     # No worker runs, so backpressure holds the producer at ~100 queued images: kill it there.
-    producer = subprocess.Popen([str(Path(sys.executable).parent / "capworks"), "enqueue",
-                                 "s3://resume/", "--no-progress"], env=p.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "enqueue", "s3://resume/", "--no-progress"],
+        env=p.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_until(lambda: len(queued_images(p)) >= 100, 120, "the producer to fill the queue")
     time.sleep(1.0)
     producer.send_signal(signal.SIGKILL)
@@ -89,32 +106,50 @@ def test_killed_producer_resumes_without_enqueueing_anything_twice(pipeline: Pip
     assert sorted(every) == sorted(expected)  # each object exactly once across both runs
 
 
-def test_bad_objects_become_dead_letters_and_replay_captions_a_fixed_one(pipeline: Pipeline) -> None:
+def test_bad_objects_become_dead_letters_and_replay_captions_a_fixed_one(
+    pipeline: Pipeline, shapes_engine: object
+) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "mixed", 40, seed=43)
+    expected = make_bucket(p.s3_endpoint, "mixed", 40, seed=43).expected(shapes_engine)
     s3 = s3_client(p.s3_endpoint)
-    bad = {"bad/corrupt.jpg": b"\xff\xd8\xff\xe0 this is no jpeg at all" * 10,
-           "bad/empty.png": b"", "bad/gone.png": png_bytes(sample_scenes(1, 5)[0][0])}
+    bad = {
+        "bad/corrupt.jpg": b"\xff\xd8\xff\xe0 this is no jpeg at all" * 10,
+        "bad/empty.png": b"",
+        "bad/gone.png": png_bytes(sample_scenes(1, 5)[0][0]),
+    }
     for key, body in bad.items():
         s3.put_object(Bucket="mixed", Key=key, Body=body)  # type: ignore[attr-defined]
-    s3.put_object(Bucket="mixed", Key="bad/huge.png",  # type: ignore[attr-defined]
-                  Body=png_bytes(Image.new("L", (3200, 100))))
+    s3.put_object(
+        Bucket="mixed",
+        Key="bad/huge.png",  # type: ignore[attr-defined]
+        Body=png_bytes(Image.new("L", (3200, 100))),
+    )
     p.extra_env["CAPWORKS_JOB_IMAGES"] = "16"
     result = p.cli("enqueue", "s3://mixed/", "--no-progress")
     assert result.returncode == 0, result.stderr
     s3.delete_object(Bucket="mixed", Key="bad/gone.png")  # deleted after listing
     p.start_worker()
-    wait_until(lambda: sum(count_rows(p.db_url)[k] for k in ("captions", "failures")) == 44
-               and p.queue_length() == 0, 600, "44 outcomes", lambda: p.log_text()[-3000:])
+    wait_until(
+        lambda: (
+            sum(count_rows(p.db_url)[k] for k in ("captions", "failures")) == 44
+            and p.queue_length() == 0
+        ),
+        600,
+        "44 outcomes",
+        lambda: p.log_text()[-3000:],
+    )
     assert captions(p.db_url) == expected
-    assert failures(p.db_url) == {"s3://mixed/bad/corrupt.jpg": "undecodable",
-                                  "s3://mixed/bad/empty.png": "empty",
-                                  "s3://mixed/bad/gone.png": "not_found",
-                                  "s3://mixed/bad/huge.png": "too_large_pixels"}
+    assert failures(p.db_url) == {
+        "s3://mixed/bad/corrupt.jpg": "undecodable",
+        "s3://mixed/bad/empty.png": "empty",
+        "s3://mixed/bad/gone.png": "not_found",
+        "s3://mixed/bad/huge.png": "too_large_pixels",
+    }
     listed = p.cli("dlq", "list", "--code", "not_found", "--json")
     assert listed.returncode == 0 and "bad/gone.png" in listed.stdout
-    fixed_img, fixed_caption = sample_scenes(1, 77)[0]
-    s3.put_object(Bucket="mixed", Key="bad/gone.png", Body=png_bytes(fixed_img))  # type: ignore[attr-defined]
+    fixed = png_bytes(sample_scenes(1, 77)[0][0])
+    fixed_caption = shapes_engine.caption_images([fixed])[0].caption.text  # type: ignore[attr-defined]
+    s3.put_object(Bucket="mixed", Key="bad/gone.png", Body=fixed)  # type: ignore[attr-defined]
     replay = p.cli("dlq", "replay", "--prefix", "s3://mixed/bad/gone", "--rate", "5/s")
     assert replay.returncode == 0 and "replayed 1" in replay.stdout, replay.stderr
     wait_until(lambda: "s3://mixed/bad/gone.png" in captions(p.db_url), 120, "the replayed image")
@@ -122,40 +157,59 @@ def test_bad_objects_become_dead_letters_and_replay_captions_a_fixed_one(pipelin
     assert "s3://mixed/bad/gone.png" not in failures(p.db_url)
 
 
-def test_two_workers_share_a_queue_and_batch_single_image_jobs(pipeline: Pipeline) -> None:
+def test_two_workers_share_a_queue_and_batch_single_image_jobs(
+    pipeline: Pipeline, shapes_engine: object
+) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "uploads", 48, seed=44)
+    expected = make_bucket(p.s3_endpoint, "uploads", 48, seed=44).expected(shapes_engine)
     p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_MAX_BATCH_WAIT_MS="400")
     result = p.cli("enqueue", "s3://uploads/", "--no-progress")
     assert result.returncode == 0 and "in 48 jobs" in result.stdout, result.stdout
     p.start_worker("a", concurrency=8)
     p.start_worker("b", concurrency=8)
-    wait_until(lambda: count_rows(p.db_url)["captions"] == 48 and p.queue_length() == 0, 600,
-               "48 captions", lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:])
+    wait_until(
+        lambda: count_rows(p.db_url)["captions"] == 48 and p.queue_length() == 0,
+        600,
+        "48 captions",
+        lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:],
+    )
     assert captions(p.db_url) == expected
     logs = p.log_text("a") + p.log_text("b")
-    sizes = [int(line.split("batch of ")[1].split()[0]) for line in logs.splitlines()
-             if "batch of " in line]
+    sizes = [
+        int(line.split("batch of ")[1].split()[0])
+        for line in logs.splitlines()
+        if "batch of " in line
+    ]
     assert sum(sizes) == 48 and max(sizes) > 1
-    assert "Task capworks.caption_job" in p.log_text("a") and "Task capworks.caption_job" in p.log_text("b")
+    assert "Task capworks.caption_job" in p.log_text(
+        "a"
+    ) and "Task capworks.caption_job" in p.log_text("b")
 
 
 def test_transient_s3_outage_is_retried_with_backoff_and_ends_captioned(
-    pg_url: str, own_s3_server: object, shapes_dir: Path, tmp_path: Path
+    pg_url: str, own_s3_server: object, shapes_engine: object, tmp_path: Path
 ) -> None:
     server = own_s3_server
     p = Pipeline(pg_url, server.endpoint, tmp_path)  # type: ignore[attr-defined]
     p.extra_env.update(CAPWORKS_JOB_IMAGES="4", CAPWORKS_MAX_ATTEMPTS="8")
     try:
-        expected = make_bucket(p.s3_endpoint, "flaky", 24, seed=45)
+        expected = make_bucket(p.s3_endpoint, "flaky", 24, seed=45).expected(shapes_engine)
         assert p.cli("enqueue", "s3://flaky/", "--no-progress").returncode == 0
         server.stop()  # type: ignore[attr-defined]
         p.start_worker("flaky")
-        wait_until(lambda: "failed transiently" in p.log_text("flaky"), 180,
-                   "a transient failure", lambda: p.log_text("flaky")[-3000:])
+        wait_until(
+            lambda: "failed transiently" in p.log_text("flaky"),
+            180,
+            "a transient failure",
+            lambda: p.log_text("flaky")[-3000:],
+        )
         server.start()  # type: ignore[attr-defined]
-        wait_until(lambda: count_rows(p.db_url)["captions"] == 24 and p.queue_length() == 0,
-                   300, "24 captions after the outage", lambda: p.log_text("flaky")[-3000:])
+        wait_until(
+            lambda: count_rows(p.db_url)["captions"] == 24 and p.queue_length() == 0,
+            300,
+            "24 captions after the outage",
+            lambda: p.log_text("flaky")[-3000:],
+        )
         assert captions(p.db_url) == expected
         assert failures(p.db_url) == {}
         assert "storage_unavailable" in p.log_text("flaky")
@@ -164,14 +218,19 @@ def test_transient_s3_outage_is_retried_with_backoff_and_ends_captioned(
 
 
 def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
-    pipeline: Pipeline,
+    pipeline: Pipeline, shapes_engine: object
 ) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "poison", 6, seed=46)
+    expected = make_bucket(p.s3_endpoint, "poison", 6, seed=46).expected(shapes_engine)
     s3_client(p.s3_endpoint).put_object(  # type: ignore[attr-defined]
-        Bucket="poison", Key="zz/poison.png", Body=png_bytes(sample_scenes(1, 3)[0][0]))
-    p.extra_env.update(CAPWORKS_JOB_IMAGES="16", CAPWORKS_POISON_DELIVERIES="2",
-                       CAPWORKS_VISIBILITY_TIMEOUT_S="6", CAPWORKS_RESTORE_INTERVAL_S="2")
+        Bucket="poison", Key="zz/poison.png", Body=png_bytes(sample_scenes(1, 3)[0][0])
+    )
+    p.extra_env.update(
+        CAPWORKS_JOB_IMAGES="16",
+        CAPWORKS_POISON_DELIVERIES="2",
+        CAPWORKS_VISIBILITY_TIMEOUT_S="6",
+        CAPWORKS_RESTORE_INTERVAL_S="2",
+    )
     result = p.cli("enqueue", "s3://poison/", "--no-progress")
     assert result.returncode == 0 and "in 1 jobs" in result.stdout, result.stdout
     deaths = 0
@@ -184,7 +243,9 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
             deaths += 1
             worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
         time.sleep(1.0)
-    assert failures(p.db_url) == {"s3://poison/zz/poison.png": "poison"}, p.log_text("poisoned")[-3000:]
+    assert failures(p.db_url) == {"s3://poison/zz/poison.png": "poison"}, p.log_text("poisoned")[
+        -3000:
+    ]
     assert captions(p.db_url) == expected
     assert deaths == 4  # twice as a 7-image job, twice alone
     assert "splitting its 7 images" in p.log_text("poisoned")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from schema.errors import Code, ImageError
 from schema.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from schema.errors import Code, ImageError
 from workers.preprocess import (
     ImageLimits,
     Normalization,
@@ -22,8 +22,9 @@ from workers.preprocess import (
 )
 
 
-def reference_pixels(data: bytes, size: int, mean: tuple[float, ...], std: tuple[float, ...]
-                     ) -> np.ndarray:
+def reference_pixels(
+    data: bytes, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
     """ModelScope's path written with torch ops as torchvision's ToTensor and Normalize do it."""
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     img = img.convert("RGB").resize((size, size), Image.BICUBIC)
@@ -72,8 +73,10 @@ def test_preprocessing_is_bit_exact_to_the_reference_formula(
 def test_imagenet_normalisation_is_bit_exact() -> None:
     data = encoded("RGB", (333, 222), "PNG", seed=3)
     norm = Normalization(96, IMAGENET_MEAN, IMAGENET_STD)
-    assert np.array_equal(prepare_image(data, ImageLimits(), norm).pixels,
-                          reference_pixels(data, 96, IMAGENET_MEAN, IMAGENET_STD))
+    assert np.array_equal(
+        prepare_image(data, ImageLimits(), norm).pixels,
+        reference_pixels(data, 96, IMAGENET_MEAN, IMAGENET_STD),
+    )
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -111,8 +114,9 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("name", ["zero bytes", "truncated jpeg", "text named .jpg",
-                                  "over the pixel limit"])
+@pytest.mark.parametrize(
+    "name", ["zero bytes", "truncated jpeg", "text named .jpg", "over the pixel limit"]
+)
 def test_bad_image_fails_with_its_own_code(name: str) -> None:
     data, code = BAD[name]
     with pytest.raises(ImageError) as info:

@@ -68,10 +68,19 @@ def test_bad_images_fail_with_distinct_codes_while_the_batch_is_captioned(
     good = samples[:4]
     jpeg = png_bytes(sample_scenes(1, 99)[0][0], "JPEG")
     huge = png_bytes(Image.new("L", (3001, 16)))
-    blobs = [good[0][0], b"", good[1][0], jpeg[: len(jpeg) // 2], good[2][0],
-             b"plain text pretending to be a jpeg\n" * 10, huge, good[3][0]]
+    blobs = [
+        good[0][0],
+        b"",
+        good[1][0],
+        jpeg[: len(jpeg) // 2],
+        good[2][0],
+        b"plain text pretending to be a jpeg\n" * 10,
+        huge,
+        good[3][0],
+    ]
     results = shapes_engine.caption_images(blobs)
     codes = [r.code for r in results if isinstance(r, ImageError)]
     assert codes == [Code.EMPTY, Code.TRUNCATED, Code.UNDECODABLE, Code.TOO_LARGE_PIXELS]
     assert [r.caption.text for r in results if isinstance(r, CaptionedImage)] == [
-        c for _, c in good]
+        c for _, c in good
+    ]

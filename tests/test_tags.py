@@ -10,8 +10,12 @@ def test_content_words_are_lemmatised_and_function_words_dropped() -> None:
 
 
 def test_tag_scores_count_agreeing_alternatives() -> None:
-    tags = dict(derive_tags("a dog running on a beach",
-                            ["a dog on the beach", "dogs playing in the sand", "a cat on a beach"]))
+    tags = dict(
+        derive_tags(
+            "a dog running on a beach",
+            ["a dog on the beach", "dogs playing in the sand", "a cat on a beach"],
+        )
+    )
     assert tags["dog"] == 0.75  # caption + 2 of 3 alternatives
     assert tags["beach"] == 0.75
     assert tags["run"] == 0.25
@@ -21,7 +25,12 @@ def test_tag_scores_count_agreeing_alternatives() -> None:
 
 def test_participles_take_the_verb_lemma_and_plurals_the_noun_lemma() -> None:
     assert content_lemmas("men sitting and children playing with kites") == [
-        "man", "sit", "child", "play", "kite"]
+        "man",
+        "sit",
+        "child",
+        "play",
+        "kite",
+    ]
 
 
 def test_tags_come_best_first() -> None:

@@ -88,7 +88,8 @@ class Batcher:
             torch.cuda.empty_cache()
             if len(batch) == 1:
                 batch[0].future.set_exception(
-                    CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image"))
+                    CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image")
+                )
                 return
             log.warning("CUDA out of memory on %d images: halving the batch", len(batch))
             half = len(batch) // 2

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from schema.errors import ImageError
 from schema.checkpoint import CheckpointConfig
+from schema.errors import ImageError
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_dtype
 from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
 
 log = logging.getLogger(__name__)
+DEFAULT_LIMITS = ImageLimits()
 _PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
 
 
@@ -66,7 +67,7 @@ class OfaEngine:
         device: torch.device,
         dtype: torch.dtype,
         batch_size: int = 8,
-        limits: ImageLimits = ImageLimits(),
+        limits: ImageLimits = DEFAULT_LIMITS,
         decode_threads: int = 0,
     ) -> None:
         self.config = config
@@ -90,7 +91,7 @@ class OfaEngine:
         dtype: str = "auto",
         generator: str = "reference",
         batch_size: int = 8,
-        limits: ImageLimits = ImageLimits(),
+        limits: ImageLimits = DEFAULT_LIMITS,
         decode_threads: int = 0,
     ) -> OfaEngine:
         """Load model and tokenizer from a resolved checkpoint onto a device."""
@@ -133,14 +134,18 @@ class OfaEngine:
         texts = [t.strip() for t in texts]
         if self.config.language == "en":
             texts = [t.translate(_PUNCTUATION).strip() for t in texts]
-        alternatives = tuple(Alternative(t, h.score) for t, h in zip(texts[1:], hyps[1:], strict=True))
+        alternatives = tuple(
+            Alternative(t, h.score) for t, h in zip(texts[1:], hyps[1:], strict=True)
+        )
         return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens)
 
     def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
         """Caption preprocessed images, `batch_size` at a time."""
         out: list[Caption] = []
         for start in range(0, len(pixels), self.batch_size):
-            out.extend(self.decode(h) for h in self.predict(pixels[start : start + self.batch_size]))
+            out.extend(
+                self.decode(h) for h in self.predict(pixels[start : start + self.batch_size])
+            )
         return out
 
     def caption_images(self, blobs: Sequence[bytes]) -> list[CaptionedImage | ImageError]:

@@ -15,11 +15,11 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from schema.errors import CapworksError, Code
-from schema.tables import Caption as CaptionRow
-from schema.tables import BadMessage, Failure, Image, Tag, utcnow
-from schema.uris import ImageRef
 from schema.checkpoint import CheckpointConfig
+from schema.errors import CapworksError, Code
+from schema.tables import BadMessage, Failure, Image, Tag, utcnow
+from schema.tables import Caption as CaptionRow
+from schema.uris import ImageRef
 from workers.engine import CaptionedImage
 from workers.tags import derive_tags
 
@@ -59,8 +59,9 @@ class ResultWriter:
         self._settings = config.generation.to_dict()
         self._settings_hash = config.generation.digest()
 
-    def save(self, outcomes: Sequence[Outcome], job_id: str | None = None,
-             trace: str | None = None) -> SaveCounts:
+    def save(
+        self, outcomes: Sequence[Outcome], job_id: str | None = None, trace: str | None = None
+    ) -> SaveCounts:
         """Upsert all outcomes in one transaction; failures remember the job and a traceback."""
         if not outcomes:
             return SaveCounts(0, 0)
@@ -75,9 +76,14 @@ class ResultWriter:
     def save_message_failure(self, job_key: str, error: CapworksError, body: object) -> None:
         """Keep a message that failed validation, with the reason."""
         with self._engine.begin() as conn:
-            conn.execute(self._insert(BadMessage).values(
-                job_key=job_key[:256], reason=error.message, body=repr(body)[:10000],
-                received=utcnow()))
+            conn.execute(
+                self._insert(BadMessage).values(
+                    job_key=job_key[:256],
+                    reason=error.message,
+                    body=repr(body)[:10000],
+                    received=utcnow(),
+                )
+            )
 
     def _upsert_images(self, conn: Connection, outcomes: Sequence[Outcome]) -> dict[str, int]:
         now = utcnow()
@@ -85,24 +91,35 @@ class ResultWriter:
         for o in outcomes:
             dims = o.result if isinstance(o.result, CaptionedImage) else None
             rows[o.ref.uri] = dict(
-                uri=o.ref.uri, bucket=o.ref.bucket, key=o.ref.key, version_id=o.ref.version_id,
-                etag=o.ref.etag, size_bytes=o.ref.size_bytes,
+                uri=o.ref.uri,
+                bucket=o.ref.bucket,
+                key=o.ref.key,
+                version_id=o.ref.version_id,
+                etag=o.ref.etag,
+                size_bytes=o.ref.size_bytes,
                 width_px=dims.width_px if dims else None,
                 height_px=dims.height_px if dims else None,
-                first_seen=now, updated_at=now,
+                first_seen=now,
+                updated_at=now,
             )
         stmt = self._insert(Image)
-        update = {c: stmt.excluded[c] for c in ("bucket", "key", "version_id", "etag",
-                                                "size_bytes", "updated_at")}
+        update = {
+            c: stmt.excluded[c]
+            for c in ("bucket", "key", "version_id", "etag", "size_bytes", "updated_at")
+        }
         # Keep known dimensions when a failed fetch reports none.
         for c in ("width_px", "height_px"):
             update[c] = _coalesce(stmt.excluded[c], Image.__table__.c[c])
-        conn.execute(stmt.on_conflict_do_update(index_elements=["uri"], set_=update),
-                     sorted(rows.values(), key=lambda r: r["uri"]))
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=["uri"], set_=update),
+            sorted(rows.values(), key=lambda r: r["uri"]),
+        )
         found = conn.execute(select(Image.uri, Image.id).where(Image.uri.in_(list(rows))))
         return {uri: image_id for uri, image_id in found}
 
-    def _upsert_captions(self, conn: Connection, ids: dict[str, int], done: Sequence[Outcome]) -> None:
+    def _upsert_captions(
+        self, conn: Connection, ids: dict[str, int], done: Sequence[Outcome]
+    ) -> None:
         if not done:
             return
         now = utcnow()
@@ -110,25 +127,42 @@ class ResultWriter:
         for o in done:
             assert isinstance(o.result, CaptionedImage)
             cap = o.result.caption
-            rows.append(dict(
-                image_id=ids[o.ref.uri], model_id=self._model_id, revision=self._revision,
-                settings_hash=self._settings_hash, settings=self._settings, text=cap.text,
-                score=cap.score, created=now,
-                alternatives=[{"text": a.text, "score": a.score} for a in cap.alternatives],
-            ))
+            rows.append(
+                dict(
+                    image_id=ids[o.ref.uri],
+                    model_id=self._model_id,
+                    revision=self._revision,
+                    settings_hash=self._settings_hash,
+                    settings=self._settings,
+                    text=cap.text,
+                    score=cap.score,
+                    created=now,
+                    alternatives=[{"text": a.text, "score": a.score} for a in cap.alternatives],
+                )
+            )
         stmt = self._insert(CaptionRow)
         key = ["image_id", "model_id", "revision", "settings_hash"]
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=key,
-            set_={c: stmt.excluded[c] for c in ("text", "score", "alternatives", "settings", "created")},
-        ), sorted(rows, key=lambda r: r["image_id"]))
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=key,
+                set_={
+                    c: stmt.excluded[c]
+                    for c in ("text", "score", "alternatives", "settings", "created")
+                },
+            ),
+            sorted(rows, key=lambda r: r["image_id"]),
+        )
         image_ids = [ids[o.ref.uri] for o in done]
-        caption_ids = dict(conn.execute(
-            select(CaptionRow.image_id, CaptionRow.id).where(
-                CaptionRow.image_id.in_(image_ids), CaptionRow.model_id == self._model_id,
-                CaptionRow.revision == self._revision,
-                CaptionRow.settings_hash == self._settings_hash)
-        ).all())
+        caption_ids = dict(
+            conn.execute(
+                select(CaptionRow.image_id, CaptionRow.id).where(
+                    CaptionRow.image_id.in_(image_ids),
+                    CaptionRow.model_id == self._model_id,
+                    CaptionRow.revision == self._revision,
+                    CaptionRow.settings_hash == self._settings_hash,
+                )
+            ).all()
+        )
         conn.execute(delete(Tag).where(Tag.caption_id.in_(list(caption_ids.values()))))
         tags = []
         for o in done:
@@ -136,32 +170,56 @@ class ResultWriter:
             cap = o.result.caption
             image_id = ids[o.ref.uri]
             for tag, score in derive_tags(cap.text, [a.text for a in cap.alternatives]):
-                tags.append(dict(image_id=image_id, caption_id=caption_ids[image_id], tag=tag,
-                                 score=score))
+                tags.append(
+                    dict(image_id=image_id, caption_id=caption_ids[image_id], tag=tag, score=score)
+                )
         if tags:
             conn.execute(self._insert(Tag), tags)
         # A captioned image is no longer a failure.
         conn.execute(delete(Failure).where(Failure.image_id.in_(image_ids)))
 
-    def _upsert_failures(self, conn: Connection, ids: dict[str, int], failed: Sequence[Outcome],
-                         job_id: str | None, trace: str | None) -> None:
+    def _upsert_failures(
+        self,
+        conn: Connection,
+        ids: dict[str, int],
+        failed: Sequence[Outcome],
+        job_id: str | None,
+        trace: str | None,
+    ) -> None:
         if not failed:
             return
         now = utcnow()
         rows = []
         for o in failed:
             assert isinstance(o.result, CapworksError)
-            rows.append(dict(image_id=ids[o.ref.uri], code=o.result.code.value,
-                             message=o.result.message[:2000], attempts=1, first_seen=now,
-                             last_seen=now, job_id=job_id, traceback=trace, replays=0))
+            rows.append(
+                dict(
+                    image_id=ids[o.ref.uri],
+                    code=o.result.code.value,
+                    message=o.result.message[:2000],
+                    attempts=1,
+                    first_seen=now,
+                    last_seen=now,
+                    job_id=job_id,
+                    traceback=trace,
+                    replays=0,
+                )
+            )
         stmt = self._insert(Failure)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=["image_id"],
-            set_={"code": stmt.excluded.code, "message": stmt.excluded.message,
-                  "last_seen": stmt.excluded.last_seen, "job_id": stmt.excluded.job_id,
-                  "traceback": stmt.excluded.traceback,
-                  "attempts": Failure.__table__.c.attempts + 1},
-        ), sorted(rows, key=lambda r: r["image_id"]))
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["image_id"],
+                set_={
+                    "code": stmt.excluded.code,
+                    "message": stmt.excluded.message,
+                    "last_seen": stmt.excluded.last_seen,
+                    "job_id": stmt.excluded.job_id,
+                    "traceback": stmt.excluded.traceback,
+                    "attempts": Failure.__table__.c.attempts + 1,
+                },
+            ),
+            sorted(rows, key=lambda r: r["image_id"]),
+        )
 
 
 def _coalesce(first: Any, second: Any) -> Any:

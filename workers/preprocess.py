@@ -114,7 +114,7 @@ def preprocess_many(
     norm: Normalization,
     pool: ThreadPoolExecutor,
 ) -> list[PreparedImage | ImageError]:
-    """Preprocess several images in a thread pool; a failure stays in its slot as an `ImageError`."""
+    """Preprocess images in a thread pool; a failure stays in its slot as an `ImageError`."""
 
     def one(data: bytes) -> PreparedImage | ImageError:
         try:

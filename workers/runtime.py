@@ -12,11 +12,11 @@ from typing import Any
 import redis
 from sqlalchemy import Engine
 
+from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
 from schema.settings import Settings
 from schema.storage import make_s3_client
 from workers.batcher import Batcher
-from schema.checkpoint import resolve_checkpoint
 from workers.engine import OfaEngine
 from workers.fetch import Fetcher
 from workers.persist import ResultWriter
@@ -46,7 +46,10 @@ class Runtime:
         """Load the model and open every connection."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
         engine = OfaEngine.load(
-            config, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size,
+            config,
+            device=settings.device,
+            dtype=settings.dtype,
+            batch_size=settings.batch_size,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
             decode_threads=settings.decode_threads,
         )
@@ -55,8 +58,9 @@ class Runtime:
             settings=settings,
             engine=engine,
             batcher=Batcher(engine, settings.batch_size, settings.max_batch_wait_ms),
-            fetcher=Fetcher(make_s3_client(settings), settings.max_image_bytes,
-                            settings.http_timeout_s),
+            fetcher=Fetcher(
+                make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s
+            ),
             db=db,
             writer=ResultWriter(db, config),
             redis=redis.Redis.from_url(settings.broker_url),

@@ -15,7 +15,8 @@ from lemminflect import getAllLemmas, getAllLemmasOOV
 
 # Closed-class words (determiners, pronouns, prepositions, conjunctions, auxiliaries): they say
 # nothing about what is in the image. Numbers and position words ("top", "front") stay.
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those some any each every no another other such
 i me my we our you your he him his she her it its they them their there here
 what which who whom whose where when while how why
@@ -26,7 +27,8 @@ and or but nor so yet if then else because although though
 be is are was were been being am do does did have has had having
 can could will would shall should may might must
 not very too also just only still even
-""".split())
+""".split()
+)
 _WORD = re.compile(r"[a-z]+")
 _POS_ORDER = ("NOUN", "VERB", "ADJ", "ADV", "PROPN")
 

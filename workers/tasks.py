@@ -49,26 +49,43 @@ def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
         result = run_job(job, rt)
     except OperationalError as exc:
         # The database went away: the whole job is retried; nothing of it was committed.
-        raise self.retry(exc=exc, countdown=compute_backoff(attempt, settings.retry_base_s,
-                                                            settings.retry_cap_s)) from exc
+        raise self.retry(
+            exc=exc, countdown=compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
+        ) from exc
     if result.transient:
         retry_transient(rt, job, result.transient, attempt)
     rt.mark_done(job.job_id)
-    return {"captioned": result.captioned, "dead_lettered": result.dead_lettered,
-            "retrying": len(result.transient)}
+    return {
+        "captioned": result.captioned,
+        "dead_lettered": result.dead_lettered,
+        "retrying": len(result.transient),
+    }
 
 
-def retry_transient(rt: Runtime, job: Job, failed: tuple[tuple[ImageRef, CapworksError], ...],
-                    attempt: int) -> None:
+def retry_transient(
+    rt: Runtime, job: Job, failed: tuple[tuple[ImageRef, CapworksError], ...], attempt: int
+) -> None:
     """Send the transiently failed images again after a backoff, or dead-letter them at the cap."""
     if attempt >= settings.max_attempts:
-        rt.writer.save([Outcome(ref, CapworksError(
-            Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")) for ref, err in failed])
+        rt.writer.save(
+            [
+                Outcome(
+                    ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")
+                )
+                for ref, err in failed
+            ]
+        )
         return
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
     retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=f"{job.job_id}.r{attempt}")
-    log.warning("job %s: %d images failed transiently (%s); retry %d in %.1f s", job.job_id,
-                len(failed), failed[0][1].code.value, attempt + 1, delay_s)
+    log.warning(
+        "job %s: %d images failed transiently (%s); retry %d in %.1f s",
+        job.job_id,
+        len(failed),
+        failed[0][1].code.value,
+        attempt + 1,
+        delay_s,
+    )
     caption_job.apply_async(args=[retry.to_wire(), attempt + 1], countdown=delay_s)
 
 
@@ -76,8 +93,12 @@ def isolate_poison(rt: Runtime, job: Job, deliveries: int) -> dict[str, int]:
     """A job delivered too often without finishing killed its worker: split it, or dead-letter
     its single image, so one bad image cannot keep killing workers."""
     if len(job.images) > 1:
-        log.error("job %s delivered %d times without finishing: splitting its %d images",
-                  job.job_id, deliveries, len(job.images))
+        log.error(
+            "job %s delivered %d times without finishing: splitting its %d images",
+            job.job_id,
+            deliveries,
+            len(job.images),
+        )
         for i, ref in enumerate(job.images):
             single = Job.new([ref], job.crawl_id, job_id=f"{job.job_id}~{i}")
             caption_job.apply_async(args=[single.to_wire()])
@@ -86,7 +107,8 @@ def isolate_poison(rt: Runtime, job: Job, deliveries: int) -> dict[str, int]:
     ref = job.images[0]
     log.error("image %s killed its worker %d times: dead-lettering it", ref.uri, deliveries - 1)
     error = CapworksError(Code.POISON, f"worker died {deliveries - 1} times while captioning it")
-    rt.writer.save([Outcome(ref, error)], job_id=job.job_id,
-                   trace="".join(traceback.format_stack(limit=5)))
+    rt.writer.save(
+        [Outcome(ref, error)], job_id=job.job_id, trace="".join(traceback.format_stack(limit=5))
+    )
     rt.mark_done(job.job_id)
     return {"dead_lettered": 1}

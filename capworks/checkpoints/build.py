@@ -21,8 +21,8 @@ import torch
 
 from capworks.checkpoints.layout import ofa_config_kwargs, write_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.errors import CheckpointError
 from schema.checkpoint import OFFLINE_NAMES, read_config
+from schema.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

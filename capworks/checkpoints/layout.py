@@ -12,23 +12,49 @@ VOCAB_SIZE = 59457  # 50265 BPE entries + 8192 <code_i> + 1000 <bin_i>
 
 # OFA-Sys/OFA models/ofa/ofa.py sizes; only the fields that differ from OFAConfig's defaults.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
-                 decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
-                 resnet_type="resnet50"),
-    "large": dict(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
-                  decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
-                  resnet_type="resnet152"),
+    "tiny": dict(
+        d_model=256,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        decoder_ffn_dim=1024,
+        resnet_type="resnet50",
+    ),
+    "large": dict(
+        d_model=1024,
+        encoder_layers=12,
+        decoder_layers=12,
+        encoder_attention_heads=16,
+        decoder_attention_heads=16,
+        encoder_ffn_dim=4096,
+        decoder_ffn_dim=4096,
+        resnet_type="resnet152",
+    ),
     # Small enough to train to near-perfect captions on two CPU cores in minutes.
-    "shapes": dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                   decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512,
-                   resnet_type="resnet50"),
+    "shapes": dict(
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        resnet_type="resnet50",
+    ),
 }
 
 
 def ofa_config_kwargs(arch: str) -> dict[str, Any]:
     """Full OFAConfig arguments for an architecture (inference-time dropout off)."""
-    return dict(vocab_size=VOCAB_SIZE, dropout=0.0, attention_dropout=0.0,
-                activation_dropout=0.0, **ARCHITECTURES[arch])
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        **ARCHITECTURES[arch],
+    )
 
 
 def configuration_json(patch_image_size: int) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (IMAGE_PX, IMAGE_PX), _jitter(COLOURS[scene.background], rng))
     size = rng.randint(48, 84)
     x, y = rng.randint(0, IMAGE_PX - size), rng.randint(0, IMAGE_PX - size)
-    ImageDraw.Draw(img).rectangle((x, y, x + size, y + size), fill=_jitter(COLOURS[scene.colour], rng))
+    ImageDraw.Draw(img).rectangle(
+        (x, y, x + size, y + size), fill=_jitter(COLOURS[scene.colour], rng)
+    )
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (IMAGE_PX, IMAGE_PX, 3))
     pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)

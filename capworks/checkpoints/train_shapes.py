@@ -40,7 +40,7 @@ def tokenizer_for_training() -> Any:
 
 
 class ShapesBatches:
-    """Rendered (pixels, decoder input, target) batches; a caption is encoded with a leading space."""
+    """Rendered (pixels, decoder input, target) batches; captions get a leading space."""
 
     def __init__(self, tokenizer: Any, pool: ThreadPoolExecutor) -> None:
         self._tok = tokenizer
@@ -62,18 +62,24 @@ class ShapesBatches:
         return torch.from_numpy(np.stack(pixels)), dec, tgt
 
 
-def _forward(model: Any, prompt: torch.Tensor, images: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+def _forward(
+    model: Any, prompt: torch.Tensor, images: torch.Tensor, dec: torch.Tensor
+) -> torch.Tensor:
     masks = torch.ones(images.shape[0], dtype=torch.bool)
-    out = model(input_ids=prompt.expand(images.shape[0], -1), patch_images=images,
-                patch_masks=masks, decoder_input_ids=dec)
+    out = model(
+        input_ids=prompt.expand(images.shape[0], -1),
+        patch_images=images,
+        patch_masks=masks,
+        decoder_input_ids=dec,
+    )
     return out.logits  # type: ignore[no-any-return]
 
 
 def train_shapes(
     seed: int = 0,
     batch: int = 16,
-    max_steps: int = 600,
-    max_seconds: float = 540.0,
+    max_steps: int = 500,
+    max_seconds: float = 660.0,
     lr: float = 3e-4,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
@@ -85,8 +91,11 @@ def train_shapes(
     tok = tokenizer_for_training()
     model = OFAModel(OFAConfig(**ofa_config_kwargs("shapes")))
     model.train()
-    prompt_ids = [tok.bos_token_id, *tok(" what does the image describe?",
-                                         add_special_tokens=False).input_ids, tok.eos_token_id]
+    prompt_ids = [
+        tok.bos_token_id,
+        *tok(" what does the image describe?", add_special_tokens=False).input_ids,
+        tok.eos_token_id,
+    ]
     prompt = torch.tensor([prompt_ids])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = 40
@@ -131,14 +140,22 @@ def train_shapes(
         recalibrate_batchnorm(model, prompt, batches)
         valid_exact = teacher_forced_exact(model, prompt, valid, tok.pad_token_id)
     model.eval()
-    metrics = {"steps": step + 1, "train_seconds": round(time.monotonic() - started, 1),
-               "final_loss": round(float(loss), 5), "valid_teacher_forced_exact": valid_exact,
-               "batch": batch, "lr": lr, "seed": seed, "patch_image_size": PATCH_PX}
+    metrics = {
+        "steps": step + 1,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "final_loss": round(float(loss), 5),
+        "valid_teacher_forced_exact": valid_exact,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "patch_image_size": PATCH_PX,
+    }
     return model, metrics
 
 
-def recalibrate_batchnorm(model: Any, prompt: torch.Tensor, batches: ShapesBatches,
-                          count: int = 8, seed: int = 50_000) -> None:
+def recalibrate_batchnorm(
+    model: Any, prompt: torch.Tensor, batches: ShapesBatches, count: int = 8, seed: int = 50_000
+) -> None:
     """Recompute BatchNorm running statistics for the final weights.
 
     The running averages trail weights that changed fast during training; at inference they
@@ -161,7 +178,10 @@ def recalibrate_batchnorm(model: Any, prompt: torch.Tensor, batches: ShapesBatch
 
 
 def teacher_forced_exact(
-    model: Any, prompt: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pad: int
+    model: Any,
+    prompt: torch.Tensor,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    pad: int,
 ) -> float:
     """Share of samples whose every target token is the argmax under teacher forcing."""
     images, dec, tgt = data

@@ -21,11 +21,11 @@ from rich.progress import (
 from rich.table import Table
 
 from producer.sources import InputError, iter_refs
+from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
 from schema.db import connect
 from schema.settings import Settings, get_settings
 from schema.storage import make_s3_client
 from schema.uris import ImageRef, is_http, is_s3
-from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
 from workers.engine import CaptionedImage, OfaEngine
 from workers.fetch import Fetcher
 from workers.persist import Outcome, ResultWriter
@@ -60,8 +60,12 @@ def run_caption(args: argparse.Namespace) -> int:
     s3 = make_s3_client(settings) if any(is_s3(i) for i in args.inputs) else None
     refs = list(iter_refs(args.inputs, s3))
     engine = OfaEngine.load(
-        config, device=args.device, dtype=args.dtype, generator=args.generator,
-        batch_size=args.batch_size, decode_threads=settings.decode_threads,
+        config,
+        device=args.device,
+        dtype=args.dtype,
+        generator=args.generator,
+        batch_size=args.batch_size,
+        decode_threads=settings.decode_threads,
         limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
     )
     try:
@@ -89,22 +93,41 @@ def caption_with_progress(
     s3 = make_s3_client(settings) if any(r.bucket for r in refs) else None
     fetcher = Fetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
     writer = ResultWriter(db, engine.config)
-    columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("captioning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=args.no_progress) as progress:
         task = progress.add_task("captioning", total=len(refs))
-        return caption_refs(refs, fetcher, engine, writer, chunk_size=args.batch_size * 4,
-                            on_chunk=lambda chunk: progress.advance(task, len(chunk)))
+        return caption_refs(
+            refs,
+            fetcher,
+            engine,
+            writer,
+            chunk_size=args.batch_size * 4,
+            on_chunk=lambda chunk: progress.advance(task, len(chunk)),
+        )
 
 
 def outcome_dict(o: Outcome) -> dict[str, Any]:
     """One outcome as a JSON-able dict."""
     if isinstance(o.result, CaptionedImage):
         cap = o.result.caption
-        return {"uri": o.ref.uri, "caption": cap.text, "score": round(cap.score, 4),
-                "alternatives": [{"text": a.text, "score": round(a.score, 4)}
-                                 for a in cap.alternatives]}
+        return {
+            "uri": o.ref.uri,
+            "caption": cap.text,
+            "score": round(cap.score, 4),
+            "alternatives": [
+                {"text": a.text, "score": round(a.score, 4)} for a in cap.alternatives
+            ],
+        }
     return {"uri": o.ref.uri, "error": o.result.code.value, "message": o.result.message}
 
 
@@ -125,5 +148,9 @@ def print_results(outcomes: list[Outcome], as_json: bool) -> None:
     console = Console()
     console.print(table)
     failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))
-    more = f" ({len(outcomes) - TABLE_ROWS} more rows in the database)" if len(outcomes) > TABLE_ROWS else ""
+    more = (
+        f" ({len(outcomes) - TABLE_ROWS} more rows in the database)"
+        if len(outcomes) > TABLE_ROWS
+        else ""
+    )
     console.print(f"{len(outcomes) - failed} captioned, {failed} failed{more}")

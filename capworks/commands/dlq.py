@@ -60,7 +60,9 @@ def list_rows(rows: list[Any], as_json: bool, total: int) -> int:
     table = Table("uri", "code", "attempts", "last seen", "message", title="dead letters")
     for r in rows:
         d = as_dict(r)
-        table.add_row(d["uri"], d["code"], str(d["attempts"]), d["last_seen"][:19], d["message"][:60])
+        table.add_row(
+            d["uri"], d["code"], str(d["attempts"]), d["last_seen"][:19], d["message"][:60]
+        )
     Console().print(table)
     print(f"{total} dead letters" + (f" (showing {len(rows)})" if total > len(rows) else ""))
     return 0
@@ -69,9 +71,17 @@ def list_rows(rows: list[Any], as_json: bool, total: int) -> int:
 def as_dict(row: Any) -> dict[str, Any]:
     """One dead letter as JSON-able values."""
     f, i = row.Failure, row.Image
-    return {"uri": i.uri, "code": f.code, "message": f.message, "attempts": f.attempts,
-            "first_seen": f.first_seen.isoformat(), "last_seen": f.last_seen.isoformat(),
-            "job_id": f.job_id, "replays": f.replays, "traceback": f.traceback}
+    return {
+        "uri": i.uri,
+        "code": f.code,
+        "message": f.message,
+        "attempts": f.attempts,
+        "first_seen": f.first_seen.isoformat(),
+        "last_seen": f.last_seen.isoformat(),
+        "job_id": f.job_id,
+        "replays": f.replays,
+        "traceback": f.traceback,
+    }
 
 
 def show(db: Any, uri: str) -> int:
@@ -93,13 +103,24 @@ def replay(db: Any, rows: list[Any], rate_per_s: float) -> int:
     size = max(1, min(settings.job_images, int(rate_per_s)))
     for n in range(0, len(rows), size):
         chunk = rows[n : n + size]
-        refs = [ImageRef(uri=r.Image.uri, bucket=r.Image.bucket, key=r.Image.key,
-                         version_id=r.Image.version_id, etag=r.Image.etag) for r in chunk]
+        refs = [
+            ImageRef(
+                uri=r.Image.uri,
+                bucket=r.Image.bucket,
+                key=r.Image.key,
+                version_id=r.Image.version_id,
+                etag=r.Image.etag,
+            )
+            for r in chunk
+        ]
         # Pace by images: the n-th image leaves no sooner than n / rate seconds after the start.
         time.sleep(max(0.0, started + n / rate_per_s - time.monotonic()))
         publisher.publish(Job.new(refs))
         with db.begin() as conn:
-            conn.execute(update(Failure).where(Failure.id.in_([r.Failure.id for r in chunk]))
-                         .values(replays=Failure.replays + 1, last_replayed=utcnow()))
+            conn.execute(
+                update(Failure)
+                .where(Failure.id.in_([r.Failure.id for r in chunk]))
+                .values(replays=Failure.replays + 1, last_replayed=utcnow())
+            )
     print(f"replayed {len(rows)} dead letters at up to {rate_per_s:g}/s")
     return 0

@@ -35,8 +35,9 @@ def parse_gpus(spec: str) -> list[str | None]:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
         except (OSError, subprocess.CalledProcessError):
             raise ValueError("--gpus all: nvidia-smi found no GPU; use --gpus cpu") from None
-        gpus: list[str | None] = [str(i) for i, line in enumerate(out.stdout.splitlines())
-                                  if line.startswith("GPU ")]
+        gpus: list[str | None] = [
+            str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")
+        ]
         if not gpus:
             raise ValueError("--gpus all: no GPU listed by nvidia-smi; use --gpus cpu")
         return gpus
@@ -53,10 +54,27 @@ def start_child(gpu: str | None, concurrency: int, loglevel: str) -> Child:
     env["CUDA_VISIBLE_DEVICES"] = gpu or ""
     env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
     name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
-    cmd = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "--pool", "threads",
-           "--concurrency", str(concurrency), "--hostname", name, "--queues",
-           settings.queue_name, "--loglevel", loglevel, "--task-events", "--without-gossip",
-           "--without-mingle"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.tasks",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        name,
+        "--queues",
+        settings.queue_name,
+        "--loglevel",
+        loglevel,
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     log.info("starting %s", " ".join(cmd))
     return Child(gpu, subprocess.Popen(cmd, env=env))
 

@@ -44,11 +44,20 @@ def upgrade() -> None:
         sa.Column("score", sa.Float(), nullable=False),
         sa.Column("alternatives", sa.JSON(), nullable=False),
         sa.Column("created", TZ, nullable=False),
-        sa.ForeignKeyConstraint(["image_id"], ["images.id"], ondelete="CASCADE",
-                                name=op.f("fk_captions_image_id_images")),
+        sa.ForeignKeyConstraint(
+            ["image_id"],
+            ["images.id"],
+            ondelete="CASCADE",
+            name=op.f("fk_captions_image_id_images"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_captions")),
-        sa.UniqueConstraint("image_id", "model_id", "revision", "settings_hash",
-                            name=op.f("uq_captions_image_id_model_id_revision_settings_hash")),
+        sa.UniqueConstraint(
+            "image_id",
+            "model_id",
+            "revision",
+            "settings_hash",
+            name=op.f("uq_captions_image_id_model_id_revision_settings_hash"),
+        ),
     )
     op.create_index(op.f("ix_captions_image_id"), "captions", ["image_id"])
     op.create_table(
@@ -58,10 +67,15 @@ def upgrade() -> None:
         sa.Column("caption_id", sa.Integer(), nullable=False),
         sa.Column("tag", sa.String(128), nullable=False),
         sa.Column("score", sa.Float(), nullable=False),
-        sa.ForeignKeyConstraint(["caption_id"], ["captions.id"], ondelete="CASCADE",
-                                name=op.f("fk_tags_caption_id_captions")),
-        sa.ForeignKeyConstraint(["image_id"], ["images.id"], ondelete="CASCADE",
-                                name=op.f("fk_tags_image_id_images")),
+        sa.ForeignKeyConstraint(
+            ["caption_id"],
+            ["captions.id"],
+            ondelete="CASCADE",
+            name=op.f("fk_tags_caption_id_captions"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["image_id"], ["images.id"], ondelete="CASCADE", name=op.f("fk_tags_image_id_images")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tags")),
         sa.UniqueConstraint("caption_id", "tag", name=op.f("uq_tags_caption_id_tag")),
     )
@@ -76,8 +90,12 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("first_seen", TZ, nullable=False),
         sa.Column("last_seen", TZ, nullable=False),
-        sa.ForeignKeyConstraint(["image_id"], ["images.id"], ondelete="CASCADE",
-                                name=op.f("fk_failures_image_id_images")),
+        sa.ForeignKeyConstraint(
+            ["image_id"],
+            ["images.id"],
+            ondelete="CASCADE",
+            name=op.f("fk_failures_image_id_images"),
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_failures")),
         sa.UniqueConstraint("image_id", name=op.f("uq_failures_image_id")),
     )
