@@ -67,6 +67,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtypes", default="float32")
     p.add_argument("--profile", action="store_true", help="per-stage split of the fast generator")
+    p.add_argument("--autocast", default=None, choices=("float16", "bfloat16"),
+                   help="run the fast generator under CUDA autocast to this dtype")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -148,12 +150,12 @@ def preprocess(engine: OfaEngine, blobs: list[bytes]) -> list[np.ndarray]:
 def print_table(runs: list[Run], compare: bool) -> None:
     """The results, one row per configuration, then fast/reference ratios."""
     cuda = any(r.peak_mib is not None for r in runs)
-    head = f"{'generator':<10} {'dtype':<9} {'batch':>5} {'images/s':>9} {'seconds':>8}"
+    head = f"{'generator':<14} {'dtype':<9} {'batch':>5} {'images/s':>9} {'seconds':>8}"
     print()
     print(head + (f" {'peak MiB':>9}" if cuda else ""))
     print("-" * (len(head) + (10 if cuda else 0)))
     for r in runs:
-        line = (f"{r.generator:<10} {r.dtype:<9} {r.batch:>5} {r.images_per_s:>9.2f} "
+        line = (f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {r.images_per_s:>9.2f} "
                 f"{r.seconds:>8.2f}")
         if cuda:
             line += f" {r.peak_mib:>9.0f}" if r.peak_mib is not None else f" {'-':>9}"
@@ -161,11 +163,11 @@ def print_table(runs: list[Run], compare: bool) -> None:
     if not compare:
         return
     print()
-    print(f"{'dtype':<9} {'batch':>5} {'fast/ref':>9}  same tokens as reference")
+    print(f"{'generator':<14} {'dtype':<9} {'batch':>5} {'fast/ref':>9}  same tokens as reference")
     by_key = {(r.generator, r.dtype, r.batch): r for r in runs}
     for r in runs:
         ref = by_key.get(("reference", r.dtype, r.batch))
-        if r.generator != "fast" or ref is None:
+        if not r.generator.startswith("fast") or ref is None:
             continue
         same = sum(
             [h.tokens for h in a] == [h.tokens for h in b]
@@ -176,7 +178,8 @@ def print_table(runs: list[Run], compare: bool) -> None:
              for ha, hb in zip(a, b, strict=False)),
             default=0.0,
         )
-        print(f"{r.dtype:<9} {r.batch:>5} {r.images_per_s / ref.images_per_s:>8.2f}x  "
+        ratio = r.images_per_s / ref.images_per_s
+        print(f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {ratio:>8.2f}x  "
               f"{same}/{len(r.outputs)} images, max score difference {worst:.1e}")
 
 
@@ -187,7 +190,7 @@ def print_profile(runs: list[Run]) -> None:
             continue
         total = sum(r.stages.values()) or 1.0
         parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in r.stages.items())
-        print(f"profile fast {r.dtype} batch {r.batch}: {parts}")
+        print(f"profile {r.generator} {r.dtype} batch {r.batch}: {parts}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,11 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in generators:
                 engine.generator = make_generator(name, engine.model, engine.tokenizer,
                                                   config.generation)
+                label = name
+                if name == "fast" and args.autocast:
+                    engine.generator = FastGenerator(
+                        engine.model, engine.tokenizer, config.generation,
+                        autocast_dtype=getattr(torch, args.autocast))
+                    label = f"fast+{args.autocast}"
                 for batch in batch_sizes:
-                    run = measure(engine, pixels, batch, name, dtype)
+                    run = measure(engine, pixels, batch, label, dtype)
                     if args.profile and name == "fast":
                         run.stages = profile_stages(engine, pixels, batch)
-                    print(f"  {name} {dtype} batch {batch}: {run.images_per_s:.2f} images/s")
+                    print(f"  {label} {dtype} batch {batch}: {run.images_per_s:.2f} images/s")
                     runs.append(run)
         finally:
             engine.close()

@@ -125,6 +125,10 @@ def download_from_hub(model_id: str, revision: str | None) -> Path:
     """Download (or find in ModelScope's cache) a hub checkpoint; one clear error if impossible."""
     from modelscope.hub.snapshot_download import snapshot_download  # slow import, only when needed
 
+    # The hub client sets its own logger to INFO on import and logs every retry; keep its
+    # retries out of a failing command's one-line error unless we run verbose.
+    quiet = logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR
+    logging.getLogger("modelscope_hub").setLevel(quiet)
     try:
         return Path(snapshot_download(model_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types

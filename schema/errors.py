@@ -30,6 +30,7 @@ class Code(enum.Enum):
     MALFORMED_MESSAGE = "malformed_message"
     POISON = "poison"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    INTERNAL_ERROR = "internal_error"
 
 
 TRANSIENT_CODES = frozenset(

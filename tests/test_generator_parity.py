@@ -4,7 +4,6 @@ n-gram blocker bans exactly what the reference blocker bans."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ SCORE_TOLERANCE = 1e-4
 SMALL_PX = 64  # OFA takes any multiple of 16; the reference is slow at 480 px on a CPU
 EOS = 2
 # Random weights almost never choose EOS before max_len, so sentences would all finish at the
-# last step. Scaling EOS's (tied) embedding row makes hypotheses end at many different steps,
-# which exercises finalising, dropping finished sentences and reordering the caches.
+# last step. Scaling EOS's row of the output projection makes hypotheses end at many different
+# steps, which exercises finalising, dropping finished sentences and reordering the caches.
 EOS_BOOST = 6.0
 
 SETTINGS = {
@@ -66,9 +65,11 @@ def tiny(tiny_dir: Path) -> Loaded:
 
 @pytest.fixture(scope="module")
 def tiny_eos(tiny: Loaded) -> Loaded:
-    model = copy.deepcopy(tiny.model)
+    # A fresh load, not a deep copy: the copy would untie the output projection from the
+    # embeddings, and it is the output projection's EOS row that must change.
+    model = load_model(tiny.config, torch.device("cpu"), torch.float32)
     with torch.no_grad():
-        model.decoder.embed_tokens.weight[EOS] *= EOS_BOOST
+        model.decoder.output_projection.weight[EOS] *= EOS_BOOST
     return Loaded(tiny.config, model, tiny.tokenizer, tiny.prompt)
 
 
@@ -120,7 +121,7 @@ def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random_at_48
     tiny: Loaded,
 ) -> None:
     rng = np.random.default_rng(480)
-    pixels = [rng.standard_normal((3, 480, 480), dtype=np.float32) * s for s in (0.5, 2.0)]
+    pixels = [rng.standard_normal((3, 480, 480), dtype=np.float32)]
     engines = [
         OfaEngine(tiny.config, tiny.model, tiny.tokenizer,
                   make_generator(name, tiny.model, tiny.tokenizer, tiny.config.generation),
@@ -136,8 +137,11 @@ def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random_at_48
     assert_same_hypotheses(fast, ref)
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
-@pytest.mark.parametrize("batch", [1, 8])
+# Without the EOS boost every hypothesis runs to max_len, which is slow for the reference:
+# all settings at batch 1, the defaults at batch 8.
+@pytest.mark.parametrize(
+    ("name", "batch"), [(name, 1) for name in SETTINGS] + [("defaults", 8)]
+)
 def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random(
     tiny: Loaded, name: str, batch: int
 ) -> None:

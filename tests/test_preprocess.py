@@ -140,6 +140,13 @@ def test_image_over_the_byte_limit_fails_before_decoding() -> None:
     assert info.value.code is Code.TOO_LARGE_BYTES
 
 
+def test_jpeg_with_a_broken_header_is_undecodable() -> None:
+    data = b"\xff\xd8\xff\xe0 this is no jpeg at all" * 10
+    with pytest.raises(ImageError) as info:
+        decode_image(data, ImageLimits())
+    assert info.value.code is Code.UNDECODABLE
+
+
 def test_unsupported_format_is_named() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PPM")

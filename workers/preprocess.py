@@ -9,6 +9,7 @@ images at once in a thread pool (Pillow releases the GIL while decoding and resi
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schema.errors import Code, ImageError
 
+log = logging.getLogger(__name__)
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 
 
@@ -65,6 +67,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageError(Code.UNDECODABLE, "not a recognisable image") from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(Code.TOO_LARGE_PIXELS, str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # a header Pillow recognised but cannot read
+        raise ImageError(Code.UNDECODABLE, f"bad header: {exc}") from exc
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(Code.UNSUPPORTED_FORMAT, f"format {img.format} is not supported")
     width, height = img.size
@@ -78,11 +82,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         img = ImageOps.exif_transpose(img)
         rgb = img.convert("RGB")
     except OSError as exc:
-        code = Code.TRUNCATED if "truncated" in str(exc) else Code.UNDECODABLE
-        raise ImageError(code, str(exc)) from exc
+        raise ImageError(_read_error_code(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageError(Code.UNDECODABLE, str(exc)) from exc
     return DecodedImage(rgb, rgb.width, rgb.height)
+
+
+def _read_error_code(exc: Exception) -> Code:
+    return Code.TRUNCATED if "truncated" in str(exc).lower() else Code.UNDECODABLE
 
 
 def to_pixels(image: Image.Image, norm: Normalization) -> np.ndarray:
@@ -121,5 +128,10 @@ def preprocess_many(
             return prepare_image(data, limits, norm)
         except ImageError as exc:
             return exc
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one image, not its batch
+            log.warning("decoder failed unexpectedly: %r", exc)
+            error = ImageError(Code.UNDECODABLE, f"decoder error {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            return error
 
     return list(pool.map(one, blobs))

@@ -11,7 +11,6 @@ import traceback
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import OperationalError
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
@@ -29,7 +28,7 @@ app = make_celery(settings)
 
 
 @app.task(name=CAPTION_TASK, bind=True, max_retries=None)
-def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
+def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:  # type: ignore[type-arg]
     """Caption one job message; see the module docstring for the policy."""
     rt = get_runtime(settings)
     job_key = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
@@ -47,11 +46,8 @@ def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
         return isolate_poison(rt, job, deliveries)
     try:
         result = run_job(job, rt)
-    except OperationalError as exc:
-        # The database went away: the whole job is retried; nothing of it was committed.
-        raise self.retry(
-            exc=exc, countdown=compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
+        return retry_whole_job(rt, job, exc, attempt)
     if result.transient:
         retry_transient(rt, job, result.transient, attempt)
     rt.mark_done(job.job_id)
@@ -60,6 +56,24 @@ def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
         "dead_lettered": result.dead_lettered,
         "retrying": len(result.transient),
     }
+
+
+def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict[str, int]:
+    """A job that failed as a whole (database outage, a bug) is sent again after a backoff;
+    at the attempt cap its images are dead-lettered with the traceback."""
+    trace = "".join(traceback.format_exception(exc))
+    if attempt >= settings.max_attempts:
+        log.error("job %s failed %d times; dead-lettering its images: %r", job.job_id, attempt, exc)
+        error = CapworksError(Code.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+        rt.writer.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id, trace=trace)
+        rt.mark_done(job.job_id)
+        return {"dead_lettered": len(job.images)}
+    delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
+    log.warning("job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, delay_s)
+    again = Job.new(job.images, job.crawl_id, job_id=f"{job.job_id}.a{attempt}")
+    caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=delay_s)
+    rt.mark_done(job.job_id)
+    return {"retrying": len(job.images)}
 
 
 def retry_transient(

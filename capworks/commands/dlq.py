@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Select, delete, select, update
+from sqlalchemy.orm import Session
 
 from producer.enqueue import make_publisher
 from producer.sources import InputError
@@ -27,8 +28,8 @@ def run_dlq(args: argparse.Namespace) -> int:
     if args.action == "show":
         return show(db, args.uri)
     query = filtered(select(Failure, Image).join(Image), args)
-    with db.connect() as conn:
-        rows = conn.execute(query.order_by(Failure.last_seen)).all()
+    with Session(db) as session:
+        rows = session.execute(query.order_by(Failure.last_seen)).all()
     if args.action == "list":
         return list_rows(rows[: args.limit], args.json, total=len(rows))
     if args.action == "replay":
@@ -86,8 +87,8 @@ def as_dict(row: Any) -> dict[str, Any]:
 
 def show(db: Any, uri: str) -> int:
     """Print everything about one dead letter."""
-    with db.connect() as conn:
-        row = conn.execute(select(Failure, Image).join(Image).where(Image.uri == uri)).first()
+    with Session(db) as session:
+        row = session.execute(select(Failure, Image).join(Image).where(Image.uri == uri)).first()
     if row is None:
         raise InputError(f"no dead letter for {uri}")
     for key, value in as_dict(row).items():

@@ -119,8 +119,7 @@ class FastGenerator:
         tokens[:, 0] = self.bos
         cum_scores = torch.zeros(bsz * beam, dtype=torch.float32, device=device)
         cands_to_ignore = torch.zeros(bsz, beam, dtype=torch.bool, device=device)
-        cand_size = 2 * beam
-        cand_offsets = torch.arange(cand_size, device=device)
+        cand_offsets = torch.arange(2 * beam, device=device)
         alive = list(range(bsz))  # original index of each sentence still in the batch
         finalized: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in range(bsz)]
         finished = [False] * bsz
@@ -146,42 +145,44 @@ class FastGenerator:
                 )
                 if all(finished) or step >= max_len:
                     break
-                bbsz_offsets = None
+
+                # Drop the sentences that just got their `beam` hypotheses.
+                old_rows: torch.Tensor | None = None  # cache row of each kept sentence's beam 0
                 if newly_finished:
                     done = set(newly_finished)
-                    keep_list = [i for i in range(bsz) if i not in done]
-                    keep = torch.tensor(keep_list, dtype=torch.long, device=device)
+                    kept = [i for i in range(bsz) if i not in done]
+                    keep = torch.tensor(kept, dtype=torch.long, device=device)
                     eos_mask, cand_beams, cand_scores, cand_indices, cands_to_ignore = (
                         t.index_select(0, keep)
                         for t in (eos_mask, cand_beams, cand_scores, cand_indices, cands_to_ignore)
                     )
                     tokens = tokens.view(bsz, -1).index_select(0, keep)
-                    tokens = tokens.view(len(keep_list) * beam, -1)
-                    alive = [alive[i] for i in keep_list]
+                    tokens = tokens.view(len(kept) * beam, -1)
+                    alive = [alive[i] for i in kept]
                     self.decoder.keep_images(state, keep)
-                    # The self-attention cache still has the rows of the previous batch.
-                    bbsz_offsets = keep[:, None] * beam
-                    bsz = len(keep_list)
-                new_offsets = torch.arange(bsz, device=device)[:, None] * beam
-                cand_bbsz_idx = cand_beams + new_offsets
+                    old_rows = keep[:, None] * beam
+                    bsz = len(kept)
 
-                # Continue with the best `beam` candidates that do not end (or were ignored).
+                # Continue with the best `beam` candidates that neither end nor are ignored
+                # (the reference's active_mask: ending candidates sort after all others).
                 eos_mask[:, :beam] |= cands_to_ignore
-                active_mask = eos_mask.long() * cand_size + cand_offsets[: eos_mask.size(1)]
+                active_mask = eos_mask.long() * (2 * beam) + cand_offsets[: eos_mask.size(1)]
                 new_ignore, active_hypos = torch.topk(active_mask, k=beam, dim=1, largest=False)
-                cands_to_ignore = new_ignore.ge(cand_size)[:, :beam]
-                active_bbsz_idx = torch.gather(cand_bbsz_idx, 1, active_hypos).view(-1)
+                cands_to_ignore = new_ignore.ge(2 * beam)[:, :beam]
+                chosen_beams = torch.gather(cand_beams, 1, active_hypos)
+                rows = torch.arange(bsz, device=device)[:, None] * beam
+                active_bbsz_idx = (chosen_beams + rows).view(-1)
                 cum_scores = torch.gather(cand_scores, 1, active_hypos).view(-1)
                 tokens[:, : step + 1] = tokens[:, : step + 1].index_select(0, active_bbsz_idx)
                 tokens.view(bsz, beam, -1)[:, :, step + 1] = torch.gather(
                     cand_indices, 1, active_hypos
                 )
-                cache_order = active_bbsz_idx
-                if bbsz_offsets is not None:
-                    chosen_beams = torch.gather(cand_beams, 1, active_hypos)
-                    cache_order = (chosen_beams + bbsz_offsets).view(-1)
-                self.decoder.reorder(state, cache_order)
+                # The self-attention cache still has a row per hypothesis of the batch before
+                # dropping sentences.
+                cache_rows = active_bbsz_idx if old_rows is None else (chosen_beams + old_rows)
+                self.decoder.reorder(state, cache_rows.view(-1))
 
+        log.debug("fast generator: %d images, %d steps", len(finalized), step + 1)
         return [self._sorted(hyps) for hyps in finalized]
 
     def _candidates(
