@@ -221,9 +221,9 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
     pipeline: Pipeline, shapes_engine: object
 ) -> None:
     p = pipeline
-    expected = make_bucket(p.s3_endpoint, "poison", 6, seed=46).expected(shapes_engine)
+    expected = make_bucket(p.s3_endpoint, "crashy", 6, seed=46).expected(shapes_engine)
     s3_client(p.s3_endpoint).put_object(  # type: ignore[attr-defined]
-        Bucket="poison", Key="zz/poison.png", Body=png_bytes(sample_scenes(1, 3)[0][0])
+        Bucket="crashy", Key="zz/kills-worker.png", Body=png_bytes(sample_scenes(1, 3)[0][0])
     )
     p.extra_env.update(
         CAPWORKS_JOB_IMAGES="16",
@@ -231,19 +231,19 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
         CAPWORKS_VISIBILITY_TIMEOUT_S="6",
         CAPWORKS_RESTORE_INTERVAL_S="2",
     )
-    result = p.cli("enqueue", "s3://poison/", "--no-progress")
+    result = p.cli("enqueue", "s3://crashy/", "--no-progress")
     assert result.returncode == 0 and "in 1 jobs" in result.stdout, result.stdout
     deaths = 0
     deadline = time.monotonic() + 400
     worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
     while time.monotonic() < deadline:
-        if "s3://poison/zz/poison.png" in failures(p.db_url) and len(captions(p.db_url)) == 6:
+        if "s3://crashy/zz/kills-worker.png" in failures(p.db_url) and len(captions(p.db_url)) == 6:
             break
         if worker.poll() is not None:  # the supervisor's job: start a fresh worker
             deaths += 1
             worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
         time.sleep(1.0)
-    assert failures(p.db_url) == {"s3://poison/zz/poison.png": "poison"}, p.log_text("poisoned")[
+    assert failures(p.db_url) == {"s3://crashy/zz/kills-worker.png": "poison"}, p.log_text("poisoned")[
         -3000:
     ]
     assert captions(p.db_url) == expected

@@ -1,5 +1,5 @@
-"""A real Celery worker whose fetch step kills the whole process on any image whose URI contains
-"poison" — a stand-in for an image that crashes a worker (a native decoder bug, an OOM kill),
+"""A real Celery worker whose fetch step kills the whole process on any image whose URI ends in
+"kills-worker.png" — a stand-in for an image that crashes a worker (a native decoder bug, an OOM kill),
 which cannot be produced on purpose here. Everything else is the production worker."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ real_fetch_many = workers.job.fetch_many
 
 
 def fake_fetch_many(refs, fetcher, pool):  # type: ignore[no-untyped-def]
-    if any("poison" in ref.uri for ref in refs):
+    if any(ref.uri.endswith("kills-worker.png") for ref in refs):
         os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
     return real_fetch_many(refs, fetcher, pool)
 
