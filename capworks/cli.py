@@ -102,7 +102,12 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
     parser.add_argument(
         "--dtype", default=settings.dtype, choices=["auto", "float32", "float16", "bfloat16"]
     )
-    parser.add_argument("--generator", default="reference", choices=["reference"])
+    parser.add_argument(
+        "--generator",
+        default=settings.generator,
+        choices=["fast", "reference"],
+        help="fast: KV-cached beam search (default); reference: ModelScope's generator",
+    )
 
 
 def positive_int(text: str) -> int:

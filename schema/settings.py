@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    generator: str = "fast"
     batch_size: int = Field(default=8, ge=1)
     cache_dir: Path = Field(default_factory=default_cache_dir)
 

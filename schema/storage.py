@@ -15,6 +15,8 @@ def make_s3_client(settings: Settings) -> Any:
     config = Config(
         s3={"addressing_style": settings.s3_addressing_style},
         retries={"max_attempts": 3, "mode": "standard"},
+        # Workers fetch with 16 threads; a smaller pool discards and reopens connections.
+        max_pool_connections=32,
         connect_timeout=settings.http_timeout_s,
         read_timeout=settings.http_timeout_s,
     )

@@ -20,7 +20,7 @@ import torch
 from schema.checkpoint import CheckpointConfig
 from schema.errors import ImageError
 from workers.generators import Generator, Hypothesis, make_generator
-from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_dtype
+from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
 from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
 
 log = logging.getLogger(__name__)
@@ -89,17 +89,18 @@ class OfaEngine:
         *,
         device: str = "auto",
         dtype: str = "auto",
-        generator: str = "reference",
+        generator: str = "fast",
         batch_size: int = 8,
         limits: ImageLimits = DEFAULT_LIMITS,
         decode_threads: int = 0,
     ) -> OfaEngine:
         """Load model and tokenizer from a resolved checkpoint onto a device."""
         dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
+        weights, autocast = pick_precision(dtype, dev, generator)
         tokenizer = load_tokenizer(config)
-        model = load_model(config, dev, dt)
-        gen = make_generator(generator, model, tokenizer, config.generation)
+        model = load_model(config, dev, weights)
+        gen = make_generator(generator, model, tokenizer, config.generation, autocast)
+        dt = weights
         log.info("loaded %s on %s (%s, generator %s)", config.model_id, dev, dt, gen.name)
         return cls(config, model, tokenizer, gen, dev, dt, batch_size, limits, decode_threads)
 
@@ -115,7 +116,12 @@ class OfaEngine:
         """Run one batch of preprocessed images through the generator."""
         if not pixels:
             return []
-        images = torch.from_numpy(np.stack(pixels)).to(self.device, self.dtype)
+        images = torch.from_numpy(np.stack(pixels))
+        if self.device.type == "cuda":
+            # Page-locked host memory lets the copy run asynchronously to the GPU's queue.
+            images = images.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        else:
+            images = images.to(self.dtype)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=self.device)
         hyps = self.generator.generate(prompt.expand(len(pixels), -1), images)
         if len(hyps) != len(pixels):

@@ -51,20 +51,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is float32 (the reference precision); float16/bfloat16 need CUDA."""
-    table = {
-        "auto": torch.float32,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
-    dtype = table[name]
-    if dtype != torch.float32 and device.type != "cuda":
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def pick_precision(
+    name: str, device: torch.device, generator: str
+) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, autocast dtype) for a dtype option.
+
+    The fast generator keeps fp32 weights and runs under autocast on CUDA (float16 for `auto`);
+    the reference generator runs in the weights' own dtype (float32 for `auto`). Half precision
+    needs CUDA.
+    """
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    wanted = DTYPES[name]
+    if wanted not in (None, torch.float32) and device.type != "cuda":
         raise ValueError(f"dtype {name} needs a CUDA device; this run uses {device}")
-    return dtype
+    if generator == "fast":
+        if device.type != "cuda" or wanted == torch.float32:
+            return torch.float32, None
+        return torch.float32, wanted or torch.float16
+    return wanted or torch.float32, None

@@ -49,6 +49,7 @@ class Runtime:
             config,
             device=settings.device,
             dtype=settings.dtype,
+            generator=settings.generator,
             batch_size=settings.batch_size,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
             decode_threads=settings.decode_threads,

@@ -31,8 +31,14 @@ class Generator(Protocol):
 GENERATORS = ("reference", "fast")
 
 
-def make_generator(name: str, model: Any, tokenizer: Any, settings: GenerationSettings) -> Generator:
-    """Build the generator called `name` for a loaded model."""
+def make_generator(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    settings: GenerationSettings,
+    autocast_dtype: torch.dtype | None = None,
+) -> Generator:
+    """Build the generator called `name` for a loaded model (autocast applies to `fast` only)."""
     if name == "reference":
         from workers.generators.reference import ReferenceGenerator
 
@@ -40,5 +46,5 @@ def make_generator(name: str, model: Any, tokenizer: Any, settings: GenerationSe
     if name == "fast":
         from workers.generators.fast import FastGenerator
 
-        return FastGenerator(model, tokenizer, settings)
+        return FastGenerator(model, tokenizer, settings, autocast_dtype)
     raise ValueError(f"unknown generator {name!r}; use one of {', '.join(GENERATORS)}")
