@@ -56,19 +56,30 @@ class Run:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="tiny-random",
-                   help="offline checkpoint name, local folder or hub id (default tiny-random)")
+    p.add_argument(
+        "--model",
+        default="tiny-random",
+        help="offline checkpoint name, local folder or hub id (default tiny-random)",
+    )
     p.add_argument("--revision", default=None)
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--images", type=int, default=16, help="images measured per configuration")
     p.add_argument("--compare", action="store_true", help="measure reference and fast generators")
-    p.add_argument("--generator", default="reference", choices=("reference", "fast"),
-                   help="the generator measured without --compare")
+    p.add_argument(
+        "--generator",
+        default="reference",
+        choices=("reference", "fast"),
+        help="the generator measured without --compare",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtypes", default="float32")
     p.add_argument("--profile", action="store_true", help="per-stage split of the fast generator")
-    p.add_argument("--autocast", default=None, choices=("float16", "bfloat16"),
-                   help="run the fast generator under CUDA autocast to this dtype")
+    p.add_argument(
+        "--autocast",
+        default=None,
+        choices=("float16", "bfloat16"),
+        help="run the fast generator under CUDA autocast to this dtype",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -94,8 +105,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine: OfaEngine, pixels: list[np.ndarray], batch: int, name: str,
-            dtype: str) -> Run:
+def measure(engine: OfaEngine, pixels: list[np.ndarray], batch: int, name: str, dtype: str) -> Run:
     """Time `engine.predict` over `pixels` in batches of `batch`, after one warm-up batch."""
     engine.predict(pixels[:batch])
     dev = engine.device
@@ -142,8 +152,10 @@ def preprocess(engine: OfaEngine, blobs: list[bytes]) -> list[np.ndarray]:
     pixels = [p.pixels for p in prepared if isinstance(p, PreparedImage)]
     if len(pixels) != len(blobs):
         raise RuntimeError(f"{len(blobs) - len(pixels)} synthetic images failed to preprocess")
-    print(f"preprocess: {len(blobs)} images in {seconds:.3f} s "
-          f"({len(blobs) / seconds:.1f} images/s, {engine.config.patch_image_size} px)")
+    print(
+        f"preprocess: {len(blobs)} images in {seconds:.3f} s "
+        f"({len(blobs) / seconds:.1f} images/s, {engine.config.patch_image_size} px)"
+    )
     return pixels
 
 
@@ -155,8 +167,9 @@ def print_table(runs: list[Run], compare: bool) -> None:
     print(head + (f" {'peak MiB':>9}" if cuda else ""))
     print("-" * (len(head) + (10 if cuda else 0)))
     for r in runs:
-        line = (f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {r.images_per_s:>9.2f} "
-                f"{r.seconds:>8.2f}")
+        line = (
+            f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {r.images_per_s:>9.2f} {r.seconds:>8.2f}"
+        )
         if cuda:
             line += f" {r.peak_mib:>9.0f}" if r.peak_mib is not None else f" {'-':>9}"
         print(line)
@@ -174,13 +187,18 @@ def print_table(runs: list[Run], compare: bool) -> None:
             for a, b in zip(r.outputs, ref.outputs, strict=True)
         )
         worst = max(
-            (abs(ha.score - hb.score) for a, b in zip(r.outputs, ref.outputs, strict=True)
-             for ha, hb in zip(a, b, strict=False)),
+            (
+                abs(ha.score - hb.score)
+                for a, b in zip(r.outputs, ref.outputs, strict=True)
+                for ha, hb in zip(a, b, strict=False)
+            ),
             default=0.0,
         )
         ratio = r.images_per_s / ref.images_per_s
-        print(f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {ratio:>8.2f}x  "
-              f"{same}/{len(r.outputs)} images, max score difference {worst:.1e}")
+        print(
+            f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {ratio:>8.2f}x  "
+            f"{same}/{len(r.outputs)} images, max score difference {worst:.1e}"
+        )
 
 
 def print_profile(runs: list[Run]) -> None:
@@ -205,15 +223,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         generators.append("fast")
     config = config_for(args.model, args.revision)
     blobs = synthetic_images(args.images, args.seed)
-    print(f"model {config.model_id}, {args.images} images, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"model {config.model_id}, {args.images} images, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
 
     runs: list[Run] = []
     pixels: list[np.ndarray] | None = None
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         try:
-            engine = OfaEngine.load(config, device=args.device, dtype=dtype,
-                                    generator=generators[0], batch_size=max(batch_sizes))
+            engine = OfaEngine.load(
+                config,
+                device=args.device,
+                dtype=dtype,
+                generator=generators[0],
+                batch_size=max(batch_sizes),
+            )
         except ValueError as exc:
             print(f"skipping {dtype}: {exc}")
             continue
@@ -222,13 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"device {engine.device}")
                 pixels = preprocess(engine, blobs)
             for name in generators:
-                engine.generator = make_generator(name, engine.model, engine.tokenizer,
-                                                  config.generation)
+                engine.generator = make_generator(
+                    name, engine.model, engine.tokenizer, config.generation
+                )
                 label = name
                 if name == "fast" and args.autocast:
                     engine.generator = FastGenerator(
-                        engine.model, engine.tokenizer, config.generation,
-                        autocast_dtype=getattr(torch, args.autocast))
+                        engine.model,
+                        engine.tokenizer,
+                        config.generation,
+                        autocast_dtype=getattr(torch, args.autocast),
+                    )
                     label = f"fast+{args.autocast}"
                 for batch in batch_sizes:
                     run = measure(engine, pixels, batch, label, dtype)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,6 +24,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.commands.worker import celery_worker_argv
 from producer.enqueue import enqueue, make_publisher
 from producer.sources import iter_local
 from schema.checkpoint import resolve_checkpoint
@@ -66,29 +66,8 @@ def worker_rate(model: str, folder: Path, count: int, db_url: str, batch: int) -
     }
     settings = Settings(broker_url=REDIS_URL, queue_name=queue, job_images=16)
     log = open(folder / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.tasks",
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            "4",
-            "--queues",
-            queue,
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    argv = celery_worker_argv(queue, 4, f"bench-{queue}@%h")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     db = create_engine(db_url)
     try:
         # Warm the worker: one image, so the model is loaded before the clock starts.

@@ -196,7 +196,7 @@ def configure_logging(verbosity: int) -> None:
     try:
         import transformers
 
-        transformers.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     except ImportError:
         pass
 

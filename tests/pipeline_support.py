@@ -19,7 +19,8 @@ from conftest import REPO, png_bytes, s3_client
 from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.tables import Caption, Failure, Image
+from capworks.commands.worker import celery_worker_argv
+from schema.tables import Caption, Failure, Image, Tag
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -72,24 +73,10 @@ class Pipeline:
     ) -> subprocess.Popen[bytes]:
         """A Celery worker process, run directly (the supervisor is not part of these tests)."""
         log = (self.tmp / f"{name}.log").open("ab")
-        if wrapper is None:
-            cmd = [sys.executable, "-m", "celery", "-A", "workers.tasks", "worker"]
-        else:
-            cmd = [sys.executable, str(wrapper), "worker"]
-        cmd += [
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}-{uuid.uuid4().hex[:6]}@%h",
-            "--queues",
-            self.queue,
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        hostname = f"{name}-{uuid.uuid4().hex[:6]}@%h"
+        cmd = celery_worker_argv(self.queue, concurrency, hostname)
+        if wrapper is not None:  # the same worker, started through a test wrapper script
+            cmd[1:6] = [str(wrapper), "worker"]
         env = {**self.env, "CUDA_VISIBLE_DEVICES": "", "CAPWORKS_DEVICE": "cpu"}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.workers.append(proc)
@@ -166,7 +153,7 @@ def count_rows(db_url: str) -> dict[str, int]:
     with engine.connect() as conn:
         out = {
             t.__tablename__: int(conn.scalar(select(func.count()).select_from(t)) or 0)
-            for t in (Image, Caption, Failure)
+            for t in (Image, Caption, Tag, Failure)
         }
     engine.dispose()
     return out

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from conftest import png_bytes, run_cli, s3_client
-from sqlalchemy import create_engine, func, select
+from pipeline_support import captions, count_rows
+from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.tables import Caption, Failure, Image, Tag
+from schema.tables import Image
 
 SEED = 23
 
@@ -36,25 +37,6 @@ def write_folder(folder: Path, count: int, engine: Any) -> dict[str, str]:
     return dict(zip(paths, got, strict=True))
 
 
-def row_counts(url: str) -> dict[str, int]:
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        out = {
-            t.__tablename__: conn.scalar(select(func.count()).select_from(t))
-            for t in (Image, Caption, Tag, Failure)
-        }
-    engine.dispose()
-    return out  # type: ignore[return-value]
-
-
-def captions_by_uri(url: str) -> dict[str, str]:
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        out = dict(conn.execute(select(Image.uri, Caption.text).join(Caption)).all())
-    engine.dispose()
-    return out
-
-
 @pytest.fixture(scope="module")
 def folder(
     tmp_path_factory: pytest.TempPathFactory, shapes_engine: Any
@@ -74,12 +56,12 @@ def test_caption_folder_into_sqlite_twice_adds_no_rows(
     assert first.returncode == 0, first.stderr
     assert "captioning" in first.stderr and "img/s" in first.stderr  # the progress bar
     assert "11 captioned" not in first.stdout and "12 captioned, 1 failed" in first.stdout
-    assert captions_by_uri(url) == expected
-    counts = row_counts(url)
+    assert captions(url) == expected
+    counts = count_rows(url)
     assert counts["images"] == 13 and counts["captions"] == 12 and counts["failures"] == 1
     again = run_cli("caption", str(root), "--model", "shapes", "--db", url)
     assert again.returncode == 0, again.stderr
-    assert row_counts(url) == counts
+    assert count_rows(url) == counts
 
 
 def test_caption_folder_into_postgresql_as_json(
@@ -92,10 +74,10 @@ def test_caption_folder_into_postgresql_as_json(
     assert {d["uri"]: d["caption"] for d in lines if "caption" in d} == expected
     assert [d["error"] for d in lines if "error" in d] == ["undecodable"]
     assert all(len(d["alternatives"]) == 4 for d in lines if "caption" in d)
-    assert captions_by_uri(pg_url) == expected
-    counts = row_counts(pg_url)
+    assert captions(pg_url) == expected
+    counts = count_rows(pg_url)
     run_cli("caption", str(root), "--model", "shapes", "--db", pg_url, "--json")
-    assert row_counts(pg_url) == counts
+    assert count_rows(pg_url) == counts
 
 
 def test_caption_s3_prefix_on_seaweedfs(
@@ -120,15 +102,15 @@ def test_caption_s3_prefix_on_seaweedfs(
     }
     result = run_cli("caption", "s3://photos/2024/", "--model", "shapes", "--db", url, env=env)
     assert result.returncode == 0, result.stderr
-    assert captions_by_uri(url) == expected
+    assert captions(url) == expected
     engine = create_engine(url)
     with engine.connect() as conn:
         etags = set(conn.scalars(select(Image.etag)))
         buckets = set(conn.scalars(select(Image.bucket)))
     assert buckets == {"photos"} and None not in etags and len(etags) == 4
-    counts = row_counts(url)
+    counts = count_rows(url)
     run_cli("caption", "s3://photos/2024/", "--model", "shapes", "--db", url, env=env)
-    assert row_counts(url) == counts
+    assert count_rows(url) == counts
 
 
 @pytest.mark.parametrize(

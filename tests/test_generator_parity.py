@@ -33,14 +33,18 @@ EOS_BOOST = 6.0
 SETTINGS = {
     "defaults": GenerationSettings(),
     "short-beams-bigram": GenerationSettings(
-        beam_size=3, min_len=4, len_penalty=0.6, temperature=0.8, unk_penalty=-1.0,
-        no_repeat_ngram_size=2),
+        beam_size=3,
+        min_len=4,
+        len_penalty=0.6,
+        temperature=0.8,
+        unk_penalty=-1.0,
+        no_repeat_ngram_size=2,
+    ),
     "unnormalised-no-blocking": GenerationSettings(
-        beam_size=4, no_repeat_ngram_size=0, normalize_scores=False, max_len_b=10,
-        len_penalty=2.0),
+        beam_size=4, no_repeat_ngram_size=0, normalize_scores=False, max_len_b=10, len_penalty=2.0
+    ),
     "unigram-blocking": GenerationSettings(beam_size=2, no_repeat_ngram_size=1, max_len_b=6),
-    "source-length-4gram": GenerationSettings(
-        no_repeat_ngram_size=4, max_len_a=0.5, max_len_b=6),
+    "source-length-4gram": GenerationSettings(no_repeat_ngram_size=4, max_len_a=0.5, max_len_b=6),
     "greedy": GenerationSettings(beam_size=1, max_len_b=8),
 }
 
@@ -109,7 +113,8 @@ def assert_same_hypotheses(got: list[list[Hypothesis]], want: list[list[Hypothes
         assert [h.tokens for h in g] == [h.tokens for h in w], f"image {image}"
         for rank, (hg, hw) in enumerate(zip(g, w, strict=True)):
             assert math.isclose(hg.score, hw.score, rel_tol=0, abs_tol=SCORE_TOLERANCE), (
-                f"image {image} hypothesis {rank}: {hg.score} != {hw.score}")
+                f"image {image} hypothesis {rank}: {hg.score} != {hw.score}"
+            )
 
 
 def test_make_generator_builds_the_fast_generator(tiny: Loaded) -> None:
@@ -123,9 +128,14 @@ def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random_at_48
     rng = np.random.default_rng(480)
     pixels = [rng.standard_normal((3, 480, 480), dtype=np.float32)]
     engines = [
-        OfaEngine(tiny.config, tiny.model, tiny.tokenizer,
-                  make_generator(name, tiny.model, tiny.tokenizer, tiny.config.generation),
-                  torch.device("cpu"), torch.float32)
+        OfaEngine(
+            tiny.config,
+            tiny.model,
+            tiny.tokenizer,
+            make_generator(name, tiny.model, tiny.tokenizer, tiny.config.generation),
+            torch.device("cpu"),
+            torch.float32,
+        )
         for name in ("fast", "reference")
     ]
     try:
@@ -139,9 +149,7 @@ def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random_at_48
 
 # Without the EOS boost every hypothesis runs to max_len, which is slow for the reference:
 # all settings at batch 1, the defaults at batch 8.
-@pytest.mark.parametrize(
-    ("name", "batch"), [(name, 1) for name in SETTINGS] + [("defaults", 8)]
-)
+@pytest.mark.parametrize(("name", "batch"), [(name, 1) for name in SETTINGS] + [("defaults", 8)])
 def test_fast_generator_matches_reference_tokens_and_scores_on_tiny_random(
     tiny: Loaded, name: str, batch: int
 ) -> None:
@@ -196,7 +204,8 @@ def test_fast_generator_matches_reference_on_the_shapes_checkpoint(
 
     norm = Normalization(shapes.config.patch_image_size, *shapes.config.mean_std)
     images = torch.from_numpy(
-        np.stack([to_pixels(img, norm) for img, _ in sample_scenes(batch, 100 + batch)]))
+        np.stack([to_pixels(img, norm) for img, _ in sample_scenes(batch, 100 + batch)])
+    )
     fast, ref = run_both(shapes, shapes.config.generation, images)
     assert_same_hypotheses(fast, ref)
 

@@ -75,7 +75,8 @@ def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(
     )
     assert captions(p.db_url) == expected
     assert_mostly_true(captions(p.db_url), bucket.truth)
-    assert count_rows(p.db_url) == {"images": 500, "captions": 500, "failures": 0}
+    rows = count_rows(p.db_url)
+    assert (rows["images"], rows["captions"], rows["failures"]) == (500, 500, 0)
     # Re-running the finished crawl enqueues nothing: every object is already captioned.
     again = p.cli("enqueue", "s3://library/", "--no-progress")
     assert again.returncode == 0 and "enqueued 0" in again.stdout, again.stdout
@@ -243,9 +244,9 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
             deaths += 1
             worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
         time.sleep(1.0)
-    assert failures(p.db_url) == {"s3://crashy/zz/kills-worker.png": "poison"}, p.log_text("poisoned")[
-        -3000:
-    ]
+    assert failures(p.db_url) == {"s3://crashy/zz/kills-worker.png": "poison"}, p.log_text(
+        "poisoned"
+    )[-3000:]
     assert captions(p.db_url) == expected
     assert deaths == 4  # twice as a 7-image job, twice alone
     assert "splitting its 7 images" in p.log_text("poisoned")

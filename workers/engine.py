@@ -19,6 +19,7 @@ import torch
 
 from schema.checkpoint import CheckpointConfig
 from schema.errors import ImageError
+from schema.settings import Settings
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
 from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
@@ -103,6 +104,19 @@ class OfaEngine:
         dt = weights
         log.info("loaded %s on %s (%s, generator %s)", config.model_id, dev, dt, gen.name)
         return cls(config, model, tokenizer, gen, dev, dt, batch_size, limits, decode_threads)
+
+    @classmethod
+    def from_settings(cls, config: CheckpointConfig, settings: Settings) -> OfaEngine:
+        """Load with the device, precision, generator, batch and limits that settings give."""
+        return cls.load(
+            config,
+            device=settings.device,
+            dtype=settings.dtype,
+            generator=settings.generator,
+            batch_size=settings.batch_size,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
+            decode_threads=settings.decode_threads,
+        )
 
     def close(self) -> None:
         """Stop the preprocessing threads."""

@@ -53,7 +53,7 @@ class ResultWriter:
                 "use PostgreSQL or SQLite",
             )
         self._engine = engine
-        self._insert = _INSERTS[engine.dialect.name]
+        self._insert: Any = _INSERTS[engine.dialect.name]
         self._model_id = config.model_id
         self._revision = config.revision
         self._settings = config.generation.to_dict()
@@ -112,7 +112,7 @@ class ResultWriter:
             update[c] = _coalesce(stmt.excluded[c], Image.__table__.c[c])
         conn.execute(
             stmt.on_conflict_do_update(index_elements=["uri"], set_=update),
-            sorted(rows.values(), key=lambda r: r["uri"]),
+            sorted(rows.values(), key=lambda r: str(r["uri"])),
         )
         found = conn.execute(select(Image.uri, Image.id).where(Image.uri.in_(list(rows))))
         return {uri: image_id for uri, image_id in found}
@@ -123,7 +123,7 @@ class ResultWriter:
         if not done:
             return
         now = utcnow()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for o in done:
             assert isinstance(o.result, CaptionedImage)
             cap = o.result.caption
@@ -150,7 +150,7 @@ class ResultWriter:
                     for c in ("text", "score", "alternatives", "settings", "created")
                 },
             ),
-            sorted(rows, key=lambda r: r["image_id"]),
+            sorted(rows, key=lambda r: int(r["image_id"])),
         )
         image_ids = [ids[o.ref.uri] for o in done]
         caption_ids = dict(
@@ -189,7 +189,7 @@ class ResultWriter:
         if not failed:
             return
         now = utcnow()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for o in failed:
             assert isinstance(o.result, CapworksError)
             rows.append(
@@ -218,7 +218,7 @@ class ResultWriter:
                     "attempts": Failure.__table__.c.attempts + 1,
                 },
             ),
-            sorted(rows, key=lambda r: r["image_id"]),
+            sorted(rows, key=lambda r: int(r["image_id"])),
         )
 
 

@@ -79,8 +79,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         )
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        rgb = img.convert("RGB")
+        rgb = ImageOps.exif_transpose(img).convert("RGB")
     except OSError as exc:
         raise ImageError(_read_error_code(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
@@ -94,10 +93,12 @@ def _read_error_code(exc: Exception) -> Code:
 
 def to_pixels(image: Image.Image, norm: Normalization) -> np.ndarray:
     """Resize and normalise one image to a CHW float32 array, exactly as ModelScope does."""
-    resized = image.convert("RGB").resize((norm.size_px, norm.size_px), Image.BICUBIC)
-    a = np.asarray(resized).astype(np.float32) / np.float32(255)
-    a = (a - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    resized = image.convert("RGB").resize((norm.size_px, norm.size_px), Image.Resampling.BICUBIC)
+    scaled: np.ndarray = np.asarray(resized).astype(np.float32) / np.float32(255)
+    normed: np.ndarray = (scaled - np.asarray(norm.mean, np.float32)) / np.asarray(
+        norm.std, np.float32
+    )
+    return np.ascontiguousarray(normed.transpose(2, 0, 1))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from workers.batcher import Batcher
 from workers.engine import OfaEngine
 from workers.fetch import Fetcher
 from workers.persist import ResultWriter
-from workers.preprocess import ImageLimits
 
 log = logging.getLogger(__name__)
 DELIVERY_KEY = "capworks:deliveries:{}"
@@ -45,15 +44,7 @@ class Runtime:
     def build(cls, settings: Settings) -> Runtime:
         """Load the model and open every connection."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
-        engine = OfaEngine.load(
-            config,
-            device=settings.device,
-            dtype=settings.dtype,
-            generator=settings.generator,
-            batch_size=settings.batch_size,
-            limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
-            decode_threads=settings.decode_threads,
-        )
+        engine = OfaEngine.from_settings(config, settings)
         db = connect(settings.database_url)
         return cls(
             settings=settings,

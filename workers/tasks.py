@@ -27,8 +27,8 @@ settings = get_settings()
 app = make_celery(settings)
 
 
-@app.task(name=CAPTION_TASK, bind=True, max_retries=None)
-def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:  # type: ignore[type-arg]
+@app.task(name=CAPTION_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
     """Caption one job message; see the module docstring for the policy."""
     rt = get_runtime(settings)
     job_key = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None

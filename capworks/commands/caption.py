@@ -30,7 +30,6 @@ from workers.engine import CaptionedImage, OfaEngine
 from workers.fetch import Fetcher
 from workers.persist import Outcome, ResultWriter
 from workers.pipeline import caption_refs
-from workers.preprocess import ImageLimits
 
 TABLE_ROWS = 50
 
@@ -59,15 +58,15 @@ def run_caption(args: argparse.Namespace) -> int:
     config = resolve_model(args.model, args.revision, settings)
     s3 = make_s3_client(settings) if any(is_s3(i) for i in args.inputs) else None
     refs = list(iter_refs(args.inputs, s3))
-    engine = OfaEngine.load(
-        config,
-        device=args.device,
-        dtype=args.dtype,
-        generator=args.generator,
-        batch_size=args.batch_size,
-        decode_threads=settings.decode_threads,
-        limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
+    run_settings = settings.model_copy(
+        update={
+            "device": args.device,
+            "dtype": args.dtype,
+            "generator": args.generator,
+            "batch_size": args.batch_size,
+        }
     )
+    engine = OfaEngine.from_settings(config, run_settings)
     try:
         outcomes = caption_with_progress(refs, engine, settings, engine_db, args)
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from producer.enqueue import make_publisher
@@ -29,7 +29,7 @@ def run_dlq(args: argparse.Namespace) -> int:
         return show(db, args.uri)
     query = filtered(select(Failure, Image).join(Image), args)
     with Session(db) as session:
-        rows = session.execute(query.order_by(Failure.last_seen)).all()
+        rows = list(session.execute(query.order_by(Failure.last_seen)).all())
     if args.action == "list":
         return list_rows(rows[: args.limit], args.json, total=len(rows))
     if args.action == "replay":
@@ -41,7 +41,7 @@ def run_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
-def filtered(query: Select[Any], args: argparse.Namespace) -> Select[Any]:
+def filtered(query: Any, args: argparse.Namespace) -> Any:
     """Apply --code, --prefix and --older-than."""
     if args.code:
         query = query.where(Failure.code == args.code)

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from producer.enqueue import make_publisher
@@ -49,13 +49,13 @@ def run_enqueue(args: argparse.Namespace) -> int:
             def show(
                 stats: CrawlStats,
                 source: str = source,
-                task: object = task,
+                task: TaskID = task,
                 started: float = started,
             ) -> None:
                 rate = stats.enqueued / max(time.monotonic() - started, 1e-6)
                 progress.update(
                     task,
-                    description=(  # type: ignore[arg-type]
+                    description=(
                         f"{source}: listed {stats.listed:,}  skipped {stats.skipped:,}  "
                         f"enqueued {stats.enqueued:,} ({rate:,.0f}/s)"
                     ),

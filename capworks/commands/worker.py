@@ -47,14 +47,11 @@ def parse_gpus(spec: str) -> list[str | None]:
     return list(dict.fromkeys(parts))
 
 
-def start_child(gpu: str | None, concurrency: int, loglevel: str) -> Child:
-    """Start a Celery worker process pinned to one GPU (or the CPU)."""
-    settings = get_settings()
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = gpu or ""
-    env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
-    name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
-    cmd = [
+def celery_worker_argv(
+    queue: str, concurrency: int, hostname: str, loglevel: str = "INFO"
+) -> list[str]:
+    """The command line of one capworks Celery worker process (threads pool, events on)."""
+    return [
         sys.executable,
         "-m",
         "celery",
@@ -66,15 +63,25 @@ def start_child(gpu: str | None, concurrency: int, loglevel: str) -> Child:
         "--concurrency",
         str(concurrency),
         "--hostname",
-        name,
+        hostname,
         "--queues",
-        settings.queue_name,
+        queue,
         "--loglevel",
         loglevel,
         "--task-events",
         "--without-gossip",
         "--without-mingle",
     ]
+
+
+def start_child(gpu: str | None, concurrency: int, loglevel: str) -> Child:
+    """Start a Celery worker process pinned to one GPU (or the CPU)."""
+    settings = get_settings()
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = gpu or ""
+    env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
+    name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
+    cmd = celery_worker_argv(settings.queue_name, concurrency, name, loglevel)
     log.info("starting %s", " ".join(cmd))
     return Child(gpu, subprocess.Popen(cmd, env=env))
 

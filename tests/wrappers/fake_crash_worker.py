@@ -1,6 +1,6 @@
-"""A real Celery worker whose fetch step kills the whole process on any image whose URI ends in
-"kills-worker.png" — a stand-in for an image that crashes a worker (a native decoder bug, an OOM kill),
-which cannot be produced on purpose here. Everything else is the production worker."""
+"""A real Celery worker whose fetch step kills the process on any image whose URI ends in
+"kills-worker.png": a stand-in for an image that crashes a worker (a native decoder bug, an
+OOM kill), which cannot be produced on purpose here. Everything else is the production worker."""
 
 from __future__ import annotations
 

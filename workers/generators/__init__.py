@@ -23,7 +23,9 @@ class Generator(Protocol):
 
     name: str
 
-    def generate(self, input_ids: torch.Tensor, patch_images: torch.Tensor) -> list[list[Hypothesis]]:
+    def generate(
+        self, input_ids: torch.Tensor, patch_images: torch.Tensor
+    ) -> list[list[Hypothesis]]:
         """Hypotheses per image, sorted by score, best first."""
         ...
 

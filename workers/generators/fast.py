@@ -245,9 +245,7 @@ class FastGenerator:
         newly: list[int] = []
         for group in seen:
             sent = alive[group]
-            if not finished[sent] and (
-                len(finalized[sent]) == self.beam_size or step == max_len
-            ):
+            if not finished[sent] and (len(finalized[sent]) == self.beam_size or step == max_len):
                 finished[sent] = True
                 newly.append(group)
         return newly

@@ -222,4 +222,3 @@ class IncrementalDecoder:
             out = torch.einsum("bthd,h->bthd", out, attn.c_attn)
         result: torch.Tensor = attn.out_proj(out.reshape(n, 1, self.d_model))
         return result
-

@@ -23,14 +23,24 @@ class ReferenceGenerator:
             tokenizer=tokenizer, constraint_range=None, **settings.to_dict()
         )
 
-    def generate(self, input_ids: torch.Tensor, patch_images: torch.Tensor) -> list[list[Hypothesis]]:
+    def generate(
+        self, input_ids: torch.Tensor, patch_images: torch.Tensor
+    ) -> list[list[Hypothesis]]:
         """Hypotheses per image, best first, as ModelScope's generator returns them."""
         patch_masks = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        sample = {"net_input": {"input_ids": input_ids, "patch_images": patch_images,
-                                "patch_masks": patch_masks}}
+        sample = {
+            "net_input": {
+                "input_ids": input_ids,
+                "patch_images": patch_images,
+                "patch_masks": patch_masks,
+            }
+        }
         with torch.no_grad():
             finalized = self._generator.generate([self._model], sample)
         return [
-            [Hypothesis(tuple(int(t) for t in h["tokens"].tolist()), float(h["score"])) for h in hyps]
+            [
+                Hypothesis(tuple(int(t) for t in h["tokens"].tolist()), float(h["score"]))
+                for h in hyps
+            ]
             for hyps in finalized
         ]
