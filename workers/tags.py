@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 from lemminflect import getAllLemmas, getAllLemmasOOV
 
@@ -33,8 +34,9 @@ _WORD = re.compile(r"[a-z]+")
 _POS_ORDER = ("NOUN", "VERB", "ADJ", "ADV", "PROPN")
 
 
+@lru_cache(maxsize=65536)
 def lemma_of(word: str) -> str:
-    """The dictionary lemma of one lower-case word."""
+    """The dictionary lemma of one lower-case word (cached: caption vocabularies are small)."""
     lemmas = getAllLemmas(word)
     if word.endswith("ing") and "VERB" in lemmas:
         return str(lemmas["VERB"][0])
@@ -60,9 +62,10 @@ def content_lemmas(text: str) -> list[str]:
 def derive_tags(caption: str, alternatives: Sequence[str]) -> list[tuple[str, float]]:
     """Tags with scores in [0, 1], best first; ties keep first-seen order."""
     hypotheses = [caption, *alternatives]
-    lemma_sets = [set(content_lemmas(h)) for h in hypotheses]
+    lemmas = [content_lemmas(h) for h in hypotheses]
+    lemma_sets = [set(found) for found in lemmas]
     candidates: list[str] = []
-    for h in hypotheses:
-        candidates.extend(lemma for lemma in content_lemmas(h) if lemma not in candidates)
+    for found in lemmas:
+        candidates.extend(lemma for lemma in found if lemma not in candidates)
     scored = [(tag, sum(tag in s for s in lemma_sets) / len(hypotheses)) for tag in candidates]
     return sorted(scored, key=lambda item: -item[1])

@@ -1,7 +1,7 @@
 """Producer throughput: URIs enqueued per second for a crawl of a large listing, and the Redis
 bytes each queued URI costs. Goals (issue 3): >= 20,000 URIs/s and <= 200 bytes per URI.
 
-    .venv/bin/python bench/producer.py [--keys 100000] [--db URL] [--job-images 256]
+    .venv/bin/python bench/enqueue_rate.py [--keys 100000] [--db URL] [--job-images 256]
 
 The listing is a local file of S3 URIs (`@FILE` source); the queue is a scratch list in Redis
 database 14; crawl state goes to the given database (a scratch SQLite file by default).
