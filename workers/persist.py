@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -110,11 +110,14 @@ class ResultWriter:
         # Keep known dimensions when a failed fetch reports none.
         for c in ("width_px", "height_px"):
             update[c] = _coalesce(stmt.excluded[c], Image.__table__.c[c])
-        conn.execute(
-            stmt.on_conflict_do_update(index_elements=["uri"], set_=update),
+        # RETURNING makes SQLAlchemy send the rows as batched multi-row statements
+        # ("insertmanyvalues") instead of one statement per row, and hands back the ids.
+        found = conn.execute(
+            stmt.on_conflict_do_update(index_elements=["uri"], set_=update).returning(
+                Image.uri, Image.id, sort_by_parameter_order=True
+            ),
             sorted(rows.values(), key=lambda r: str(r["uri"])),
         )
-        found = conn.execute(select(Image.uri, Image.id).where(Image.uri.in_(list(rows))))
         return {uri: image_id for uri, image_id in found}
 
     def _upsert_captions(
@@ -142,27 +145,17 @@ class ResultWriter:
             )
         stmt = self._insert(CaptionRow)
         key = ["image_id", "model_id", "revision", "settings_hash"]
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=key,
-                set_={
-                    c: stmt.excluded[c]
-                    for c in ("text", "score", "alternatives", "settings", "created")
-                },
-            ),
-            sorted(rows, key=lambda r: int(r["image_id"])),
+        upsert = stmt.on_conflict_do_update(
+            index_elements=key,
+            set_={
+                c: stmt.excluded[c]
+                for c in ("text", "score", "alternatives", "settings", "created")
+            },
+        ).returning(CaptionRow.image_id, CaptionRow.id, sort_by_parameter_order=True)
+        caption_ids = dict(
+            conn.execute(upsert, sorted(rows, key=lambda r: int(r["image_id"]))).tuples().all()
         )
         image_ids = [ids[o.ref.uri] for o in done]
-        caption_ids = dict(
-            conn.execute(
-                select(CaptionRow.image_id, CaptionRow.id).where(
-                    CaptionRow.image_id.in_(image_ids),
-                    CaptionRow.model_id == self._model_id,
-                    CaptionRow.revision == self._revision,
-                    CaptionRow.settings_hash == self._settings_hash,
-                )
-            ).all()
-        )
         conn.execute(delete(Tag).where(Tag.caption_id.in_(list(caption_ids.values()))))
         tags = []
         for o in done:
@@ -174,7 +167,7 @@ class ResultWriter:
                     dict(image_id=image_id, caption_id=caption_ids[image_id], tag=tag, score=score)
                 )
         if tags:
-            conn.execute(self._insert(Tag), tags)
+            conn.execute(self._insert(Tag).returning(Tag.id), tags)  # batched, see above
         # A captioned image is no longer a failure.
         conn.execute(delete(Failure).where(Failure.image_id.in_(image_ids)))
 
