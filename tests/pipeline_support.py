@@ -140,31 +140,35 @@ def assert_mostly_true(got: dict[str, str], truth: dict[str, str], floor: float 
     assert right >= floor * len(truth), f"only {right} of {len(truth)} captions are true"
 
 
+def query(db_url: str, run: Callable[[Any], Any]) -> Any:
+    """Run `run(connection)` against a test database and close everything after."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return run(conn)
+    finally:
+        engine.dispose()
+
+
 def captions(db_url: str) -> dict[str, str]:
-    engine = create_engine(db_url)
-    with engine.connect() as conn:
-        out = dict(conn.execute(select(Image.uri, Caption.text).join(Caption)).all())
-    engine.dispose()
-    return out
-
-
-def count_rows(db_url: str) -> dict[str, int]:
-    engine = create_engine(db_url)
-    with engine.connect() as conn:
-        out = {
-            t.__tablename__: int(conn.scalar(select(func.count()).select_from(t)) or 0)
-            for t in (Image, Caption, Tag, Failure)
-        }
-    engine.dispose()
-    return out
+    stmt = select(Image.uri, Caption.text).join(Caption)
+    return query(db_url, lambda conn: dict(conn.execute(stmt).all()))  # type: ignore[no-any-return]
 
 
 def failures(db_url: str) -> dict[str, str]:
-    engine = create_engine(db_url)
-    with engine.connect() as conn:
-        out = dict(conn.execute(select(Image.uri, Failure.code).join(Failure)).all())
-    engine.dispose()
-    return out
+    stmt = select(Image.uri, Failure.code).join(Failure)
+    return query(db_url, lambda conn: dict(conn.execute(stmt).all()))  # type: ignore[no-any-return]
+
+
+def count_rows(db_url: str) -> dict[str, int]:
+    tables = (Image, Caption, Tag, Failure)
+    return query(  # type: ignore[no-any-return]
+        db_url,
+        lambda conn: {
+            t.__tablename__: int(conn.scalar(select(func.count()).select_from(t)) or 0)
+            for t in tables
+        },
+    )
 
 
 def wait_until(
