@@ -62,9 +62,11 @@ class Loaded:
 @pytest.fixture(scope="module")
 def tiny(tiny_dir: Path) -> Loaded:
     config = read_config(tiny_dir, "tiny-random")
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model_dir)
     model = load_model(config, torch.device("cpu"), torch.float32)
-    return Loaded(config, model, tokenizer, encode_prompt(tokenizer, config))
+    return Loaded(
+        config, model, tokenizer, encode_prompt(tokenizer, config.prompt, config.max_src_length)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +85,11 @@ def shapes(request: pytest.FixtureRequest, cache_dir: Path) -> Loaded:
         pytest.skip("the shapes checkpoint is not built (capworks checkpoint build shapes)")
     shapes_dir: Path = request.getfixturevalue("shapes_dir")
     config = read_config(shapes_dir, "shapes")
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model_dir)
     model = load_model(config, torch.device("cpu"), torch.float32)
-    return Loaded(config, model, tokenizer, encode_prompt(tokenizer, config))
+    return Loaded(
+        config, model, tokenizer, encode_prompt(tokenizer, config.prompt, config.max_src_length)
+    )
 
 
 def random_images(count: int, size_px: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ from workers.ofa_model import encode_prompt, load_tokenizer
 
 def test_prompt_encodes_to_the_reference_ids(tiny_dir: Path) -> None:
     config = read_config(tiny_dir, "tiny-random")
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model_dir)
     assert config.prompt == " what does the image describe?"
-    assert encode_prompt(tokenizer, config) == [0, 99, 473, 5, 2274, 6190, 116, 2]
+    ids = encode_prompt(tokenizer, config.prompt, config.max_src_length)
+    assert ids == [0, 99, 473, 5, 2274, 6190, 116, 2]
     assert len(tokenizer) == 59457

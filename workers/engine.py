@@ -79,7 +79,7 @@ class OfaEngine:
         self.dtype = dtype
         self.batch_size = batch_size
         self.limits = limits
-        self.prompt_ids = encode_prompt(tokenizer, config)
+        self.prompt_ids = encode_prompt(tokenizer, config.prompt, config.max_src_length)
         self.normalization = Normalization(config.patch_image_size, *config.mean_std)
         self._pool = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1, "capworks-decode")
 
@@ -98,7 +98,7 @@ class OfaEngine:
         """Load model and tokenizer from a resolved checkpoint onto a device."""
         dev = pick_device(device)
         weights, autocast = pick_precision(dtype, dev, generator)
-        tokenizer = load_tokenizer(config)
+        tokenizer = load_tokenizer(config.model_dir)
         model = load_model(config, dev, weights)
         gen = make_generator(generator, model, tokenizer, config.generation, autocast)
         dt = weights

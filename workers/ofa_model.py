@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,11 +15,12 @@ NUM_CODES = 8192
 NUM_BINS = 1000
 
 
-def load_tokenizer(config: CheckpointConfig) -> Any:
-    """The OFA tokenizer with the `<code_i>` and `<bin_i>` tokens ModelScope adds (vocab 59457)."""
+def load_tokenizer(folder: Path) -> Any:
+    """The OFA tokenizer of a folder with `vocab.json` and `merges.txt`, with the `<code_i>` and
+    `<bin_i>` tokens ModelScope adds (vocab 59457)."""
     from modelscope.models.multi_modal.ofa import OFATokenizer
 
-    tokenizer = OFATokenizer.from_pretrained(str(config.model_dir))
+    tokenizer = OFATokenizer.from_pretrained(str(folder))
     tokenizer.add_tokens([f"<code_{i}>" for i in range(NUM_CODES)])
     tokenizer.add_tokens([f"<bin_{i}>" for i in range(NUM_BINS)])
     return tokenizer
@@ -33,13 +35,13 @@ def load_model(config: CheckpointConfig, device: torch.device, dtype: torch.dtyp
     return model.to(device=device, dtype=dtype)
 
 
-def encode_prompt(tokenizer: Any, config: CheckpointConfig) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, max_src_length: int) -> list[int]:
     """BOS + the prompt's tokens (truncated to max_src_length) + EOS, as ModelScope builds it."""
     ids = tokenizer(
-        config.prompt,
+        prompt,
         add_special_tokens=False,
         truncation=True,
-        max_length=config.max_src_length,
+        max_length=max_src_length,
     ).input_ids
     return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
 

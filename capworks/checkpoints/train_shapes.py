@@ -20,6 +20,8 @@ import torch
 
 from capworks.checkpoints.layout import TOKENIZER_DIR, ofa_config_kwargs
 from capworks.checkpoints.shapes_world import sample_scenes
+from schema.checkpoint import DEFAULT_PROMPT
+from workers.ofa_model import encode_prompt, load_tokenizer
 from workers.preprocess import Normalization, to_pixels
 
 log = logging.getLogger(__name__)
@@ -27,16 +29,6 @@ log = logging.getLogger(__name__)
 PATCH_PX = 96
 TRAIN_SEED = 1000
 VALID_SEED = 5
-
-
-def tokenizer_for_training() -> Any:
-    """The real OFA English tokenizer with ModelScope's added tokens."""
-    from modelscope.models.multi_modal.ofa import OFATokenizer
-
-    tok = OFATokenizer.from_pretrained(str(TOKENIZER_DIR))
-    tok.add_tokens([f"<code_{i}>" for i in range(8192)])
-    tok.add_tokens([f"<bin_{i}>" for i in range(1000)])
-    return tok
 
 
 class ShapesBatches:
@@ -88,15 +80,10 @@ def train_shapes(
     from modelscope.models.multi_modal.ofa.configuration_ofa import OFAConfig
 
     torch.manual_seed(seed)
-    tok = tokenizer_for_training()
+    tok = load_tokenizer(TOKENIZER_DIR)
     model = OFAModel(OFAConfig(**ofa_config_kwargs("shapes")))
     model.train()
-    prompt_ids = [
-        tok.bos_token_id,
-        *tok(" what does the image describe?", add_special_tokens=False).input_ids,
-        tok.eos_token_id,
-    ]
-    prompt = torch.tensor([prompt_ids])
+    prompt = torch.tensor([encode_prompt(tok, DEFAULT_PROMPT, max_src_length=256)])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = 40
 
