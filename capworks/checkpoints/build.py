@@ -43,6 +43,7 @@ def ensure_checkpoint(name: str, cache: Path) -> Path:
     with _build_lock(cache / f".{name}.lock"):
         if (final / "build.json").is_file():  # another process built it while we waited
             return final
+        log.warning("building the %s checkpoint into %s (first use)", name, final)
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".{name}-") as tmp:
             work = Path(tmp) / name
             metrics = _build_shapes(work) if name == "shapes" else _build_random(name, work)

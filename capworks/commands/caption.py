@@ -68,7 +68,8 @@ def run_caption(args: argparse.Namespace) -> int:
     )
     engine = OfaEngine.from_settings(config, run_settings)
     try:
-        outcomes = caption_with_progress(refs, engine, settings, engine_db, args)
+        fetcher = Fetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
+        outcomes = caption_with_progress(refs, engine, fetcher, engine_db, args)
     finally:
         engine.close()
     print_results(outcomes, as_json=args.json)
@@ -77,20 +78,17 @@ def run_caption(args: argparse.Namespace) -> int:
 
 def resolve_model(model: str, revision: str | None, settings: Settings) -> CheckpointConfig:
     """Resolve `--model`, building an offline checkpoint on first use."""
-    if model in OFFLINE_NAMES and not (settings.checkpoint_dir / model).is_dir():
+    if model in OFFLINE_NAMES:
         from capworks.checkpoints.build import ensure_checkpoint
 
-        print(f"building the {model} checkpoint (first use)...", file=sys.stderr)
-        ensure_checkpoint(model, settings.checkpoint_dir)
+        ensure_checkpoint(model, settings.checkpoint_dir)  # returns at once when already built
     return resolve_checkpoint(model, revision, settings.checkpoint_dir)
 
 
 def caption_with_progress(
-    refs: list[ImageRef], engine: OfaEngine, settings: Settings, db: Any, args: argparse.Namespace
+    refs: list[ImageRef], engine: OfaEngine, fetcher: Fetcher, db: Any, args: argparse.Namespace
 ) -> list[Outcome]:
     """Run the pipeline with a progress bar (rate and ETA) on stderr."""
-    s3 = make_s3_client(settings) if any(r.bucket for r in refs) else None
-    fetcher = Fetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
     writer = ResultWriter(db, engine.config)
     columns = (
         TextColumn("captioning"),
