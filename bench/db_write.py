@@ -9,11 +9,11 @@ The default database is a scratch one created on the local PostgreSQL and droppe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from scratch_pg import scratch_database
 
 from schema.checkpoint import CheckpointConfig
 from schema.db import connect
@@ -21,7 +21,6 @@ from schema.uris import ImageRef
 from workers.engine import Alternative, Caption, CaptionedImage
 from workers.persist import Outcome, ResultWriter
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 WORDS = "a man riding a horse on a beach next to the ocean at sunset".split()
 
 
@@ -49,15 +48,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--db", help="SQLAlchemy URL (default: a scratch PostgreSQL database)")
     args = parser.parse_args()
-    scratch = None
-    url = args.db
-    if url is None:
-        scratch = f"capworks_bench_{uuid.uuid4().hex[:8]}"
-        admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{scratch}"'))
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{scratch}"
-    try:
+    with contextlib.ExitStack() as stack:
+        url = args.db or stack.enter_context(scratch_database())
         engine = connect(url)
         writer = ResultWriter(engine, CheckpointConfig(Path("."), "bench-model", "r1"))
         outcomes = [outcome(i) for i in range(args.rows)]
@@ -69,10 +61,6 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             results.append((label, elapsed, args.rows / elapsed))
         engine.dispose()
-    finally:
-        if scratch:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
     print("| pass | caption rows | chunk | seconds | rows/s | vs goal 10,000/s |")
     print("|---|---|---|---|---|---|")
     for label, elapsed, rate in results:

@@ -20,7 +20,8 @@ import uuid
 from pathlib import Path
 
 import redis
-from sqlalchemy import create_engine, func, select, text
+from scratch_pg import scratch_database
+from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -33,7 +34,6 @@ from schema.settings import Settings, get_settings
 from schema.tables import Caption
 from workers.engine import OfaEngine
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/13"
 
 
@@ -102,26 +102,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     ensure_checkpoint(args.model, get_settings().checkpoint_dir)
-    scratch = f"capworks_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{scratch}"'))
-    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{scratch}"
-    connect(db_url).dispose()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "images").mkdir()
-            blobs = []
-            for i, (img, _) in enumerate(sample_scenes(args.images + 1, 314)):
-                path = folder / "images" / f"{i:05d}.png"
-                img.save(path)
-                blobs.append(path.read_bytes())
-            raw = engine_rate(args.model, blobs[1:], args.batch)
-            full = worker_rate(args.model, folder, args.images, db_url, args.batch)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)'))
+    with scratch_database() as db_url, tempfile.TemporaryDirectory() as tmp:
+        connect(db_url).dispose()
+        folder = Path(tmp)
+        (folder / "images").mkdir()
+        blobs = []
+        for i, (img, _) in enumerate(sample_scenes(args.images + 1, 314)):
+            path = folder / "images" / f"{i:05d}.png"
+            img.save(path)
+            blobs.append(path.read_bytes())
+        raw = engine_rate(args.model, blobs[1:], args.batch)
+        full = worker_rate(args.model, folder, args.images, db_url, args.batch)
     print("| model | images | batch | raw engine img/s | worker img/s | ratio | goal |")
     print("|---|---|---|---|---|---|---|")
     print(
