@@ -16,6 +16,7 @@ matrix products are shaped differently, which can change the last bits of a floa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,40 +140,32 @@ class IncrementalDecoder:
         pre = layer.normalize_before
         gamma = layer.use_gamma_feature
 
-        residual = x
-        h = layer.self_attn_layer_norm(x) if pre else x
-        h = self._self_attention(state, idx, layer.self_attn, h, position, order)
-        if layer.self_attn_mid_layer_norm is not None:
-            h = layer.self_attn_mid_layer_norm(h)
-        if gamma:
-            h = layer.weight_self_attn * h
-        x = residual + h
-        if not pre:
-            x = layer.self_attn_layer_norm(x)
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            h = layer.activation_fn(layer.fc1(h))
+            out: torch.Tensor = layer.fc2(
+                h if layer.ffn_layer_norm is None else layer.ffn_layer_norm(h)
+            )
+            return out
 
-        residual = x
-        h = layer.cross_attn_layer_norm(x) if pre else x
-        h = self._cross_attention(state, idx, layer.cross_attn, h, position)
-        if layer.cross_attn_mid_layer_norm is not None:
-            h = layer.cross_attn_mid_layer_norm(h)
-        if gamma:
-            h = layer.weight_cross_attn * h
-        x = residual + h
-        if not pre:
-            x = layer.cross_attn_layer_norm(x)
-
-        residual = x
-        h = layer.final_layer_norm(x) if pre else x
-        h = layer.activation_fn(layer.fc1(h))
-        if layer.ffn_layer_norm is not None:
-            h = layer.ffn_layer_norm(h)
-        h = layer.fc2(h)
-        if gamma:
-            h = layer.weight_ffn * h
-        x = residual + h
-        if not pre:
-            x = layer.final_layer_norm(x)
-        return x
+        x = _sublayer(
+            x,
+            pre,
+            layer.self_attn_layer_norm,
+            layer.self_attn_mid_layer_norm,
+            layer.weight_self_attn if gamma else None,
+            lambda h: self._self_attention(state, idx, layer.self_attn, h, position, order),
+        )
+        x = _sublayer(
+            x,
+            pre,
+            layer.cross_attn_layer_norm,
+            layer.cross_attn_mid_layer_norm,
+            layer.weight_cross_attn if gamma else None,
+            lambda h: self._cross_attention(state, idx, layer.cross_attn, h, position),
+        )
+        return _sublayer(
+            x, pre, layer.final_layer_norm, None, layer.weight_ffn if gamma else None, ffn
+        )
 
     def _self_attention(
         self,
@@ -222,3 +215,22 @@ class IncrementalDecoder:
             out = torch.einsum("bthd,h->bthd", out, attn.c_attn)
         result: torch.Tensor = attn.out_proj(out.reshape(n, 1, self.d_model))
         return result
+
+
+def _sublayer(
+    x: torch.Tensor,
+    pre: bool,
+    norm: Any,
+    mid_norm: Any | None,
+    weight: torch.Tensor | None,
+    body: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One residual block of an OFA decoder layer: (pre-)norm, body, NormFormer's mid norm,
+    the optional gamma scale, the residual add, and the post-norm when not pre-normalised."""
+    h = body(norm(x) if pre else x)
+    if mid_norm is not None:
+        h = mid_norm(h)
+    if weight is not None:
+        h = weight * h
+    x = x + h
+    return x if pre else norm(x)
