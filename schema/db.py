@@ -34,13 +34,13 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def migrate(engine: Engine) -> None:
-    """Run every pending Alembic migration on `engine`."""
+def migrate(engine: Engine, target: str = "head", *, down: bool = False) -> None:
+    """Upgrade `engine`'s schema to the `target` migration (default: the newest), or downgrade."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+        (command.downgrade if down else command.upgrade)(config, target)
 
 
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:

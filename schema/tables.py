@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names so that Alembic migrations can refer to them on every backend.
@@ -74,20 +75,12 @@ class Caption(Base):
     text: Mapped[str] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float)
     alternatives: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # Content-word lemmas scored by the share of hypotheses that contain them, best first:
+    # {"dog": 1.0, "beach": 0.6}. JSONB with a GIN index on PostgreSQL (tags ? 'dog').
+    tags: Mapped[dict[str, float]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"), default=dict
+    )
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class Tag(Base):
-    """A content word of a caption, scored by the share of alternatives that contain it."""
-
-    __tablename__ = "tags"
-    __table_args__ = (UniqueConstraint("caption_id", "tag"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    caption_id: Mapped[int] = mapped_column(ForeignKey("captions.id", ondelete="CASCADE"))
-    tag: Mapped[str] = mapped_column(String(128), index=True)
-    score: Mapped[float] = mapped_column(Float)
 
 
 class Failure(Base):

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import celery_worker_argv
-from schema.tables import Caption, Failure, Image, Tag
+from schema.tables import Caption, Failure, Image
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -161,7 +161,7 @@ def failures(db_url: str) -> dict[str, str]:
 
 
 def count_rows(db_url: str) -> dict[str, int]:
-    tables = (Image, Caption, Tag, Failure)
+    tables = (Image, Caption, Failure)
     return query(  # type: ignore[no-any-return]
         db_url,
         lambda conn: {

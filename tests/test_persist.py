@@ -10,7 +10,7 @@ from sqlalchemy import Engine, func, select
 from schema.checkpoint import CheckpointConfig, GenerationSettings
 from schema.db import connect
 from schema.errors import Code, ImageError, StorageError
-from schema.tables import Caption, Failure, Image, Tag
+from schema.tables import Caption, Failure, Image
 from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
@@ -45,10 +45,12 @@ def outcomes() -> list[Outcome]:
 
 def counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return {
+        found = {
             t.__tablename__: conn.scalar(select(func.count()).select_from(t))  # type: ignore[misc]
-            for t in (Image, Caption, Tag, Failure)
+            for t in (Image, Caption, Failure)
         }
+        found["tags"] = sum(len(tags) for tags in conn.scalars(select(Caption.tags)))
+    return found
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -99,9 +101,22 @@ def test_other_generation_settings_make_a_second_caption(db: Engine) -> None:
 def test_tags_are_scored_lemmas(db: Engine) -> None:
     ResultWriter(db, CONFIG).save(outcomes())
     with db.connect() as conn:
-        tags = dict(
-            conn.execute(
-                select(Tag.tag, Tag.score).join(Image).where(Image.uri == "/data/x.png")
-            ).all()
-        )
+        tags = conn.scalar(select(Caption.tags).join(Image).where(Image.uri == "/data/x.png"))
     assert tags == {"dog": 1.0, "run": 1.0, "two": 0.5}
+
+
+def test_a_new_caption_replaces_the_tags_of_the_old_one(db: Engine) -> None:
+    writer = ResultWriter(db, CONFIG)
+    writer.save(outcomes())
+    writer.save([Outcome(ImageRef("/data/x.png"), captioned("a cat sleeping"))])
+    with db.connect() as conn:
+        tags = conn.scalar(select(Caption.tags).join(Image).where(Image.uri == "/data/x.png"))
+    assert tags == {"cat": 1.0, "sleep": 1.0}
+
+
+def test_an_image_listed_twice_in_one_write_keeps_its_last_outcome(db: Engine) -> None:
+    ref = ImageRef("/data/twice.png")
+    bad = Outcome(ref, ImageError(Code.TRUNCATED, "image file is truncated"))
+    saved = ResultWriter(db, CONFIG).save([bad, Outcome(ref, captioned("a dog"))])
+    assert (saved.captioned, saved.failed) == (1, 0)
+    assert counts(db) == {"images": 1, "captions": 1, "tags": 1, "failures": 0}

@@ -1,29 +1,43 @@
-"""Writing results: bulk, idempotent upserts of images, captions, tags and failures.
+"""Writing results: bulk, idempotent upserts of images, captions (with their tags) and failures.
 
-Every write is keyed by a natural key (image URI; image + model + revision + settings; caption +
-tag), so writing the same results twice leaves the same rows: a re-run or a redelivered job adds
-nothing. PostgreSQL and SQLite have the same `ON CONFLICT` upsert; there is no portable one.
+Every write is keyed by a natural key (image URI; image + model + revision + settings), so
+writing the same results twice leaves the same rows: a re-run or a redelivered job adds nothing.
+PostgreSQL and SQLite share the `ON CONFLICT` upsert but not the fast way to send many rows: on
+PostgreSQL a whole batch is one statement whose columns arrive as arrays (`unnest`), in binary;
+on SQLite, executemany.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete
+from sqlalchemy import Engine, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from schema.checkpoint import CheckpointConfig
 from schema.errors import CapworksError, Code
-from schema.tables import BadMessage, Failure, Image, Tag, utcnow
+from schema.tables import BadMessage, Failure, Image, utcnow
 from schema.tables import Caption as CaptionRow
 from schema.uris import ImageRef
 from workers.engine import CaptionedImage
 from workers.tags import derive_tags
 
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+_IMAGE_FIELDS = (
+    "uri",
+    "bucket",
+    "key",
+    "version_id",
+    "etag",
+    "size_bytes",
+    "width_px",
+    "height_px",
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,60 @@ class SaveCounts:
 
     captioned: int
     failed: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One write, as plain rows keyed by image URI, in URI order (a stable lock order)."""
+
+    now: datetime
+    images: list[dict[str, Any]]
+    captions: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, outcomes: Sequence[Outcome], job_id: str | None, trace: str | None) -> _Batch:
+        now = utcnow()
+        last = {o.ref.uri: o for o in outcomes}
+        batch = cls(now, [], [], [])
+        for uri in sorted(last):
+            ref, result = last[uri].ref, last[uri].result
+            dims = result if isinstance(result, CaptionedImage) else None
+            batch.images.append(
+                dict(
+                    uri=uri,
+                    bucket=ref.bucket,
+                    key=ref.key,
+                    version_id=ref.version_id,
+                    etag=ref.etag,
+                    size_bytes=ref.size_bytes,
+                    width_px=dims.width_px if dims else None,
+                    height_px=dims.height_px if dims else None,
+                )
+            )
+            if isinstance(result, CaptionedImage):
+                cap = result.caption
+                alternatives = [a.text for a in cap.alternatives]
+                batch.captions.append(
+                    dict(
+                        uri=uri,
+                        text=cap.text,
+                        score=cap.score,
+                        alternatives=[{"text": a.text, "score": a.score} for a in cap.alternatives],
+                        tags=dict(derive_tags(cap.text, alternatives)),
+                    )
+                )
+            else:
+                batch.failures.append(
+                    dict(
+                        uri=uri,
+                        code=result.code.value,
+                        message=result.message[:2000],
+                        job_id=job_id,
+                        traceback=trace,
+                    )
+                )
+        return batch
 
 
 class ResultWriter:
@@ -62,16 +130,19 @@ class ResultWriter:
     def save(
         self, outcomes: Sequence[Outcome], job_id: str | None = None, trace: str | None = None
     ) -> SaveCounts:
-        """Upsert all outcomes in one transaction; failures remember the job and a traceback."""
-        if not outcomes:
+        """Upsert all outcomes in one transaction; failures remember the job and a traceback.
+
+        An image listed twice is written once, with its last outcome.
+        """
+        batch = _Batch.of(outcomes, job_id, trace)
+        if not batch.images:
             return SaveCounts(0, 0)
         with self._engine.begin() as conn:
-            ids = self._upsert_images(conn, outcomes)
-            done = [o for o in outcomes if isinstance(o.result, CaptionedImage)]
-            failed = [o for o in outcomes if isinstance(o.result, CapworksError)]
-            self._upsert_captions(conn, ids, done)
-            self._upsert_failures(conn, ids, failed, job_id, trace)
-        return SaveCounts(len(done), len(failed))
+            if self._engine.dialect.name == "postgresql":
+                self._save_postgres(conn, batch)
+            else:
+                self._save_portable(conn, batch)
+        return SaveCounts(len(batch.captions), len(batch.failures))
 
     def save_message_failure(self, job_key: str, error: CapworksError, body: object) -> None:
         """Keep a message that failed validation, with the reason."""
@@ -85,23 +156,34 @@ class ResultWriter:
                 )
             )
 
-    def _upsert_images(self, conn: Connection, outcomes: Sequence[Outcome]) -> dict[str, int]:
-        now = utcnow()
-        rows: dict[str, dict[str, Any]] = {}
-        for o in outcomes:
-            dims = o.result if isinstance(o.result, CaptionedImage) else None
-            rows[o.ref.uri] = dict(
-                uri=o.ref.uri,
-                bucket=o.ref.bucket,
-                key=o.ref.key,
-                version_id=o.ref.version_id,
-                etag=o.ref.etag,
-                size_bytes=o.ref.size_bytes,
-                width_px=dims.width_px if dims else None,
-                height_px=dims.height_px if dims else None,
-                first_seen=now,
-                updated_at=now,
-            )
+    def _save_postgres(self, conn: Connection, batch: _Batch) -> None:
+        """The whole batch in one round trip: every column travels as one array parameter."""
+        images, captions, failures = batch.images, batch.captions, batch.failures
+        params: dict[str, Any] = {
+            "now": batch.now,
+            "model_id": self._model_id,
+            "revision": self._revision,
+            "settings_hash": self._settings_hash,
+            "settings": json.dumps(self._settings),
+            **{f"i_{name}": [row[name] for row in images] for name in _IMAGE_FIELDS},
+            "c_uri": [row["uri"] for row in captions],
+            "c_text": [row["text"] for row in captions],
+            "c_score": [row["score"] for row in captions],
+            "c_alternatives": [json.dumps(row["alternatives"]) for row in captions],
+            "c_tags": [json.dumps(row["tags"]) for row in captions],
+            **{
+                f"f_{name}": [row[name] for row in failures]
+                for name in ("uri", "code", "message", "job_id", "traceback")
+            },
+        }
+        conn.exec_driver_sql(_POSTGRES_SAVE, params)
+
+    def _save_portable(self, conn: Connection, batch: _Batch) -> None:
+        ids = self._upsert_images(conn, batch)
+        self._upsert_captions(conn, ids, batch)
+        self._upsert_failures(conn, ids, batch)
+
+    def _upsert_images(self, conn: Connection, batch: _Batch) -> dict[str, int]:
         stmt = self._insert(Image)
         update = {
             c: stmt.excluded[c]
@@ -109,95 +191,63 @@ class ResultWriter:
         }
         # Keep known dimensions when a failed fetch reports none.
         for c in ("width_px", "height_px"):
-            update[c] = _coalesce(stmt.excluded[c], Image.__table__.c[c])
+            update[c] = func.coalesce(stmt.excluded[c], Image.__table__.c[c])
+        rows = [dict(row, first_seen=batch.now, updated_at=batch.now) for row in batch.images]
         # RETURNING makes SQLAlchemy send the rows as batched multi-row statements
         # ("insertmanyvalues") instead of one statement per row, and hands back the ids.
         found = conn.execute(
             stmt.on_conflict_do_update(index_elements=["uri"], set_=update).returning(
                 Image.uri, Image.id, sort_by_parameter_order=True
             ),
-            sorted(rows.values(), key=lambda r: str(r["uri"])),
+            rows,
         )
         return {uri: image_id for uri, image_id in found}
 
-    def _upsert_captions(
-        self, conn: Connection, ids: dict[str, int], done: Sequence[Outcome]
-    ) -> None:
-        if not done:
+    def _upsert_captions(self, conn: Connection, ids: dict[str, int], batch: _Batch) -> None:
+        if not batch.captions:
             return
-        now = utcnow()
-        rows: list[dict[str, Any]] = []
-        for o in done:
-            assert isinstance(o.result, CaptionedImage)
-            cap = o.result.caption
-            rows.append(
-                dict(
-                    image_id=ids[o.ref.uri],
-                    model_id=self._model_id,
-                    revision=self._revision,
-                    settings_hash=self._settings_hash,
-                    settings=self._settings,
-                    text=cap.text,
-                    score=cap.score,
-                    created=now,
-                    alternatives=[{"text": a.text, "score": a.score} for a in cap.alternatives],
-                )
+        rows = [
+            dict(
+                image_id=ids[row["uri"]],
+                model_id=self._model_id,
+                revision=self._revision,
+                settings_hash=self._settings_hash,
+                settings=self._settings,
+                text=row["text"],
+                score=row["score"],
+                created=batch.now,
+                alternatives=row["alternatives"],
+                tags=row["tags"],
             )
+            for row in batch.captions
+        ]
         stmt = self._insert(CaptionRow)
         key = ["image_id", "model_id", "revision", "settings_hash"]
         upsert = stmt.on_conflict_do_update(
             index_elements=key,
             set_={
                 c: stmt.excluded[c]
-                for c in ("text", "score", "alternatives", "settings", "created")
+                for c in ("text", "score", "alternatives", "settings", "created", "tags")
             },
-        ).returning(CaptionRow.image_id, CaptionRow.id, sort_by_parameter_order=True)
-        caption_ids = dict(
-            conn.execute(upsert, sorted(rows, key=lambda r: int(r["image_id"]))).tuples().all()
         )
-        image_ids = [ids[o.ref.uri] for o in done]
-        conn.execute(delete(Tag).where(Tag.caption_id.in_(list(caption_ids.values()))))
-        tags = []
-        for o in done:
-            assert isinstance(o.result, CaptionedImage)
-            cap = o.result.caption
-            image_id = ids[o.ref.uri]
-            for tag, score in derive_tags(cap.text, [a.text for a in cap.alternatives]):
-                tags.append(
-                    dict(image_id=image_id, caption_id=caption_ids[image_id], tag=tag, score=score)
-                )
-        if tags:
-            conn.execute(self._insert(Tag).returning(Tag.id), tags)  # batched, see above
+        conn.execute(upsert, rows)
         # A captioned image is no longer a failure.
-        conn.execute(delete(Failure).where(Failure.image_id.in_(image_ids)))
+        conn.execute(delete(Failure).where(Failure.image_id.in_([r["image_id"] for r in rows])))
 
-    def _upsert_failures(
-        self,
-        conn: Connection,
-        ids: dict[str, int],
-        failed: Sequence[Outcome],
-        job_id: str | None,
-        trace: str | None,
-    ) -> None:
-        if not failed:
+    def _upsert_failures(self, conn: Connection, ids: dict[str, int], batch: _Batch) -> None:
+        if not batch.failures:
             return
-        now = utcnow()
-        rows: list[dict[str, Any]] = []
-        for o in failed:
-            assert isinstance(o.result, CapworksError)
-            rows.append(
-                dict(
-                    image_id=ids[o.ref.uri],
-                    code=o.result.code.value,
-                    message=o.result.message[:2000],
-                    attempts=1,
-                    first_seen=now,
-                    last_seen=now,
-                    job_id=job_id,
-                    traceback=trace,
-                    replays=0,
-                )
+        rows = [
+            dict(
+                {k: v for k, v in row.items() if k != "uri"},
+                image_id=ids[row["uri"]],
+                attempts=1,
+                first_seen=batch.now,
+                last_seen=batch.now,
+                replays=0,
             )
+            for row in batch.failures
+        ]
         stmt = self._insert(Failure)
         conn.execute(
             stmt.on_conflict_do_update(
@@ -211,11 +261,52 @@ class ResultWriter:
                     "attempts": Failure.__table__.c.attempts + 1,
                 },
             ),
-            sorted(rows, key=lambda r: int(r["image_id"])),
+            rows,
         )
 
 
-def _coalesce(first: Any, second: Any) -> Any:
-    from sqlalchemy import func
-
-    return func.coalesce(first, second)
+# The same upserts as the portable path, as one statement (data-modifying WITH clauses).
+_POSTGRES_SAVE = """
+WITH img AS (
+    INSERT INTO images (uri, bucket, key, version_id, etag, size_bytes, width_px, height_px,
+                        first_seen, updated_at)
+    SELECT u.*, %(now)s, %(now)s
+    FROM unnest(%(i_uri)b::text[], %(i_bucket)b::text[], %(i_key)b::text[],
+                %(i_version_id)b::text[], %(i_etag)b::text[], %(i_size_bytes)b::bigint[],
+                %(i_width_px)b::integer[], %(i_height_px)b::integer[]) AS u
+    ON CONFLICT (uri) DO UPDATE SET
+        bucket = excluded.bucket, key = excluded.key, version_id = excluded.version_id,
+        etag = excluded.etag, size_bytes = excluded.size_bytes, updated_at = excluded.updated_at,
+        width_px = coalesce(excluded.width_px, images.width_px),
+        height_px = coalesce(excluded.height_px, images.height_px)
+    RETURNING id, uri
+), cap AS (
+    INSERT INTO captions (image_id, model_id, revision, settings_hash, settings, text, score,
+                          alternatives, tags, created)
+    SELECT img.id, %(model_id)s, %(revision)s, %(settings_hash)s, %(settings)s::json,
+           c.text, c.score, c.alternatives::json, c.tags::jsonb, %(now)s
+    FROM unnest(%(c_uri)b::text[], %(c_text)b::text[], %(c_score)b::float8[],
+                %(c_alternatives)b::text[], %(c_tags)b::text[])
+         AS c (uri, text, score, alternatives, tags)
+    JOIN img USING (uri)
+    ORDER BY img.id
+    ON CONFLICT (image_id, model_id, revision, settings_hash) DO UPDATE SET
+        text = excluded.text, score = excluded.score, alternatives = excluded.alternatives,
+        tags = excluded.tags, settings = excluded.settings, created = excluded.created
+    RETURNING image_id
+), cleared AS (
+    DELETE FROM failures USING cap WHERE failures.image_id = cap.image_id
+)
+INSERT INTO failures (image_id, code, message, attempts, first_seen, last_seen, job_id,
+                      traceback, replays)
+SELECT img.id, f.code, f.message, 1, %(now)s, %(now)s, f.job_id, f.traceback, 0
+FROM unnest(%(f_uri)b::text[], %(f_code)b::text[], %(f_message)b::text[],
+            %(f_job_id)b::text[], %(f_traceback)b::text[]) AS f (uri, code, message, job_id,
+                                                                 traceback)
+JOIN img USING (uri)
+ORDER BY img.id
+ON CONFLICT (image_id) DO UPDATE SET
+    code = excluded.code, message = excluded.message, last_seen = excluded.last_seen,
+    job_id = excluded.job_id, traceback = excluded.traceback,
+    attempts = failures.attempts + 1
+"""

@@ -9,6 +9,7 @@ lemmas contain it, so a word every beam agrees on scores 1.0.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -47,25 +48,26 @@ def lemma_of(word: str) -> str:
     return str(oov["NOUN"][0]) if oov.get("NOUN") else word
 
 
+@lru_cache(maxsize=65536)
+def content_lemma(word: str) -> str | None:
+    """The lemma of a lower-case word, or None for a function word (cached)."""
+    if len(word) < 2 or word in FUNCTION_WORDS:
+        return None
+    lemma = lemma_of(word)
+    return None if lemma in FUNCTION_WORDS else lemma
+
+
 def content_lemmas(text: str) -> list[str]:
     """The lemmas of the content words of `text`, in order, without repeats."""
-    out: list[str] = []
-    for word in _WORD.findall(text.lower()):
-        if len(word) < 2 or word in FUNCTION_WORDS:
-            continue
-        lemma = lemma_of(word)
-        if lemma not in FUNCTION_WORDS and lemma not in out:
-            out.append(lemma)
-    return out
+    found = dict.fromkeys(content_lemma(word) for word in _WORD.findall(text.lower()))
+    return [lemma for lemma in found if lemma is not None]
 
 
 def derive_tags(caption: str, alternatives: Sequence[str]) -> list[tuple[str, float]]:
     """Tags with scores in [0, 1], best first; ties keep first-seen order."""
     hypotheses = [caption, *alternatives]
-    lemmas = [content_lemmas(h) for h in hypotheses]
-    lemma_sets = [set(found) for found in lemmas]
-    candidates: list[str] = []
-    for found in lemmas:
-        candidates.extend(lemma for lemma in found if lemma not in candidates)
-    scored = [(tag, sum(tag in s for s in lemma_sets) / len(hypotheses)) for tag in candidates]
+    counts: Counter[str] = Counter()  # keeps first-seen order
+    for text in hypotheses:
+        counts.update(content_lemmas(text))
+    scored = [(tag, n / len(hypotheses)) for tag, n in counts.items()]
     return sorted(scored, key=lambda item: -item[1])

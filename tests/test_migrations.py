@@ -1,0 +1,55 @@
+"""Migrations move existing data: tags rows of revision 0002 become the `tags` column of their
+caption in 0003 and come back as rows on downgrade, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from schema.db import migrate
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    if request.param == "sqlite":
+        return create_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    return create_engine(request.getfixturevalue("pg_url"))
+
+
+def test_tags_rows_become_a_caption_column_and_back(engine: Engine) -> None:
+    migrate(engine, "0002")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO images (id, uri, first_seen, updated_at) "
+                "VALUES (1, '/a.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP), "
+                "(2, '/b.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO captions (id, image_id, model_id, revision, settings_hash, settings, "
+                "text, score, alternatives, created) VALUES "
+                "(10, 1, 'm', '', 'h', '{}', 'two dogs running', -0.5, '[]', CURRENT_TIMESTAMP), "
+                "(11, 2, 'm', '', 'h', '{}', 'a', -0.5, '[]', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tags (image_id, caption_id, tag, score) "
+                "VALUES (1, 10, 'dog', 1.0), (1, 10, 'two', 0.5)"
+            )
+        )
+    migrate(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, tags FROM captions ORDER BY id")).all()
+    tags = {cid: t if isinstance(t, dict) else json.loads(t) for cid, t in rows}
+    assert tags == {10: {"dog": 1.0, "two": 0.5}, 11: {}}
+    migrate(engine, "0002", down=True)
+    with engine.connect() as conn:
+        back = conn.execute(text("SELECT image_id, caption_id, tag, score FROM tags")).all()
+    assert sorted(back) == [(1, 10, "dog", 1.0), (1, 10, "two", 0.5)]
+    engine.dispose()
