@@ -1,10 +1,10 @@
 """A resumable crawl: list a source, skip what is filtered or already captioned, and publish
-chunks of references as jobs, recording progress in SQL after every job.
+chunks of references as jobs, recording progress in SQL after every page of the listing.
 
-Resuming: the crawl row keeps the position after the last published job. A job is written to
-the row as `pending_job` before it is published and cleared with the new position after, and
-the publish is marked in Redis; so a crawl killed between the two republishes exactly the job
-that was not marked as sent, with its id unchanged (workers drop a job id they have committed).
+Resuming: the crawl row keeps the position after the last published page. A page's jobs are
+written to the row (`pending_job`) before they are published and cleared with the new position
+after, and each publish is marked in Redis; so a crawl killed between the two republishes exactly
+the jobs not marked as sent, with their ids unchanged (workers drop a job id they have committed).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from schema.uris import ImageRef
 log = logging.getLogger(__name__)
 SENT_KEY = "capworks:sent:{}"
 SENT_TTL_S = 7 * 24 * 3600
+PAGE_SIZE = 1000  # listed objects per progress commit: one S3 ListObjectsV2 page
 
 
 @dataclass(frozen=True)
@@ -131,26 +132,27 @@ def run_crawl(
         if crawl.pending_job:
             _finish_pending(session, crawl, publisher, stats)
         positions = iter_positions(source, s3_client, crawl.last_key)
-        for page in _pages(positions, 1000):
-            keep = [(pos, ref) for pos, ref in page if filters.accept(ref)]
+        for page in _pages(positions, PAGE_SIZE):
+            keep = [ref for _, ref in page if filters.accept(ref)]
             if not force:
                 keep = _drop_captioned(session, keep, identity)
             stats.listed += len(page)
             stats.skipped += len(page) - len(keep)
-            for start in range(0, len(keep), job_images):
-                chunk = keep[start : start + job_images]
-                _wait_for_room(publisher, max_queued_images)
-                job = Job.new(
-                    [ref for _, ref in chunk], crawl_id, job_id=f"{crawl_id}-{stats.jobs:08d}"
+            jobs = [
+                Job.new(keep[n : n + job_images], crawl_id, job_id=f"{crawl_id}-{number:08d}")
+                for number, n in enumerate(range(0, len(keep), job_images), start=stats.jobs)
+            ]
+            if jobs:
+                crawl.pending_job = json.dumps(
+                    {"jobs": [job.to_wire() for job in jobs], "last_key": page[-1][0]}
                 )
-                crawl.pending_job = json.dumps({"job": job.to_wire(), "last_key": chunk[-1][0]})
+                crawl.listed, crawl.skipped = stats.listed, stats.skipped
                 session.commit()
-                publisher.publish(job)
-                stats.enqueued += len(chunk)
-                stats.jobs += 1
-                _save(session, crawl, stats, last_key=chunk[-1][0])
-                if on_progress:
-                    on_progress(stats)
+                for job in jobs:
+                    _wait_for_room(publisher, max_queued_images)
+                    publisher.publish(job)
+                stats.enqueued += len(keep)
+                stats.jobs += len(jobs)
             _save(session, crawl, stats, last_key=page[-1][0])
             if on_progress:
                 on_progress(stats)
@@ -183,12 +185,14 @@ def _finish_pending(
     session: Session, crawl: Crawl, publisher: Publisher, stats: CrawlStats
 ) -> None:
     pending = json.loads(crawl.pending_job or "{}")
-    job = Job.from_wire(pending["job"])
-    if not publisher.was_sent(job.job_id):
-        log.info("republishing job %s, cut off by the last run", job.job_id)
-        publisher.publish(job)
-    stats.enqueued += len(job.images)
-    stats.jobs += 1
+    stats.resumed_from = pending["last_key"]
+    for wire in pending["jobs"]:
+        job = Job.from_wire(wire)
+        if not publisher.was_sent(job.job_id):
+            log.info("republishing job %s, cut off by the last run", job.job_id)
+            publisher.publish(job)
+        stats.enqueued += len(job.images)
+        stats.jobs += 1
     _save(session, crawl, stats, last_key=pending["last_key"])
 
 
@@ -215,18 +219,18 @@ def _pages(
 
 
 def _drop_captioned(
-    session: Session, items: list[tuple[str, ImageRef]], identity: tuple[str, str, str]
-) -> list[tuple[str, ImageRef]]:
-    """Items whose object was not yet captioned by this model with this ETag."""
-    if not items:
-        return items
+    session: Session, refs: list[ImageRef], identity: tuple[str, str, str]
+) -> list[ImageRef]:
+    """The objects not yet captioned by this model with this ETag."""
+    if not refs:
+        return refs
     model_id, revision, settings_hash = identity
     done = dict(
         session.execute(
             select(Image.uri, Image.etag)
             .join(Caption, Caption.image_id == Image.id)
             .where(
-                Image.uri.in_([ref.uri for _, ref in items]),
+                Image.uri.in_([ref.uri for ref in refs]),
                 Caption.model_id == model_id,
                 Caption.revision == revision,
                 Caption.settings_hash == settings_hash,
@@ -234,8 +238,8 @@ def _drop_captioned(
         ).all()
     )
     return [
-        (pos, ref)
-        for pos, ref in items
+        ref
+        for ref in refs
         if ref.uri not in done or (ref.etag is not None and done[ref.uri] != ref.etag)
     ]
 
