@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--min-bytes", type=int)
     enq.add_argument("--max-bytes", type=int)
     enq.add_argument("--modified-since", type=iso_datetime, help="ISO date or time (UTC)")
+    enq.add_argument(
+        "--expect",
+        type=positive_int,
+        metavar="N",
+        help="about how many objects the source holds, for the ETA (a URI list is counted)",
+    )
     enq.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")

@@ -100,6 +100,12 @@ def iter_uri_file(path: Path, start_after: str | None = None) -> Iterator[tuple[
                 yield str(number), ImageRef(uri=uri)
 
 
+def count_uri_file(path: Path) -> int:
+    """How many URIs a list holds (the lines `iter_uri_file` yields)."""
+    with path.open() as f:
+        return sum(1 for line in f if line.strip() and not line.lstrip().startswith("#"))
+
+
 def iter_positions(
     source: str, s3_client: Any | None, start_after: str | None
 ) -> Iterator[tuple[str, ImageRef]]:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from producer.enqueue import make_publisher
-from producer.sources import InputError
+from producer.sources import InputError, count_uri_file
 from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
 from schema.settings import get_settings
@@ -36,31 +45,8 @@ def run_enqueue(args: argparse.Namespace) -> int:
         if args.crawl_id and len(args.sources) > 1:
             raise InputError("--crawl-id names one crawl: give one source with it")
         crawl_id = args.crawl_id or crawl_id_for(source, filters, identity)
-        started = time.monotonic()
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=args.no_progress,
-        ) as progress:
-            task = progress.add_task(source, total=None)
-
-            def show(
-                stats: CrawlStats,
-                source: str = source,
-                task: TaskID = task,
-                started: float = started,
-            ) -> None:
-                rate = stats.enqueued / max(time.monotonic() - started, 1e-6)
-                progress.update(
-                    task,
-                    description=(
-                        f"{source}: listed {stats.listed:,}  skipped {stats.skipped:,}  "
-                        f"enqueued {stats.enqueued:,} ({rate:,.0f}/s)"
-                    ),
-                )
-
+        total = expected_objects(source, args.expect)
+        with CrawlProgress(source, total, console, disable=args.no_progress) as bar:
             stats = run_crawl(
                 source,
                 crawl_id=crawl_id,
@@ -72,7 +58,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 job_images=settings.job_images,
                 max_queued_images=settings.max_queued_images,
                 force=args.force,
-                on_progress=show,
+                on_progress=bar.show,
             )
         resumed = f", resumed after {stats.resumed_from!r}" if stats.resumed_from else ""
         print(
@@ -80,3 +66,67 @@ def run_enqueue(args: argparse.Namespace) -> int:
             f"enqueued {stats.enqueued} in {stats.jobs} jobs{resumed}"
         )
     return 0
+
+
+class CrawlProgress:
+    """A progress bar for one crawl: listed / expected with ETA, listing rate, skipped, enqueued.
+
+    Rate and ETA count this run's listing only: a resumed crawl starts the bar at what earlier
+    runs listed."""
+
+    def __init__(
+        self, source: str, total: int | None, console: Console, disable: bool = False
+    ) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=disable,
+        )
+        self._source = source
+        self._total = total
+        self._task = self.progress.add_task(source, total=total)
+        self._started = time.monotonic()
+        self._first: int | None = None
+
+    def __enter__(self) -> CrawlProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def show(self, stats: CrawlStats) -> None:
+        """Update the bar from the crawl's counts."""
+        if self._first is None:
+            self._first = stats.listed
+            self._started = time.monotonic()
+            self.progress.reset(self._task, total=self._total, completed=stats.listed)
+            return
+        rate = (stats.listed - self._first) / max(time.monotonic() - self._started, 1e-6)
+        self.progress.update(
+            self._task,
+            completed=stats.listed,
+            description=(
+                f"{self._source}: listed {stats.listed:,} ({rate:,.0f}/s)  "
+                f"skipped {stats.skipped:,}  enqueued {stats.enqueued:,}"
+            ),
+        )
+
+
+def expected_objects(source: str, expect: int | None) -> int | None:
+    """How many objects the listing will give, for the ETA: `--expect`, or a URI list's length.
+    S3 and folders do not say up front (unknown: the bar shows counts and rate, no ETA)."""
+    if expect is not None:
+        return expect
+    if source.startswith("@"):
+        try:
+            return count_uri_file(Path(source[1:]))
+        except OSError:
+            return None  # the crawl reports the missing list with its own error
+    return None
