@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     poison_deliveries: int = Field(default=3, ge=1)
     max_queued_images: int = 200_000
 
+    # Monitoring: each worker process serves Prometheus metrics on its own port (0 = off).
+    # 127.0.0.1 keeps them on the host; set 0.0.0.0 for a Prometheus on another machine.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9750, ge=0, le=65535)
+
     @property
     def checkpoint_dir(self) -> Path:
         """Folder of checkpoints built offline by `capworks checkpoint build`."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 
 import redis
 from conftest import REPO, png_bytes, s3_client
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -54,6 +57,7 @@ class Pipeline:
             "CAPWORKS_RETRY_CAP_S": "4",
             "CAPWORKS_BATCH_SIZE": "8",
             "PYTHONUNBUFFERED": "1",
+            "CAPWORKS_METRICS_PORT": "0",  # a test that scrapes metrics gives each worker a port
             **self.extra_env,
         }
 
@@ -69,7 +73,11 @@ class Pipeline:
         )
 
     def start_worker(
-        self, name: str = "w", wrapper: Path | None = None, concurrency: int = 4
+        self,
+        name: str = "w",
+        wrapper: Path | None = None,
+        concurrency: int = 4,
+        metrics_port: int = 0,
     ) -> subprocess.Popen[bytes]:
         """A Celery worker process, run directly (the supervisor is not part of these tests)."""
         log = (self.tmp / f"{name}.log").open("ab")
@@ -77,7 +85,12 @@ class Pipeline:
         cmd = celery_worker_argv(self.queue, concurrency, hostname)
         if wrapper is not None:  # the same worker, started through a test wrapper script
             cmd[1:6] = [str(wrapper), "worker"]
-        env = {**self.env, "CUDA_VISIBLE_DEVICES": "", "CAPWORKS_DEVICE": "cpu"}
+        env = {
+            **self.env,
+            "CUDA_VISIBLE_DEVICES": "",
+            "CAPWORKS_DEVICE": "cpu",
+            "CAPWORKS_METRICS_PORT": str(metrics_port),
+        }
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.workers.append(proc)
         return proc
@@ -183,6 +196,30 @@ def wait_until(
             return
         time.sleep(1.0)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{on_timeout()}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    """GET a loopback URL and decode its JSON body."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A worker's Prometheus metrics: (sample name, labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
 
 
 def queued_images(p: Pipeline) -> list[str]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,17 +16,22 @@ import pytest
 from conftest import png_bytes, s3_client
 from PIL import Image
 from pipeline_support import (
+    REDIS_URL,
     Pipeline,
     assert_mostly_true,
     captions,
     count_rows,
     failures,
+    free_port,
+    get_json,
     make_bucket,
     queued_images,
+    scrape,
     wait_until,
 )
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from schema.queue import CAPTION_TASK
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
@@ -166,8 +172,9 @@ def test_two_workers_share_a_queue_and_batch_single_image_jobs(
     p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_MAX_BATCH_WAIT_MS="400")
     result = p.cli("enqueue", "s3://uploads/", "--no-progress")
     assert result.returncode == 0 and "in 48 jobs" in result.stdout, result.stdout
-    p.start_worker("a", concurrency=8)
-    p.start_worker("b", concurrency=8)
+    ports = {"a": free_port(), "b": free_port()}
+    for name, port in ports.items():
+        p.start_worker(name, concurrency=8, metrics_port=port)
     wait_until(
         lambda: count_rows(p.db_url)["captions"] == 48 and p.queue_length() == 0,
         600,
@@ -175,6 +182,12 @@ def test_two_workers_share_a_queue_and_batch_single_image_jobs(
         lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:],
     )
     assert captions(p.db_url) == expected
+    # The batch-size histogram of both processes: 48 images in fewer than 48 batches.
+    found = [scrape(port) for port in ports.values()]
+    images = sum(m[("capworks_batch_images_sum", frozenset())] for m in found)
+    batches = sum(m[("capworks_batch_images_count", frozenset())] for m in found)
+    singles = sum(m[("capworks_batch_images_bucket", frozenset({("le", "1.0")}))] for m in found)
+    assert images == 48 and batches < 48 and singles < batches
     logs = p.log_text("a") + p.log_text("b")
     sizes = [
         int(line.split("batch of ")[1].split()[0])
@@ -250,3 +263,113 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
     assert captions(p.db_url) == expected
     assert deaths == 4  # twice as a 7-image job, twice alone
     assert "splitting its 7 images" in p.log_text("poisoned")
+
+
+def test_innocent_jobs_running_beside_a_worker_killer_are_not_dead_lettered(
+    pipeline: Pipeline, shapes_engine: object
+) -> None:
+    """Three slow single-image jobs run beside one that kills the process: all four are charged
+    with the first death. On redelivery each suspect runs alone, so only the killer is charged
+    again and dead-lettered; the innocents are captioned."""
+    p = pipeline
+    s3 = s3_client(p.s3_endpoint)
+    s3.create_bucket(Bucket="crowded")  # type: ignore[attr-defined]
+    blobs = {f"slow/{i}.png": png_bytes(img) for i, (img, _) in enumerate(sample_scenes(3, 48))}
+    blobs["zz/kills-worker.png"] = png_bytes(sample_scenes(1, 49)[0][0])
+    for key, body in blobs.items():
+        s3.put_object(Bucket="crowded", Key=key, Body=body)  # type: ignore[attr-defined]
+    innocents = [f"s3://crowded/{k}" for k in blobs if k.startswith("slow/")]
+    texts = shapes_engine.caption_images([blobs[u.split("/", 3)[3]] for u in innocents])  # type: ignore[attr-defined]
+    expected = {u: r.caption.text for u, r in zip(innocents, texts, strict=True)}
+    p.extra_env.update(
+        CAPWORKS_JOB_IMAGES="1",
+        CAPWORKS_POISON_DELIVERIES="2",
+        # Above the longest hold here (model load, then three suspects one after another), so
+        # that no job is delivered again while it still runs.
+        CAPWORKS_VISIBILITY_TIMEOUT_S="20",
+        CAPWORKS_RESTORE_INTERVAL_S="2",
+    )
+    result = p.cli("enqueue", "s3://crowded/", "--no-progress")
+    assert result.returncode == 0 and "in 4 jobs" in result.stdout, result.stdout
+    deaths = 0
+    deadline = time.monotonic() + 400
+    worker = p.start_worker("crowded", WRAPPERS / "fake_crash_worker.py", concurrency=4)
+    while time.monotonic() < deadline:
+        if len(failures(p.db_url)) + len(captions(p.db_url)) == 4 and p.queue_length() == 0:
+            break
+        if worker.poll() is not None:
+            deaths += 1
+            worker = p.start_worker("crowded", WRAPPERS / "fake_crash_worker.py", concurrency=4)
+        time.sleep(1.0)
+    log_text = p.log_text("crowded")[-4000:]
+    assert failures(p.db_url) == {"s3://crowded/zz/kills-worker.png": "poison"}, log_text
+    assert captions(p.db_url) == expected
+    assert deaths == 2, log_text  # once beside the innocents, once alone
+
+
+def test_flower_and_prometheus_watch_the_work(pipeline: Pipeline, shapes_engine: object) -> None:
+    """Flower, started on nothing but the broker URL, sees every job succeed on the worker; the
+    worker's /metrics counts the captions, the dead letter and the batches."""
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "watched", 12, seed=47).expected(shapes_engine)
+    s3_client(p.s3_endpoint).put_object(  # type: ignore[attr-defined]
+        Bucket="watched", Key="zz/corrupt.jpg", Body=b"\xff\xd8\xff\xe0 not a jpeg" * 10
+    )
+    p.extra_env["CAPWORKS_JOB_IMAGES"] = "4"
+    flower_port, metrics_port = free_port(), free_port()
+    flower_log = (p.tmp / "flower.log").open("ab")
+    flower = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "celery"),
+            "--broker",
+            REDIS_URL,
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={flower_port}",
+        ],
+        env={**p.env, "FLOWER_UNAUTHENTICATED_API": "true"},
+        stdout=flower_log,
+        stderr=subprocess.STDOUT,
+    )
+    flower_url = f"http://127.0.0.1:{flower_port}"
+    try:
+        wait_until(lambda: _answers(f"{flower_url}/healthcheck"), 60, "Flower to start")
+        p.start_worker("watched", metrics_port=metrics_port)
+        assert p.cli("enqueue", "s3://watched/", "--no-progress").returncode == 0
+        wait_until(
+            lambda: len(captions(p.db_url)) == 12 and p.queue_length() == 0,
+            300,
+            "12 captions",
+            lambda: p.log_text("watched")[-3000:],
+        )
+        assert captions(p.db_url) == expected
+
+        def succeeded() -> list[dict[str, object]]:
+            tasks = get_json(f"{flower_url}/api/tasks").values()
+            return [t for t in tasks if t["name"] == CAPTION_TASK and t["state"] == "SUCCESS"]
+
+        wait_until(lambda: len(succeeded()) == 4, 60, "Flower to see 4 finished jobs")
+        assert all(str(t["worker"]).startswith("watched-") for t in succeeded())
+
+        metrics = scrape(metrics_port)
+        assert metrics[("capworks_images_total", _labels(outcome="captioned", code=""))] == 12
+        dead = ("capworks_images_total", _labels(outcome="dead_letter", code="undecodable"))
+        assert metrics[dead] == 1
+        assert metrics[("capworks_jobs_total", _labels(result="done"))] == 4
+        assert metrics[("capworks_batch_images_sum", frozenset())] == 12
+        assert metrics[("capworks_write_seconds_count", frozenset())] == 4
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _labels(**labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset(labels.items())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from schema.errors import CapworksError, Code
+from workers import metrics
 from workers.engine import Caption, OfaEngine
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Batcher:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[_Item | None] = queue.Queue()
+        metrics.WAITING_IMAGES.set_function(self._queue.qsize)
         self.batch_sizes: Counter[int] = Counter()
         self._thread = threading.Thread(target=self._run, name="capworks-batcher", daemon=True)
         self._thread.start()
@@ -80,10 +82,10 @@ class Batcher:
                 return
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        self.batch_sizes[len(batch)] += 1
         log.info("batch of %d images", len(batch))
         try:
-            captions = self._engine.caption_pixels([i.pixels for i in batch])
+            with metrics.BATCH_SECONDS.time():
+                captions = self._engine.caption_pixels([i.pixels for i in batch])
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) == 1:
@@ -92,6 +94,7 @@ class Batcher:
                 )
                 return
             log.warning("CUDA out of memory on %d images: halving the batch", len(batch))
+            metrics.OOM_SPLITS.inc()
             half = len(batch) // 2
             self._run_batch(batch[:half])
             self._run_batch(batch[half:])
@@ -100,5 +103,7 @@ class Batcher:
             for item in batch:
                 item.future.set_exception(exc)
             return
+        self.batch_sizes[len(batch)] += 1
+        metrics.BATCH_IMAGES.observe(len(batch))
         for item, caption in zip(batch, captions, strict=True):
             item.future.set_result(caption)

@@ -13,6 +13,7 @@ from schema.errors import CapworksError, Kind
 from schema.jobs import Job
 from schema.uris import ImageRef
 from workers.engine import CaptionedImage
+from workers.metrics import JOB_SECONDS
 from workers.persist import Outcome
 from workers.pipeline import fetch_many
 from workers.preprocess import PreparedImage
@@ -28,6 +29,7 @@ class JobResult:
     transient: tuple[tuple[ImageRef, CapworksError], ...]
 
 
+@JOB_SECONDS.time()
 def run_job(job: Job, rt: Runtime) -> JobResult:
     """Caption every image of `job` and commit the final outcomes."""
     refs = job.images
@@ -57,5 +59,5 @@ def run_job(job: Job, rt: Runtime) -> JobResult:
             transient.append((ref, result))
         else:
             final.append(Outcome(ref, result))
-    counts = rt.writer.save(final)
+    counts = rt.save(final)
     return JobResult(counts.captioned, counts.failed, tuple(transient))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -14,15 +16,17 @@ from sqlalchemy import Engine
 
 from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
+from schema.errors import CapworksError
 from schema.settings import Settings
 from schema.storage import make_s3_client
+from workers import metrics
 from workers.batcher import Batcher
 from workers.engine import OfaEngine
 from workers.fetch import Fetcher
-from workers.persist import ResultWriter
+from workers.persist import Outcome, ResultWriter, SaveCounts
 
 log = logging.getLogger(__name__)
-DELIVERY_KEY = "capworks:deliveries:{}"
+RUNS_KEY = "capworks:runs:{}"
 DONE_KEY = "capworks:done:{}"
 KEY_TTL_S = 7 * 24 * 3600
 
@@ -39,6 +43,7 @@ class Runtime:
     writer: ResultWriter
     redis: Any
     fetch_pool: ThreadPoolExecutor
+    slots: RunSlots = field(default_factory=lambda: RunSlots())
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -59,13 +64,30 @@ class Runtime:
             fetch_pool=ThreadPoolExecutor(16, "capworks-fetch"),
         )
 
-    def count_delivery(self, job_id: str) -> int:
-        """How many times this job has been delivered, this delivery included."""
-        key = DELIVERY_KEY.format(job_id)
+    def save(
+        self, outcomes: list[Outcome], job_id: str | None = None, trace: str | None = None
+    ) -> SaveCounts:
+        """Commit final outcomes (captions and dead letters) and count them in the metrics."""
+        with metrics.WRITE_SECONDS.time():
+            counts = self.writer.save(outcomes, job_id=job_id, trace=trace)
+        for o in outcomes:
+            if isinstance(o.result, CapworksError):
+                metrics.IMAGES.labels("dead_letter", o.result.code.value).inc()
+            else:
+                metrics.IMAGES.labels("captioned", "").inc()
+        return counts
+
+    def unfinished_runs(self, job_id: str) -> int:
+        """How many runs of this job started and never finished: its process died each time."""
+        return int(self.redis.get(RUNS_KEY.format(job_id)) or 0)
+
+    def count_run(self, job_id: str) -> None:
+        """Record that a run of this job starts (cleared by `mark_done` when it finishes)."""
+        key = RUNS_KEY.format(job_id)
         pipe = self.redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, KEY_TTL_S)
-        return int(pipe.execute()[0])
+        pipe.execute()
 
     def is_done(self, job_id: str) -> bool:
         """True when a job with this id has already been fully committed."""
@@ -74,7 +96,55 @@ class Runtime:
     def mark_done(self, job_id: str) -> None:
         """Remember that a job is committed, so a redelivered copy is dropped."""
         self.redis.set(DONE_KEY.format(job_id), 1, ex=KEY_TTL_S)
-        self.redis.delete(DELIVERY_KEY.format(job_id))
+        self.redis.delete(RUNS_KEY.format(job_id))
+
+
+class RunSlots:
+    """Job threads run side by side (shared), except a suspect job, which runs alone (exclusive):
+    it waits for the running jobs to finish, and new jobs wait for it. Waiting exclusive holders
+    go first, so a suspect is never starved. Two copies of one job id never run at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._job_ids: set[str] = set()
+
+    @contextmanager
+    def one_copy(self, job_id: str) -> Iterator[None]:
+        """Wait while another copy of this job runs in this process, then hold the job id."""
+        with self._cond:
+            self._cond.wait_for(lambda: job_id not in self._job_ids)
+            self._job_ids.add(job_id)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._job_ids.discard(job_id)
+                self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, exclusive: bool) -> Iterator[None]:
+        """Hold a slot for the duration of the block."""
+        with self._cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                self._cond.wait_for(lambda: self._shared == 0 and not self._exclusive)
+                self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
 
 
 _runtime: Runtime | None = None

@@ -11,6 +11,7 @@ import traceback
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_ready
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
@@ -18,6 +19,7 @@ from schema.jobs import Job, MalformedJob
 from schema.queue import CAPTION_TASK, make_celery
 from schema.settings import get_settings
 from schema.uris import ImageRef
+from workers import metrics
 from workers.job import run_job
 from workers.persist import Outcome
 from workers.runtime import Runtime, get_runtime
@@ -27,30 +29,51 @@ settings = get_settings()
 app = make_celery(settings)
 
 
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def serve_metrics(**_: Any) -> None:
+    """Serve this process's Prometheus metrics once the worker is up."""
+    metrics.serve(settings.metrics_host, settings.metrics_port)
+
+
 @app.task(name=CAPTION_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
     """Caption one job message; see the module docstring for the policy."""
     rt = get_runtime(settings)
-    job_key = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
-    deliveries = rt.count_delivery(job_key or str(self.request.id))
     try:
         job = Job.from_wire(body)
     except MalformedJob as exc:
+        key = body.get("id") if isinstance(body, dict) else None
         log.error("dead-lettering malformed job %s: %s", self.request.id, exc.message)
-        rt.writer.save_message_failure(job_key or str(self.request.id), exc, body)
+        rt.writer.save_message_failure(str(key or self.request.id), exc, body)
+        metrics.JOBS.labels("malformed").inc()
         return {"dead_lettered": 1}
+    # A copy delivered again while the first still runs here (a job outliving the visibility
+    # timeout) waits for it, then finds it done.
+    with rt.slots.one_copy(job.job_id):
+        return run_once(rt, job, attempt)
+
+
+def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
+    """Run a job unless it is done or poison; commit, schedule retries, mark it done."""
     if rt.is_done(job.job_id):
         log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
+        metrics.JOBS.labels("duplicate").inc()
         return {"duplicate": 1}
-    if deliveries > settings.poison_deliveries:
-        return isolate_poison(rt, job, deliveries)
-    try:
-        result = run_job(job, rt)
-    except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
-        return retry_whole_job(rt, job, exc, attempt)
+    deaths = rt.unfinished_runs(job.job_id)
+    if deaths >= settings.poison_deliveries:
+        return isolate_poison(rt, job, deaths)
+    # A job that was running when its process died is a suspect: it runs alone, so that if it
+    # kills the process again, no innocent job running beside it is charged with the death.
+    with rt.slots.hold(exclusive=deaths > 0):
+        rt.count_run(job.job_id)
+        try:
+            result = run_job(job, rt)
+        except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
+            return retry_whole_job(rt, job, exc, attempt)
     if result.transient:
         retry_transient(rt, job, result.transient, attempt)
     rt.mark_done(job.job_id)
+    metrics.JOBS.labels("done").inc()
     return {
         "captioned": result.captioned,
         "dead_lettered": result.dead_lettered,
@@ -65,14 +88,16 @@ def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict
     if attempt >= settings.max_attempts:
         log.error("job %s failed %d times; dead-lettering its images: %r", job.job_id, attempt, exc)
         error = CapworksError(Code.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
-        rt.writer.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id, trace=trace)
+        rt.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id, trace=trace)
         rt.mark_done(job.job_id)
+        metrics.JOBS.labels("failed").inc()
         return {"dead_lettered": len(job.images)}
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
     log.warning("job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, delay_s)
     again = Job.new(job.images, job.crawl_id, job_id=f"{job.job_id}.a{attempt}")
     caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=delay_s)
     rt.mark_done(job.job_id)
+    metrics.JOBS.labels("retried").inc()
     return {"retrying": len(job.images)}
 
 
@@ -81,7 +106,7 @@ def retry_transient(
 ) -> None:
     """Send the transiently failed images again after a backoff, or dead-letter them at the cap."""
     if attempt >= settings.max_attempts:
-        rt.writer.save(
+        rt.save(
             [
                 Outcome(
                     ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")
@@ -90,6 +115,8 @@ def retry_transient(
             ]
         )
         return
+    for _, err in failed:
+        metrics.IMAGES.labels("retry", err.code.value).inc()
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
     retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=f"{job.job_id}.r{attempt}")
     log.warning(
@@ -103,26 +130,28 @@ def retry_transient(
     caption_job.apply_async(args=[retry.to_wire(), attempt + 1], countdown=delay_s)
 
 
-def isolate_poison(rt: Runtime, job: Job, deliveries: int) -> dict[str, int]:
+def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
     """A job delivered too often without finishing killed its worker: split it, or dead-letter
     its single image, so one bad image cannot keep killing workers."""
     if len(job.images) > 1:
         log.error(
-            "job %s delivered %d times without finishing: splitting its %d images",
+            "job %s was running when its worker died %d times: splitting its %d images",
             job.job_id,
-            deliveries,
+            deaths,
             len(job.images),
         )
         for i, ref in enumerate(job.images):
             single = Job.new([ref], job.crawl_id, job_id=f"{job.job_id}~{i}")
             caption_job.apply_async(args=[single.to_wire()])
         rt.mark_done(job.job_id)
+        metrics.JOBS.labels("split").inc()
         return {"split": len(job.images)}
     ref = job.images[0]
-    log.error("image %s killed its worker %d times: dead-lettering it", ref.uri, deliveries - 1)
-    error = CapworksError(Code.POISON, f"worker died {deliveries - 1} times while captioning it")
-    rt.writer.save(
+    log.error("image %s killed its worker %d times: dead-lettering it", ref.uri, deaths)
+    error = CapworksError(Code.POISON, f"worker died {deaths} times while captioning it")
+    rt.save(
         [Outcome(ref, error)], job_id=job.job_id, trace="".join(traceback.format_stack(limit=5))
     )
     rt.mark_done(job.job_id)
+    metrics.JOBS.labels("poison").inc()
     return {"dead_lettered": 1}

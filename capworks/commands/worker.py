@@ -74,12 +74,14 @@ def celery_worker_argv(
     ]
 
 
-def start_child(gpu: str | None, concurrency: int, loglevel: str) -> Child:
-    """Start a Celery worker process pinned to one GPU (or the CPU)."""
+def start_child(gpu: str | None, index: int, concurrency: int, loglevel: str) -> Child:
+    """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
     settings = get_settings()
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = gpu or ""
     env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
+    if settings.metrics_port:  # one metrics port per process
+        env["CAPWORKS_METRICS_PORT"] = str(settings.metrics_port + index)
     name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
     cmd = celery_worker_argv(settings.queue_name, concurrency, name, loglevel)
     log.info("starting %s", " ".join(cmd))
@@ -90,7 +92,7 @@ def run_worker(args: argparse.Namespace) -> int:
     """Run and supervise the worker processes until SIGTERM or SIGINT."""
     gpus = parse_gpus(args.gpus)
     concurrency = args.concurrency or get_settings().prefetch_jobs
-    children = [start_child(g, concurrency, args.loglevel) for g in gpus]
+    children = [start_child(g, i, concurrency, args.loglevel) for i, g in enumerate(gpus)]
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -108,7 +110,7 @@ def run_worker(args: argparse.Namespace) -> int:
             if code is not None and not stopping:
                 log.warning("worker for %s exited with %s; restarting", child.gpu or "cpu", code)
                 time.sleep(RESTART_DELAY_S)
-                children[i] = start_child(child.gpu, concurrency, args.loglevel)
+                children[i] = start_child(child.gpu, i, concurrency, args.loglevel)
         time.sleep(0.5)
     for child in children:
         child.proc.wait()

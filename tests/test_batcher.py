@@ -1,0 +1,70 @@
+"""Dynamic batching on the real shapes engine. CUDA out-of-memory cannot happen on this CPU
+machine, so `FakeOomEngine` raises torch's real OutOfMemoryError above a batch size; everything
+else is the real engine. The halving and its recovery are what is under test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from conftest import png_bytes
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from schema.errors import CapworksError, Code
+from workers import metrics
+from workers.batcher import Batcher
+from workers.engine import Caption, OfaEngine
+from workers.preprocess import PreparedImage
+
+pytestmark = pytest.mark.slow
+
+
+class FakeOomEngine:
+    """The real engine, except that batches larger than `fits` fail as a full GPU would."""
+
+    def __init__(self, engine: OfaEngine, fits: int) -> None:
+        self._engine = engine
+        self._fits = fits
+        self.attempts: list[int] = []
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+        self.attempts.append(len(pixels))
+        if len(pixels) > self._fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._engine.caption_pixels(pixels)
+
+
+def prepared(engine: OfaEngine, count: int) -> list[np.ndarray]:
+    blobs = [png_bytes(img) for img, _ in sample_scenes(count, seed=51)]
+    out = engine.preprocess(blobs)
+    assert all(isinstance(p, PreparedImage) for p in out)
+    return [p.pixels for p in out]  # type: ignore[union-attr]
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits(shapes_engine: OfaEngine) -> None:
+    pixels = prepared(shapes_engine, 8)
+    expected = [c.text for c in shapes_engine.caption_pixels(pixels)]
+    fake = FakeOomEngine(shapes_engine, fits=2)
+    splits_before = metrics.OOM_SPLITS._value.get()
+    batcher = Batcher(fake, max_batch=8, max_wait_ms=2000)  # type: ignore[arg-type]
+    try:
+        captions = [f.result(timeout=300).text for f in batcher.submit(pixels)]
+    finally:
+        batcher.close()
+    assert captions == expected
+    assert fake.attempts == [8, 4, 2, 2, 4, 2, 2]
+    assert dict(batcher.batch_sizes) == {2: 4}
+    assert metrics.OOM_SPLITS._value.get() - splits_before == 3
+
+
+def test_an_image_too_large_alone_gets_an_out_of_memory_error(shapes_engine: OfaEngine) -> None:
+    pixels = prepared(shapes_engine, 2)
+    batcher = Batcher(FakeOomEngine(shapes_engine, fits=0), 2, 2000)  # type: ignore[arg-type]
+    try:
+        futures = batcher.submit(pixels)
+        errors = [f.exception(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert all(isinstance(e, CapworksError) and e.code is Code.OUT_OF_MEMORY for e in errors)

@@ -1,0 +1,60 @@
+"""Prometheus metrics of one worker process, served at http://HOST:PORT/metrics.
+
+`capworks worker` gives its N processes the ports `metrics_port` .. `metrics_port + N - 1`;
+`metrics_port = 0` turns the endpoint off. The names follow Prometheus conventions: counters end
+in `_total`, durations are histograms in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+IMAGES = Counter(
+    "capworks_images_total",
+    "Images this process finished, by outcome (captioned, dead_letter, retry) and error code",
+    ["outcome", "code"],
+)
+JOBS = Counter(
+    "capworks_jobs_total",
+    "Job deliveries by how they ended: done, duplicate, malformed, split, poison, retried, failed",
+    ["result"],
+)
+BATCH_IMAGES = Histogram(
+    "capworks_batch_images",
+    "Images per model batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_SECONDS = Histogram(
+    "capworks_batch_seconds",
+    "Model time per batch (preprocessed pixels in, captions out)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+OOM_SPLITS = Counter("capworks_oom_splits_total", "Batches halved after CUDA out of memory")
+JOB_SECONDS = Histogram(
+    "capworks_job_seconds",
+    "Wall time of one job, first fetch to commit",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+WRITE_SECONDS = Histogram(
+    "capworks_write_seconds",
+    "Time to commit one job's results to the database",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+WAITING_IMAGES = Gauge("capworks_batcher_waiting_images", "Images waiting for a model batch")
+
+
+def serve(host: str, port: int) -> bool:
+    """Start the /metrics endpoint in a background thread; False (logged) when it cannot bind."""
+    if port == 0:
+        return False
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics endpoint on %s:%d not started: %s", host, port, exc)
+        return False
+    log.info("metrics at http://%s:%d/metrics", host, port)
+    return True
