@@ -48,7 +48,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits(shapes_engine: OfaEngine) 
     expected = [c.text for c in shapes_engine.caption_pixels(pixels)]
     fake = FakeOomEngine(shapes_engine, fits=2)
     splits_before = metrics.OOM_SPLITS._value.get()
-    batcher = Batcher(fake, max_batch=8, max_wait_ms=2000)  # type: ignore[arg-type]
+    batcher = Batcher(lambda: fake, max_batch=8, max_wait_ms=2000)  # type: ignore[arg-type,return-value]
     try:
         captions = [f.result(timeout=300).text for f in batcher.submit(pixels)]
     finally:
@@ -61,7 +61,8 @@ def test_out_of_memory_halves_the_batch_until_it_fits(shapes_engine: OfaEngine) 
 
 def test_an_image_too_large_alone_gets_an_out_of_memory_error(shapes_engine: OfaEngine) -> None:
     pixels = prepared(shapes_engine, 2)
-    batcher = Batcher(FakeOomEngine(shapes_engine, fits=0), 2, 2000)  # type: ignore[arg-type]
+    fake = FakeOomEngine(shapes_engine, fits=0)
+    batcher = Batcher(lambda: fake, 2, 2000)  # type: ignore[arg-type,return-value]
     try:
         futures = batcher.submit(pixels)
         errors = [f.exception(timeout=60) for f in futures]

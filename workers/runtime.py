@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 from sqlalchemy import Engine
 
 from schema.checkpoint import resolve_checkpoint
@@ -49,12 +50,18 @@ class Runtime:
     def build(cls, settings: Settings) -> Runtime:
         """Load the model and open every connection."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
-        engine = OfaEngine.from_settings(config, settings)
+        # The batcher's thread loads the model and is the only one to run it (see batcher.py).
+        batcher = Batcher(
+            lambda: OfaEngine.from_settings(config, settings),
+            settings.batch_size,
+            settings.max_batch_wait_ms,
+        )
+        engine = batcher.engine
         db = connect(settings.database_url)
         return cls(
             settings=settings,
             engine=engine,
-            batcher=Batcher(engine, settings.batch_size, settings.max_batch_wait_ms),
+            batcher=batcher,
             fetcher=Fetcher(
                 make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s
             ),
@@ -157,5 +164,10 @@ def get_runtime(settings: Settings) -> Runtime:
     with _lock:
         if _runtime is None:
             _runtime = Runtime.build(settings)
-            log.info("worker runtime ready: %s on %s", settings.model, _runtime.engine.device)
+            log.info(
+                "worker runtime ready: %s on %s, %d torch threads",
+                settings.model,
+                _runtime.engine.device,
+                torch.get_num_threads(),
+            )
         return _runtime
