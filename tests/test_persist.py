@@ -15,13 +15,22 @@ from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
 from workers.persist import Outcome, ResultWriter
+from workers.tags import derive_tags
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
 
 
 def captioned(text: str, *alts: str) -> CaptionedImage:
     return CaptionedImage(
-        EngineCaption(text, -0.5, tuple(Alternative(a, -1.0) for a in alts), (1, 2, 3)), 64, 48
+        EngineCaption(
+            text,
+            -0.5,
+            tuple(Alternative(a, -1.0) for a in alts),
+            (1, 2, 3),
+            tuple(derive_tags(text, alts)),
+        ),
+        64,
+        48,
     )
 
 
@@ -53,11 +62,9 @@ def counts(engine: Engine) -> dict[str, int]:
     return found
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    if request.param == "sqlite":
-        return connect(f"sqlite:///{tmp_path / 'c.db'}")
-    return connect(request.getfixturevalue("pg_url"))
+@pytest.fixture()
+def db(any_db_url: str) -> Engine:
+    return connect(any_db_url)
 
 
 def test_writing_the_same_outcomes_twice_adds_no_rows(db: Engine) -> None:

@@ -23,6 +23,7 @@ from schema.settings import Settings
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
 from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
+from workers.tags import derive_tags
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMITS = ImageLimits()
@@ -39,12 +40,14 @@ class Alternative:
 
 @dataclass(frozen=True)
 class Caption:
-    """The best caption of one image, its score, and the other beam hypotheses."""
+    """The best caption of one image, its score, the other beam hypotheses, and the tags they
+    agree on (lemma, share of hypotheses containing it), best first."""
 
     text: str
     score: float
     alternatives: tuple[Alternative, ...]
     tokens: tuple[int, ...]
+    tags: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class OfaEngine:
         alternatives = tuple(
             Alternative(t, h.score) for t, h in zip(texts[1:], hyps[1:], strict=True)
         )
-        return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens)
+        tags = tuple(derive_tags(texts[0], texts[1:]))
+        return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens, tags)
 
     def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
         """Caption preprocessed images, `batch_size` at a time."""

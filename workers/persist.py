@@ -25,7 +25,6 @@ from schema.tables import BadMessage, Failure, Image, utcnow
 from schema.tables import Caption as CaptionRow
 from schema.uris import ImageRef
 from workers.engine import CaptionedImage
-from workers.tags import derive_tags
 
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 _IMAGE_FIELDS = (
@@ -87,14 +86,13 @@ class _Batch:
             )
             if isinstance(result, CaptionedImage):
                 cap = result.caption
-                alternatives = [a.text for a in cap.alternatives]
                 batch.captions.append(
                     dict(
                         uri=uri,
                         text=cap.text,
                         score=cap.score,
                         alternatives=[{"text": a.text, "score": a.score} for a in cap.alternatives],
-                        tags=dict(derive_tags(cap.text, alternatives)),
+                        tags=dict(cap.tags),
                     )
                 )
             else:

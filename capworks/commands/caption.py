@@ -124,6 +124,7 @@ def outcome_dict(o: Outcome) -> dict[str, Any]:
             "alternatives": [
                 {"text": a.text, "score": round(a.score, 4)} for a in cap.alternatives
             ],
+            "tags": {tag: round(score, 4) for tag, score in cap.tags},
         }
     return {"uri": o.ref.uri, "error": o.result.code.value, "message": o.result.message}
 
