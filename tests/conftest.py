@@ -82,6 +82,14 @@ def pg_url() -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database URL on each supported backend: a SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'capworks.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
 def _free_port_pair() -> int:
     """A port p with p and p + 10000 (SeaweedFS's gRPC offset) both free on 127.0.0.1."""
     for _ in range(200):

@@ -4,7 +4,6 @@ caption in 0003 and come back as rows on downgrade, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -12,11 +11,9 @@ from sqlalchemy import Engine, create_engine, text
 from schema.db import migrate
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    if request.param == "sqlite":
-        return create_engine(f"sqlite:///{tmp_path / 'm.db'}")
-    return create_engine(request.getfixturevalue("pg_url"))
+@pytest.fixture()
+def engine(any_db_url: str) -> Engine:
+    return create_engine(any_db_url)
 
 
 def test_tags_rows_become_a_caption_column_and_back(engine: Engine) -> None:

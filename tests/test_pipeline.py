@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -231,6 +231,21 @@ def test_transient_s3_outage_is_retried_with_backoff_and_ends_captioned(
         p.stop_workers()
 
 
+def run_crash_workers(p: Pipeline, name: str, concurrency: int, done: Callable[[], bool]) -> int:
+    """Run the crash-wrapper worker until `done()`, starting a fresh one each time it dies (the
+    supervisor's job in `capworks worker`); returns how many times it died."""
+    deaths = 0
+    deadline = time.monotonic() + 400
+    wrapper = WRAPPERS / "fake_crash_worker.py"
+    worker = p.start_worker(name, wrapper, concurrency=concurrency)
+    while time.monotonic() < deadline and not done():
+        if worker.poll() is not None:
+            deaths += 1
+            worker = p.start_worker(name, wrapper, concurrency=concurrency)
+        time.sleep(1.0)
+    return deaths
+
+
 def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
     pipeline: Pipeline, shapes_engine: object
 ) -> None:
@@ -247,16 +262,14 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
     )
     result = p.cli("enqueue", "s3://crashy/", "--no-progress")
     assert result.returncode == 0 and "in 1 jobs" in result.stdout, result.stdout
-    deaths = 0
-    deadline = time.monotonic() + 400
-    worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
-    while time.monotonic() < deadline:
-        if "s3://crashy/zz/kills-worker.png" in failures(p.db_url) and len(captions(p.db_url)) == 6:
-            break
-        if worker.poll() is not None:  # the supervisor's job: start a fresh worker
-            deaths += 1
-            worker = p.start_worker("poisoned", WRAPPERS / "fake_crash_worker.py", concurrency=1)
-        time.sleep(1.0)
+    deaths = run_crash_workers(
+        p,
+        "poisoned",
+        1,
+        lambda: (
+            "s3://crashy/zz/kills-worker.png" in failures(p.db_url) and len(captions(p.db_url)) == 6
+        ),
+    )
     assert failures(p.db_url) == {"s3://crashy/zz/kills-worker.png": "poison"}, p.log_text(
         "poisoned"
     )[-3000:]
@@ -291,16 +304,12 @@ def test_innocent_jobs_running_beside_a_worker_killer_are_not_dead_lettered(
     )
     result = p.cli("enqueue", "s3://crowded/", "--no-progress")
     assert result.returncode == 0 and "in 4 jobs" in result.stdout, result.stdout
-    deaths = 0
-    deadline = time.monotonic() + 400
-    worker = p.start_worker("crowded", WRAPPERS / "fake_crash_worker.py", concurrency=4)
-    while time.monotonic() < deadline:
-        if len(failures(p.db_url)) + len(captions(p.db_url)) == 4 and p.queue_length() == 0:
-            break
-        if worker.poll() is not None:
-            deaths += 1
-            worker = p.start_worker("crowded", WRAPPERS / "fake_crash_worker.py", concurrency=4)
-        time.sleep(1.0)
+    deaths = run_crash_workers(
+        p,
+        "crowded",
+        4,
+        lambda: len(failures(p.db_url)) + len(captions(p.db_url)) == 4 and p.queue_length() == 0,
+    )
     log_text = p.log_text("crowded")[-4000:]
     assert failures(p.db_url) == {"s3://crowded/zz/kills-worker.png": "poison"}, log_text
     assert captions(p.db_url) == expected
