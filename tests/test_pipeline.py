@@ -31,7 +31,9 @@ from pipeline_support import (
 )
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from producer.enqueue import enqueue
 from schema.queue import CAPTION_TASK
+from schema.settings import Settings
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
@@ -314,6 +316,19 @@ def test_innocent_jobs_running_beside_a_worker_killer_are_not_dead_lettered(
     assert failures(p.db_url) == {"s3://crowded/zz/kills-worker.png": "poison"}, log_text
     assert captions(p.db_url) == expected
     assert deaths == 2, log_text  # once beside the innocents, once alone
+
+
+def test_a_worker_that_cannot_load_its_model_exits_and_leaves_the_jobs_queued(
+    pipeline: Pipeline,
+) -> None:
+    p = pipeline
+    settings = Settings(broker_url=REDIS_URL, queue_name=p.queue)
+    enqueue(["s3://nowhere/a.png", "s3://nowhere/b.png"], settings)
+    p.extra_env["CAPWORKS_MODEL"] = str(p.tmp / "no-such-checkpoint")
+    worker = p.start_worker("broken")
+    assert worker.wait(timeout=120) != 0
+    assert "cannot start the worker" in p.log_text("broken"), p.log_text("broken")[-2000:]
+    assert p.redis().llen(p.queue) == 1  # the job still waits: the worker never took it
 
 
 def test_flower_and_prometheus_watch_the_work(pipeline: Pipeline, shapes_engine: object) -> None:

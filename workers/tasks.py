@@ -11,7 +11,7 @@ import traceback
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
@@ -27,6 +27,17 @@ from workers.runtime import Runtime, get_runtime
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def load_before_taking_jobs(**_: Any) -> None:
+    """Load the model and open connections before consuming: a worker that cannot (a missing
+    checkpoint, an unreachable database) exits instead of taking jobs and failing them."""
+    try:
+        get_runtime(settings)
+    except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker
+        log.critical("cannot start the worker: %s", exc)
+        raise SystemExit(1) from exc
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
