@@ -331,6 +331,57 @@ def test_a_worker_that_cannot_load_its_model_exits_and_leaves_the_jobs_queued(
     assert p.redis().llen(p.queue) == 1  # the job still waits: the worker never took it
 
 
+def test_capworks_worker_restarts_a_killed_process_and_stops_cleanly(
+    pipeline: Pipeline, shapes_engine: object
+) -> None:
+    """The supervisor itself (`capworks worker --gpus cpu`): its Celery process is killed with
+    SIGKILL, a new one takes over and captions the bucket; SIGTERM stops everything."""
+    p = pipeline
+    expected = make_bucket(p.s3_endpoint, "supervised", 8, seed=50).expected(shapes_engine)
+    port = free_port()
+    log = (p.tmp / "supervisor.log").open("ab")
+    supervisor = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "worker", "--gpus", "cpu"],
+        env={**p.env, "CAPWORKS_METRICS_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        wait_until(lambda: _answers(url), 120, "the first worker process")
+        first = _children(supervisor.pid)
+        assert len(first) == 1
+        os.kill(first[0], signal.SIGKILL)
+        wait_until(
+            lambda: _children(supervisor.pid) not in ([], first) and _answers(url),
+            120,
+            "a new worker process",
+            lambda: (p.tmp / "supervisor.log").read_text()[-2000:],
+        )
+        assert p.cli("enqueue", "s3://supervised/", "--no-progress").returncode == 0
+        wait_until(lambda: len(captions(p.db_url)) == 8, 300, "8 captions")
+        assert captions(p.db_url) == expected
+        assert "exited with -9; restarting" in (p.tmp / "supervisor.log").read_text()
+        second = _children(supervisor.pid)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in second)  # stopped with it
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        for pid in _children(supervisor.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (Linux /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
 def test_flower_and_prometheus_watch_the_work(pipeline: Pipeline, shapes_engine: object) -> None:
     """Flower, started on nothing but the broker URL, sees every job succeed on the worker; the
     worker's /metrics counts the captions, the dead letter and the batches."""

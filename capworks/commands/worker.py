@@ -16,14 +16,25 @@ from schema.settings import get_settings
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
+MAX_RESTART_DELAY_S = 60.0
+STABLE_S = 60.0  # a process that ran this long before dying is restarted after the base delay
 
 
 @dataclass
 class Child:
-    """One worker process and the device it owns."""
+    """One worker process, the device it owns, and how long to wait if it dies."""
 
     gpu: str | None
     proc: subprocess.Popen[bytes]
+    started_s: float
+    delay_s: float = RESTART_DELAY_S
+
+    def next_delay(self, now_s: float) -> float:
+        """The base delay after a process that ran a while; doubling, up to a minute, after one
+        that died young (a worker that cannot load its model should not spin)."""
+        if now_s - self.started_s >= STABLE_S:
+            return RESTART_DELAY_S
+        return min(self.delay_s * 2, MAX_RESTART_DELAY_S)
 
 
 def parse_gpus(spec: str) -> list[str | None]:
@@ -74,7 +85,9 @@ def celery_worker_argv(
     ]
 
 
-def start_child(gpu: str | None, index: int, concurrency: int, loglevel: str) -> Child:
+def start_child(
+    gpu: str | None, index: int, concurrency: int, loglevel: str, delay_s: float = RESTART_DELAY_S
+) -> Child:
     """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
     settings = get_settings()
     env = dict(os.environ)
@@ -85,7 +98,7 @@ def start_child(gpu: str | None, index: int, concurrency: int, loglevel: str) ->
     name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
     cmd = celery_worker_argv(settings.queue_name, concurrency, name, loglevel)
     log.info("starting %s", " ".join(cmd))
-    return Child(gpu, subprocess.Popen(cmd, env=env))
+    return Child(gpu, subprocess.Popen(cmd, env=env), time.monotonic(), delay_s)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -104,13 +117,25 @@ def run_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    restart_at: dict[int, float] = {}
     while not stopping:
+        now = time.monotonic()
         for i, child in enumerate(children):
-            code = child.proc.poll()
-            if code is not None and not stopping:
-                log.warning("worker for %s exited with %s; restarting", child.gpu or "cpu", code)
-                time.sleep(RESTART_DELAY_S)
-                children[i] = start_child(child.gpu, i, concurrency, args.loglevel)
+            if i in restart_at:
+                if now >= restart_at[i]:
+                    del restart_at[i]
+                    children[i] = start_child(
+                        child.gpu, i, concurrency, args.loglevel, child.delay_s
+                    )
+            elif (code := child.proc.poll()) is not None:
+                child.delay_s = child.next_delay(now)
+                restart_at[i] = now + child.delay_s
+                log.warning(
+                    "worker for %s exited with %s; restarting in %.0f s",
+                    child.gpu or "cpu",
+                    code,
+                    child.delay_s,
+                )
         time.sleep(0.5)
     for child in children:
         child.proc.wait()
