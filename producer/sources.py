@@ -90,20 +90,26 @@ def iter_s3(prefix_uri: str, s3_client: Any, start_after: str | None = None) -> 
         raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot list {prefix_uri}: {exc}") from exc
 
 
+def _uri_of(line: str) -> str | None:
+    """The URI on one line of a URI list; None for a blank line or a `#` comment."""
+    uri = line.strip()
+    return uri if uri and not uri.startswith("#") else None
+
+
 def iter_uri_file(path: Path, start_after: str | None = None) -> Iterator[tuple[str, ImageRef]]:
     """(line number, reference) for one URI per line, skipping blanks and `#` comments."""
     skip = int(start_after or 0)
     with path.open() as f:
         for number, line in enumerate(f, 1):
-            uri = line.strip()
-            if number > skip and uri and not uri.startswith("#"):
+            uri = _uri_of(line)
+            if number > skip and uri:
                 yield str(number), ImageRef(uri=uri)
 
 
 def count_uri_file(path: Path) -> int:
     """How many URIs a list holds (the lines `iter_uri_file` yields)."""
     with path.open() as f:
-        return sum(1 for line in f if line.strip() and not line.lstrip().startswith("#"))
+        return sum(1 for line in f if _uri_of(line))
 
 
 def iter_positions(

@@ -1,5 +1,6 @@
-"""The Celery task shell: count the delivery, validate, isolate poison, run the job, retry
-transient failures with backoff, dead-letter the rest. The work itself is `workers.job.run_job`.
+"""The Celery task shell: validate, isolate poison, run a suspect job alone, count the run,
+run the job, retry transient failures with backoff, dead-letter the rest. The work itself is
+`workers.job.run_job`.
 
 Start a worker with `capworks worker` (which runs `celery -A workers.tasks worker ...`).
 """
@@ -142,8 +143,8 @@ def retry_transient(
 
 
 def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
-    """A job delivered too often without finishing killed its worker: split it, or dead-letter
-    its single image, so one bad image cannot keep killing workers."""
+    """A job whose worker died too often while it ran: split it, or dead-letter its single
+    image, so one bad image cannot keep killing workers."""
     if len(job.images) > 1:
         log.error(
             "job %s was running when its worker died %d times: splitting its %d images",

@@ -1,0 +1,17 @@
+"""URI lists (`capworks enqueue @FILE`): blanks and comments skipped, resumable by line number,
+and counted the same way for the progress bar's ETA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from producer.sources import count_uri_file, iter_uri_file
+
+
+def test_a_uri_list_skips_blanks_and_comments_and_resumes_by_line(tmp_path: Path) -> None:
+    listing = tmp_path / "uris.txt"
+    listing.write_text("s3://b/a.jpg\n\n  # a comment\n  s3://b/c d.jpg  \n#x\n/data/e.png\n")
+    every = [(pos, ref.uri) for pos, ref in iter_uri_file(listing)]
+    assert every == [("1", "s3://b/a.jpg"), ("4", "s3://b/c d.jpg"), ("6", "/data/e.png")]
+    assert [ref.uri for _, ref in iter_uri_file(listing, start_after="4")] == ["/data/e.png"]
+    assert count_uri_file(listing) == len(every)
