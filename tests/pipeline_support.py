@@ -25,7 +25,9 @@ from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import celery_worker_argv
 from schema.tables import Caption, Failure, Image
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# Each concurrent test run takes its own Redis database (CAPWORKS_TEST_REDIS_DB, default 15): the
+# fixtures clear `capworks:*` keys and count kombu's `unacked` hash, both per database.
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
 
 
 @dataclass
