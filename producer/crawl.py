@@ -4,7 +4,8 @@ chunks of references as jobs, recording progress in SQL after every page of the 
 Resuming: the crawl row keeps the position after the last published page. A page's jobs are
 written to the row (`pending_job`) before they are published and cleared with the new position
 after, and each publish is marked in Redis; so a crawl killed between the two republishes exactly
-the jobs not marked as sent, with their ids unchanged (workers drop a job id they have committed).
+the jobs not marked as sent, with their ids unchanged (workers drop a job id they have committed);
+every other job gets an id no run has used before.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from producer.sources import iter_positions
-from schema.jobs import Job
+from producer.sources import InputError, iter_positions
+from schema.jobs import MAX_ROOT_ID_CHARS, Job, new_job_id
 from schema.tables import Caption, Crawl, Image, utcnow
 from schema.uris import ImageRef
 
@@ -122,6 +123,8 @@ def run_crawl(
     on_progress: Callable[[CrawlStats], None] | None = None,
 ) -> CrawlStats:
     """Crawl `source` to the end (or resume it), publishing jobs; returns the counts."""
+    if len(crawl_id) > MAX_ROOT_ID_CHARS:
+        raise InputError(f"crawl id is {len(crawl_id)} characters; at most {MAX_ROOT_ID_CHARS}")
     with Session(db) as session:
         crawl = session.get(Crawl, crawl_id)
         if crawl is None or crawl.state == "done":
@@ -131,6 +134,10 @@ def run_crawl(
         )
         if crawl.pending_job:
             _finish_pending(session, crawl, publisher, stats)
+        # Job ids are unique for ever: a crawl run again (finished, --force, a reused crawl id)
+        # must not reuse an id whose done mark would make workers drop the new job. Only the
+        # jobs of a cut-off page keep their ids (above), so a resume does not send them twice.
+        run_id = f"{crawl_id}-{new_job_id()[:8]}"
         positions = iter_positions(source, s3_client, crawl.last_key)
         for page in _pages(positions, PAGE_SIZE):
             keep = [ref for _, ref in page if filters.accept(ref)]
@@ -139,7 +146,7 @@ def run_crawl(
             stats.listed += len(page)
             stats.skipped += len(page) - len(keep)
             jobs = [
-                Job.new(keep[n : n + job_images], crawl_id, job_id=f"{crawl_id}-{number:08d}")
+                Job.new(keep[n : n + job_images], crawl_id, job_id=f"{run_id}-{number:06d}")
                 for number, n in enumerate(range(0, len(keep), job_images), start=stats.jobs)
             ]
             if jobs:

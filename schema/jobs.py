@@ -18,6 +18,23 @@ from schema.uris import ImageRef, is_s3, parse_s3
 
 JOB_VERSION = 1
 MAX_IMAGES_PER_JOB = 1000
+MAX_ROOT_ID_CHARS = 96  # a derived id adds at most 20 characters; the column holds 128
+
+
+def new_job_id() -> str:
+    """A job id never used before (random, 128 bits)."""
+    return uuid.uuid4().hex
+
+
+def derived_job_id(parent: str, kind: str, attempt: int) -> str:
+    """The id of a job made from another (`r` transient retry, `a` whole-job retry, `s` split).
+
+    Unique for ever: a parent that runs twice (delivered again before it was marked done) makes
+    two derived jobs, and a done mark of one never drops the other. The parent's root id is kept
+    for tracing; derived suffixes do not pile up, so ids stay short.
+    """
+    root = parent.split(".", 1)[0].split("~", 1)[0][:MAX_ROOT_ID_CHARS]
+    return f"{root}.{kind}{attempt}-{uuid.uuid4().hex[:12]}"
 
 
 class MalformedJob(CapworksError):
@@ -40,7 +57,7 @@ class Job:
         cls, images: Sequence[ImageRef], crawl_id: str | None = None, job_id: str | None = None
     ) -> Job:
         """A job with a fresh id unless one is given (crawls use deterministic ids)."""
-        return cls(job_id or uuid.uuid4().hex, tuple(images), crawl_id)
+        return cls(job_id or new_job_id(), tuple(images), crawl_id)
 
     def to_wire(self) -> dict[str, Any]:
         """The compact JSON-able message body."""

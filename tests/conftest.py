@@ -90,6 +90,25 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture()
+def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) -> Iterator[object]:
+    """Producer and worker environment of one test (its own queue, PostgreSQL database), with
+    the workers it started stopped and its Redis keys removed afterwards."""
+    from pipeline_support import Pipeline
+
+    p = Pipeline(pg_url, s3_endpoint, tmp_path)
+    try:
+        p.redis().ping()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
+        require_service("Redis", str(exc))
+    yield p
+    p.stop_workers()
+    r = p.redis()
+    r.delete(p.queue)
+    for key in r.scan_iter("capworks:*"):
+        r.delete(key)
+
+
 def _free_port_pair() -> int:
     """A port p with p and p + 10000 (SeaweedFS's gRPC offset) both free on 127.0.0.1."""
     for _ in range(200):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,23 +37,6 @@ from schema.settings import Settings
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
-
-
-@pytest.fixture()
-def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(pg_url, s3_endpoint, tmp_path)
-    try:
-        p.redis().ping()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
-        from conftest import require_service
-
-        require_service("Redis", str(exc))
-    yield p
-    p.stop_workers()
-    r = p.redis()
-    r.delete(p.queue)
-    for key in r.scan_iter("capworks:*"):
-        r.delete(key)
 
 
 def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(

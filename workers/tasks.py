@@ -16,7 +16,7 @@ from celery.signals import worker_init, worker_ready
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
-from schema.jobs import Job, MalformedJob
+from schema.jobs import Job, MalformedJob, derived_job_id
 from schema.queue import CAPTION_TASK, make_celery
 from schema.settings import get_settings
 from schema.uris import ImageRef
@@ -106,7 +106,7 @@ def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict
         return {"dead_lettered": len(job.images)}
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
     log.warning("job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, delay_s)
-    again = Job.new(job.images, job.crawl_id, job_id=f"{job.job_id}.a{attempt}")
+    again = Job.new(job.images, job.crawl_id, job_id=derived_job_id(job.job_id, "a", attempt))
     caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=delay_s)
     rt.mark_done(job.job_id)
     metrics.JOBS.labels("retried").inc()
@@ -130,7 +130,7 @@ def retry_transient(
     for _, err in failed:
         metrics.IMAGES.labels("retry", err.code.value).inc()
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
-    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=f"{job.job_id}.r{attempt}")
+    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=derived_job_id(job.job_id, "r", attempt))
     log.warning(
         "job %s: %d images failed transiently (%s); retry %d in %.1f s",
         job.job_id,
@@ -153,7 +153,7 @@ def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
             len(job.images),
         )
         for i, ref in enumerate(job.images):
-            single = Job.new([ref], job.crawl_id, job_id=f"{job.job_id}~{i}")
+            single = Job.new([ref], job.crawl_id, job_id=derived_job_id(job.job_id, "s", i))
             caption_job.apply_async(args=[single.to_wire()])
         rt.mark_done(job.job_id)
         metrics.JOBS.labels("split").inc()
