@@ -8,6 +8,7 @@ images because Celery costs about 1 ms per message: one message per image caps a
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ from schema.uris import ImageRef, is_s3, parse_s3
 JOB_VERSION = 1
 MAX_IMAGES_PER_JOB = 1000
 MAX_ROOT_ID_CHARS = 96  # a derived id adds at most 20 characters; the column holds 128
+# What the database columns hold (schema/tables.py): an entry beyond them fails alone.
+MAX_JOB_ID_CHARS = 128
+MAX_URI_CHARS = 2048
+MAX_KEY_CHARS = 1024
+MAX_TAG_CHARS = 255  # bucket, ETag, version id
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def new_job_id() -> str:
@@ -69,8 +76,12 @@ class Job:
         }
 
     @classmethod
-    def from_wire(cls, body: Any) -> Job:
-        """Validate a received message body; raise `MalformedJob` with the reason."""
+    def from_wire(cls, body: Any, rejected: list[RejectedImage] | None = None) -> Job:
+        """Validate a received message body; raise `MalformedJob` with the reason.
+
+        With `rejected` given, an image entry the database could not store (or that is not an
+        image reference at all) is appended there and left out, instead of failing the job.
+        """
         if not isinstance(body, dict):
             raise MalformedJob(f"job body is {type(body).__name__}, not an object")
         if body.get("v") != JOB_VERSION:
@@ -78,27 +89,117 @@ class Job:
         job_id, crawl, images = body.get("id"), body.get("crawl"), body.get("images")
         if not isinstance(job_id, str) or not job_id:
             raise MalformedJob("job id missing")
-        if crawl is not None and not isinstance(crawl, str):
-            raise MalformedJob("crawl id is not a string")
+        _check_text("job id", job_id, MAX_JOB_ID_CHARS)
+        if crawl is not None:
+            if not isinstance(crawl, str):
+                raise MalformedJob("crawl id is not a string")
+            _check_text("crawl id", crawl, MAX_JOB_ID_CHARS)
         if not isinstance(images, list) or not 0 < len(images) <= MAX_IMAGES_PER_JOB:
             raise MalformedJob(f"images must be a list of 1..{MAX_IMAGES_PER_JOB} entries")
-        return cls(job_id, tuple(_image_from_wire(item) for item in images), crawl)
+        refs = []
+        for index, item in enumerate(images):
+            try:
+                refs.append(_image_from_wire(item))
+            except MalformedJob as exc:
+                if rejected is None:
+                    raise
+                rejected.append(RejectedImage(index, item, exc.message))
+        if not refs:  # every entry was rejected (with `rejected` None the first one raised)
+            raise MalformedJob(f"no usable image entry; first: {(rejected or [])[0].reason}")
+        return cls(job_id, tuple(refs), crawl)
+
+
+@dataclass(frozen=True)
+class RejectedImage:
+    """An image entry of a job that was left out, and why (kept in `bad_messages`)."""
+
+    index: int
+    entry: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class Received:
+    """A validated task message: the job, its attempt number, and the entries left out."""
+
+    job: Job
+    attempt: int
+    rejected: tuple[RejectedImage, ...]
+
+
+def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> Received:
+    """Validate a caption task's arguments (`body`, optional `attempt`) as they arrived.
+
+    Raises `MalformedJob` with the reason for anything that is not a job; never anything else.
+    """
+    try:
+        size_bytes = len(json.dumps([args, kwargs], default=repr))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MalformedJob(f"message is not JSON-like: {type(exc).__name__}") from None
+    if size_bytes > MAX_MESSAGE_BYTES:
+        raise MalformedJob(f"message is {size_bytes} bytes; at most {MAX_MESSAGE_BYTES}")
+    unknown = set(kwargs) - {"body", "attempt"}
+    if unknown:
+        raise MalformedJob(f"unexpected task arguments {sorted(unknown)!r}")
+    names = ("body", "attempt")
+    if len(args) > len(names) or any(n in kwargs for n in names[: len(args)]):
+        raise MalformedJob(f"task takes (body, attempt=1); got {len(args)} positional arguments")
+    given = dict(zip(names, args, strict=False)) | kwargs
+    if "body" not in given:
+        raise MalformedJob("task message has no job body")
+    attempt = given.get("attempt", 1)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= 10_000:
+        raise MalformedJob(f"attempt {attempt!r} is not a number from 1 to 10000")
+    rejected: list[RejectedImage] = []
+    job = Job.from_wire(given["body"], rejected)
+    return Received(job, attempt, tuple(rejected))
+
+
+def unstorable(text: str) -> str | None:
+    """Why the database cannot store `text` (NUL, not valid UTF-8), or None when it can."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _check_text(what: str, text: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise MalformedJob(f"{what} is {len(text)} characters; at most {max_chars}")
+    problem = unstorable(text)
+    if problem:
+        raise MalformedJob(f"{what} {text!r} {problem}")
 
 
 def _image_from_wire(item: Any) -> ImageRef:
     if not isinstance(item, list) or len(item) != 4:
-        raise MalformedJob(f"image entry {item!r} is not [uri, etag, size, version]")
+        raise MalformedJob(f"image entry {item!r} is not [uri, etag, size, version]"[:500])
     uri, etag, size, version = item
     if not isinstance(uri, str) or not uri:
-        raise MalformedJob(f"image uri {uri!r} is not a string")
-    if etag is not None and not isinstance(etag, str):
-        raise MalformedJob(f"etag {etag!r} is not a string")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise MalformedJob(f"size {size!r} is not a byte count")
-    if version is not None and not isinstance(version, str):
-        raise MalformedJob(f"version {version!r} is not a string")
+        raise MalformedJob(f"image uri {uri!r} is not a string"[:500])
+    _check_text("image uri", uri, MAX_URI_CHARS)
+    if etag is not None:
+        if not isinstance(etag, str):
+            raise MalformedJob(f"etag {etag!r} is not a string"[:500])
+        _check_text("etag", etag, MAX_TAG_CHARS)
+    if size is not None and (
+        not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63
+    ):
+        raise MalformedJob(f"size {size!r} is not a byte count"[:500])
+    if version is not None:
+        if not isinstance(version, str):
+            raise MalformedJob(f"version {version!r} is not a string"[:500])
+        _check_text("version", version, MAX_TAG_CHARS)
     bucket = key = None
     if is_s3(uri):
-        loc = parse_s3(uri)
+        try:
+            loc = parse_s3(uri)
+        except CapworksError as exc:
+            raise MalformedJob(exc.message) from None
+        if not loc.key or len(loc.bucket) > MAX_TAG_CHARS or len(loc.key) > MAX_KEY_CHARS:
+            raise MalformedJob(f"{uri!r} names no object (bucket up to 255, key 1..1024)"[:500])
         bucket, key = loc.bucket, loc.key
     return ImageRef(uri=uri, bucket=bucket, key=key, version_id=version, etag=etag, size_bytes=size)

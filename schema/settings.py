@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     retry_base_s: float = 2.0
     retry_cap_s: float = 300.0
+    # A database outage is waited out (never dead-lettered): writes are tried again after a
+    # backoff growing from retry_base_s to this cap, for as long as the outage lasts.
+    database_retry_cap_s: float = Field(default=30.0, gt=0)
     poison_deliveries: int = Field(default=3, ge=1)
     max_queued_images: int = 200_000
 

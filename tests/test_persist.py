@@ -10,11 +10,11 @@ from sqlalchemy import Engine, func, select
 from schema.checkpoint import CheckpointConfig, GenerationSettings
 from schema.db import connect
 from schema.errors import Code, ImageError, StorageError
-from schema.tables import Caption, Failure, Image
+from schema.tables import BadMessage, Caption, Failure, Image
 from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
-from workers.persist import Outcome, ResultWriter
+from workers.persist import DatabaseUnavailable, Outcome, ResultWriter
 from workers.tags import derive_tags
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
@@ -127,3 +127,47 @@ def test_an_image_listed_twice_in_one_write_keeps_its_last_outcome(db: Engine) -
     saved = ResultWriter(db, CONFIG).save([bad, Outcome(ref, captioned("a dog"))])
     assert (saved.captioned, saved.failed) == (1, 0)
     assert counts(db) == {"images": 1, "captions": 1, "tags": 1, "failures": 0}
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://b/" + "k" * 3000, "/photos/caf\udce9.png", "/photos/a\x00b.png"],
+    ids=["over-the-column", "not-utf8", "nul"],
+)
+def test_an_outcome_the_database_cannot_store_fails_alone(db: Engine, uri: str) -> None:
+    bad = Outcome(ImageRef(uri), captioned("a red cat"))
+    saved = ResultWriter(db, CONFIG).save([*outcomes(), bad], job_id="job-7")
+    if db.dialect.name == "sqlite" and "\udce9" not in uri:
+        assert (saved.captioned, saved.failed) == (3, 2)  # SQLite takes long text and NUL
+        return
+    assert (saved.captioned, saved.failed) == (2, 3)
+    assert counts(db) == {"images": 4, "captions": 2, "tags": 6, "failures": 2}
+    with db.connect() as conn:
+        kept = conn.execute(select(BadMessage.job_key, BadMessage.reason, BadMessage.body)).all()
+    assert len(kept) == 1 and kept[0].job_key == "job-7"
+    assert "cannot store this image's caption" in kept[0].reason
+    assert "photos" in kept[0].body or "kkkk" in kept[0].body
+
+
+def test_a_write_without_etag_or_size_keeps_the_stored_ones(db: Engine) -> None:
+    writer = ResultWriter(db, CONFIG)
+    listed = ImageRef("s3://b/p.jpg", bucket="b", key="p.jpg", etag="e1", size_bytes=77)
+    writer.save([Outcome(listed, StorageError(Code.STORAGE_UNAVAILABLE, "down"))])
+    # `dlq replay` and `enqueue()` send a bare URI: the row keeps what the listing said.
+    writer.save([Outcome(ImageRef("s3://b/p.jpg"), captioned("a dog"))])
+    with db.connect() as conn:
+        row = conn.execute(select(Image).where(Image.uri == "s3://b/p.jpg")).one()
+    assert (row.bucket, row.key, row.etag, row.size_bytes) == ("b", "p.jpg", "e1", 77)
+    writer.save([Outcome(ImageRef("s3://b/p.jpg", etag="e2", size_bytes=5), captioned("a dog"))])
+    with db.connect() as conn:
+        row = conn.execute(select(Image).where(Image.uri == "s3://b/p.jpg")).one()
+    assert (row.etag, row.size_bytes) == ("e2", 5)  # a new version is recorded
+
+
+def test_an_unreachable_database_is_reported_as_unavailable_not_as_bad_data() -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    with pytest.raises(DatabaseUnavailable) as info:
+        ResultWriter(engine, CONFIG).save(outcomes())
+    assert info.value.code is Code.DATABASE_UNAVAILABLE and "127.0.0.1" in info.value.message

@@ -23,6 +23,10 @@ JOBS = Counter(
     "Job deliveries by how they ended: done, duplicate, malformed, split, poison, retried, failed",
     ["result"],
 )
+DATABASE_WAITS = Counter(
+    "capworks_database_waits_total",
+    "Writes put off because the database could not be reached (each is tried again)",
+)
 BATCH_IMAGES = Histogram(
     "capworks_batch_images",
     "Images per model batch",

@@ -10,7 +10,8 @@ on SQLite, executemany.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 
 from schema.checkpoint import CheckpointConfig
 from schema.errors import CapworksError, Code
@@ -37,6 +39,7 @@ _IMAGE_FIELDS = (
     "width_px",
     "height_px",
 )
+_KEPT_FIELDS = tuple(name for name in _IMAGE_FIELDS if name != "uri")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,41 @@ class _Batch:
         return batch
 
 
+class DatabaseUnavailable(CapworksError):
+    """The database cannot be reached (refused, dropped, locked): wait and write again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.DATABASE_UNAVAILABLE, message)
+
+
+# What a value the database cannot store raises: psycopg refuses NUL and over-long values
+# (DataError); lone surrogates fail to encode before anything is sent.
+_UNSTORABLE = (DataError, UnicodeEncodeError)
+
+
+@contextmanager
+def _reachable(engine: Engine) -> Iterator[None]:
+    """Turn the driver's connection failures into `DatabaseUnavailable`."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise DatabaseUnavailable(_first_line(exc)) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailable(_first_line(exc)) from exc
+        raise
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text = str(exc.orig if exc.orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def storable(text: str) -> str:
+    """`text` with what the database refuses (NUL, lone surrogates) escaped."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ResultWriter:
     """Writes outcomes of one model (id, revision, generation settings) to the database."""
 
@@ -130,26 +168,51 @@ class ResultWriter:
     ) -> SaveCounts:
         """Upsert all outcomes in one transaction; failures remember the job and a traceback.
 
-        An image listed twice is written once, with its last outcome.
+        An image listed twice is written once, with its last outcome. An outcome the database
+        cannot store (a value too long for its column, text that is not UTF-8) is kept in
+        `bad_messages` instead, and the rest are written: the batch is halved until the bad one
+        stands alone. A database that cannot be reached raises `DatabaseUnavailable`.
         """
+        try:
+            return self._save_batch(outcomes, job_id, trace)
+        except _UNSTORABLE as exc:
+            if len(outcomes) == 1:
+                self._save_unstorable(outcomes[0], job_id, exc)
+                return SaveCounts(0, 1)
+            half = len(outcomes) // 2
+            first = self.save(outcomes[:half], job_id, trace)
+            second = self.save(outcomes[half:], job_id, trace)
+            return SaveCounts(first.captioned + second.captioned, first.failed + second.failed)
+
+    def _save_batch(
+        self, outcomes: Sequence[Outcome], job_id: str | None, trace: str | None
+    ) -> SaveCounts:
         batch = _Batch.of(outcomes, job_id, trace)
         if not batch.images:
             return SaveCounts(0, 0)
-        with self._engine.begin() as conn:
+        with _reachable(self._engine), self._engine.begin() as conn:
             if self._engine.dialect.name == "postgresql":
                 self._save_postgres(conn, batch)
             else:
                 self._save_portable(conn, batch)
         return SaveCounts(len(batch.captions), len(batch.failures))
 
+    def _save_unstorable(self, outcome: Outcome, job_id: str | None, exc: Exception) -> None:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = "caption" if isinstance(outcome.result, CaptionedImage) else "failure"
+        error = CapworksError(
+            Code.MALFORMED_MESSAGE, f"the database cannot store this image's {what}: {reason}"
+        )
+        self.save_message_failure(job_id or outcome.ref.uri, error, outcome.ref)
+
     def save_message_failure(self, job_key: str, error: CapworksError, body: object) -> None:
-        """Keep a message that failed validation, with the reason."""
-        with self._engine.begin() as conn:
+        """Keep a message (or one image entry) that failed validation, with the reason."""
+        with _reachable(self._engine), self._engine.begin() as conn:
             conn.execute(
                 self._insert(BadMessage).values(
-                    job_key=job_key[:256],
-                    reason=error.message,
-                    body=repr(body)[:10000],
+                    job_key=storable(job_key)[:256],
+                    reason=storable(error.message),
+                    body=storable(repr(body))[:10000],
                     received=utcnow(),
                 )
             )
@@ -183,12 +246,10 @@ class ResultWriter:
 
     def _upsert_images(self, conn: Connection, batch: _Batch) -> dict[str, int]:
         stmt = self._insert(Image)
-        update = {
-            c: stmt.excluded[c]
-            for c in ("bucket", "key", "version_id", "etag", "size_bytes", "updated_at")
-        }
-        # Keep known dimensions when a failed fetch reports none.
-        for c in ("width_px", "height_px"):
+        update = {"updated_at": stmt.excluded.updated_at}
+        # Keep what is known when a write does not say: dimensions when a fetch failed, the
+        # storage identity when a job carried none (`dlq replay`, `enqueue()` from a hook).
+        for c in _KEPT_FIELDS:
             update[c] = func.coalesce(stmt.excluded[c], Image.__table__.c[c])
         rows = [dict(row, first_seen=batch.now, updated_at=batch.now) for row in batch.images]
         # RETURNING makes SQLAlchemy send the rows as batched multi-row statements
@@ -273,8 +334,12 @@ WITH img AS (
                 %(i_version_id)b::text[], %(i_etag)b::text[], %(i_size_bytes)b::bigint[],
                 %(i_width_px)b::integer[], %(i_height_px)b::integer[]) AS u
     ON CONFLICT (uri) DO UPDATE SET
-        bucket = excluded.bucket, key = excluded.key, version_id = excluded.version_id,
-        etag = excluded.etag, size_bytes = excluded.size_bytes, updated_at = excluded.updated_at,
+        bucket = coalesce(excluded.bucket, images.bucket),
+        key = coalesce(excluded.key, images.key),
+        version_id = coalesce(excluded.version_id, images.version_id),
+        etag = coalesce(excluded.etag, images.etag),
+        size_bytes = coalesce(excluded.size_bytes, images.size_bytes),
+        updated_at = excluded.updated_at,
         width_px = coalesce(excluded.width_px, images.width_px),
         height_px = coalesce(excluded.height_px, images.height_px)
     RETURNING id, uri

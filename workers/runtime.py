@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import torch
 from sqlalchemy import Engine
 
+from schema.backoff import compute_backoff
 from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
 from schema.errors import CapworksError
@@ -24,12 +26,13 @@ from workers import metrics
 from workers.batcher import Batcher
 from workers.engine import OfaEngine
 from workers.fetch import Fetcher
-from workers.persist import Outcome, ResultWriter, SaveCounts
+from workers.persist import DatabaseUnavailable, Outcome, ResultWriter, SaveCounts
 
 log = logging.getLogger(__name__)
 RUNS_KEY = "capworks:runs:{}"
 DONE_KEY = "capworks:done:{}"
 KEY_TTL_S = 7 * 24 * 3600
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,15 +77,37 @@ class Runtime:
     def save(
         self, outcomes: list[Outcome], job_id: str | None = None, trace: str | None = None
     ) -> SaveCounts:
-        """Commit final outcomes (captions and dead letters) and count them in the metrics."""
+        """Commit final outcomes (captions and dead letters) and count them in the metrics;
+        while the database is down, wait for it (the job stays unacknowledged meanwhile)."""
         with metrics.WRITE_SECONDS.time():
-            counts = self.writer.save(outcomes, job_id=job_id, trace=trace)
+            counts = self.durably(lambda: self.writer.save(outcomes, job_id=job_id, trace=trace))
         for o in outcomes:
             if isinstance(o.result, CapworksError):
                 metrics.IMAGES.labels("dead_letter", o.result.code.value).inc()
             else:
                 metrics.IMAGES.labels("captioned", "").inc()
         return counts
+
+    def durably(self, write: Callable[[], T]) -> T:
+        """Run a database write until it succeeds: a database outage is waited out with a
+        backoff that grows to `database_retry_cap_s`, never turned into a lost job."""
+        attempt = 1
+        while True:
+            try:
+                return write()
+            except DatabaseUnavailable as exc:
+                delay_s = compute_backoff(
+                    attempt, self.settings.retry_base_s, self.settings.database_retry_cap_s
+                )
+                log.warning(
+                    "database unavailable (%s); writing again in %.1f s (wait %d)",
+                    exc.message,
+                    delay_s,
+                    attempt,
+                )
+                metrics.DATABASE_WAITS.inc()
+                time.sleep(delay_s)
+                attempt += 1
 
     def unfinished_runs(self, job_id: str) -> int:
         """How many runs of this job started and never finished: its process died each time."""

@@ -1,6 +1,7 @@
 """The Celery task shell: validate, isolate poison, run a suspect job alone, count the run,
 run the job, retry transient failures with backoff, dead-letter the rest. The work itself is
-`workers.job.run_job`.
+`workers.job.run_job`. A database outage is waited out inside the job (`Runtime.durably`): the
+message is acknowledged only once its outcome is committed.
 
 Start a worker with `capworks worker` (which runs `celery -A workers.tasks worker ...`).
 """
@@ -8,15 +9,18 @@ Start a worker with `capworks worker` (which runs `celery -A workers.tasks worke
 from __future__ import annotations
 
 import logging
+import time
 import traceback
+from functools import partial
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_init, worker_ready
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
-from schema.jobs import Job, MalformedJob, derived_job_id
+from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
 from schema.queue import CAPTION_TASK, make_celery
 from schema.settings import get_settings
 from schema.uris import ImageRef
@@ -48,21 +52,49 @@ def serve_metrics(**_: Any) -> None:
 
 
 @app.task(name=CAPTION_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def caption_job(self: Task, body: Any, attempt: int = 1) -> dict[str, int]:
-    """Caption one job message; see the module docstring for the policy."""
+def caption_job(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Caption one job message `(body, attempt=1)`; see the module docstring for the policy.
+
+    Whatever arrives ends as captions, dead letters or a `bad_messages` row. If even recording
+    an outcome fails, the message is handed back to the queue rather than acknowledged: its run
+    count, left behind, makes it a suspect and in the end poison, so it cannot loop for ever.
+    """
     rt = get_runtime(settings)
     try:
-        job = Job.from_wire(body)
+        return handle_message(rt, args, kwargs, str(self.request.id))
+    except Exception as exc:  # noqa: BLE001 - nothing was recorded: requeue, never acknowledge
+        log.exception("task %s: recording its outcome failed; handing it back", self.request.id)
+        metrics.JOBS.labels("requeued").inc()
+        time.sleep(settings.retry_base_s)  # no hot loop when the cause lasts
+        raise Reject(exc, requeue=True) from exc
+
+
+def handle_message(
+    rt: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str
+) -> dict[str, int]:
+    """Validate the message, keep what is malformed in `bad_messages`, run the job."""
+    try:
+        received = parse_message(args, kwargs)
     except MalformedJob as exc:
+        body = args[0] if args else kwargs.get("body")
         key = body.get("id") if isinstance(body, dict) else None
-        log.error("dead-lettering malformed job %s: %s", self.request.id, exc.message)
-        rt.writer.save_message_failure(str(key or self.request.id), exc, body)
+        log.error("dead-lettering malformed message %s: %s", task_id, exc.message)
+        message = body if len(args) == 1 and not kwargs else {"args": args, "kwargs": kwargs}
+        rt.durably(partial(rt.writer.save_message_failure, str(key or task_id), exc, message))
         metrics.JOBS.labels("malformed").inc()
         return {"dead_lettered": 1}
+    job = received.job
+    for bad in received.rejected:
+        log.error("job %s: image entry %d left out: %s", job.job_id, bad.index, bad.reason)
+        error = MalformedJob(f"image entry {bad.index}: {bad.reason}")
+        rt.durably(partial(rt.writer.save_message_failure, job.job_id, error, bad.entry))
     # A copy delivered again while the first still runs here (a job outliving the visibility
     # timeout) waits for it, then finds it done.
     with rt.slots.one_copy(job.job_id):
-        return run_once(rt, job, attempt)
+        result = run_once(rt, job, received.attempt)
+    if received.rejected:
+        result["dead_lettered"] = result.get("dead_lettered", 0) + len(received.rejected)
+    return result
 
 
 def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
@@ -124,13 +156,15 @@ def retry_transient(
                     ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")
                 )
                 for ref, err in failed
-            ]
+            ],
+            job_id=job.job_id,
         )
         return
     for _, err in failed:
         metrics.IMAGES.labels("retry", err.code.value).inc()
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
-    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=derived_job_id(job.job_id, "r", attempt))
+    retry_id = derived_job_id(job.job_id, "r", attempt)
+    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=retry_id)
     log.warning(
         "job %s: %d images failed transiently (%s); retry %d in %.1f s",
         job.job_id,
