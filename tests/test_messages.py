@@ -30,9 +30,7 @@ uris = st.one_of(
     st.sampled_from(["s3:///k", "s3://", "s3://b/", "s3://b", "http://h/x.jpg", "/a/b.png"]),
     st.just("s3://b/" + "k" * 3000),
 )
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), any_text
-)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), any_text)
 entries = st.one_of(
     st.lists(st.one_of(uris, scalars), max_size=5),
     st.tuples(uris, st.one_of(st.none(), any_text), scalars, st.one_of(st.none(), any_text)).map(
@@ -58,7 +56,9 @@ bodies = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(
     args=st.lists(st.one_of(bodies, scalars), max_size=3),
-    kwargs=st.dictionaries(st.sampled_from(["body", "attempt", "other"]), st.one_of(bodies, scalars)),
+    kwargs=st.dictionaries(
+        st.sampled_from(["body", "attempt", "other"]), st.one_of(bodies, scalars)
+    ),
 )
 def test_any_message_ends_as_a_job_of_storable_images_or_a_reason(
     args: list[Any], kwargs: dict[str, Any]

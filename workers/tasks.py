@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_ready
+from celery.signals import setup_logging, worker_init, worker_ready
 
 from schema.backoff import compute_backoff
 from schema.errors import CapworksError, Code
@@ -32,6 +32,16 @@ from workers.runtime import Runtime, get_runtime
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """One log format for the worker process, with timestamps (Celery's own is left off)."""
+    logging.basicConfig(
+        level=loglevel or logging.INFO,
+        format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s",
+        force=True,  # libraries imported earlier may have installed a handler of their own
+    )
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
@@ -109,19 +119,19 @@ def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
     # A job that was running when its process died is a suspect: it runs alone, so that if it
     # kills the process again, no innocent job running beside it is charged with the death.
     with rt.slots.hold(exclusive=deaths > 0):
+        log.info("job %s: attempt %d starts, %d images", job.job_id, attempt, len(job.images))
         rt.count_run(job.job_id)
         try:
             result = run_job(job, rt)
         except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
             return retry_whole_job(rt, job, exc, attempt)
-    if result.transient:
-        retry_transient(rt, job, result.transient, attempt)
+    exhausted = retry_transient(rt, job, result.transient, attempt) if result.transient else 0
     rt.mark_done(job.job_id)
     metrics.JOBS.labels("done").inc()
     return {
         "captioned": result.captioned,
-        "dead_lettered": result.dead_lettered,
-        "retrying": len(result.transient),
+        "dead_lettered": result.dead_lettered + exhausted,
+        "retrying": len(result.transient) - exhausted,
     }
 
 
@@ -147,8 +157,9 @@ def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict
 
 def retry_transient(
     rt: Runtime, job: Job, failed: tuple[tuple[ImageRef, CapworksError], ...], attempt: int
-) -> None:
-    """Send the transiently failed images again after a backoff, or dead-letter them at the cap."""
+) -> int:
+    """Send the transiently failed images again after a backoff, or dead-letter them at the cap;
+    returns how many were dead-lettered."""
     if attempt >= settings.max_attempts:
         rt.save(
             [
@@ -159,7 +170,7 @@ def retry_transient(
             ],
             job_id=job.job_id,
         )
-        return
+        return len(failed)
     for _, err in failed:
         metrics.IMAGES.labels("retry", err.code.value).inc()
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
@@ -174,6 +185,7 @@ def retry_transient(
         delay_s,
     )
     caption_job.apply_async(args=[retry.to_wire(), attempt + 1], countdown=delay_s)
+    return 0
 
 
 def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
