@@ -96,6 +96,9 @@ def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) ->
     the workers it started stopped and its Redis keys removed afterwards."""
     from pipeline_support import Pipeline
 
+    from schema.db import connect
+
+    connect(pg_url).dispose()  # migrated up front, so a test can read before a worker starts
     p = Pipeline(pg_url, s3_endpoint, tmp_path)
     try:
         p.redis().ping()
