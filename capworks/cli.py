@@ -48,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--revision", default=settings.revision)
     enq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     enq.add_argument("--crawl-id", help="resume this crawl (default: derived from the source)")
-    enq.add_argument("--force", action="store_true", help="re-caption objects already captioned")
+    redo = enq.add_mutually_exclusive_group()
+    redo.add_argument("--force", action="store_true", help="re-caption objects already captioned")
+    redo.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="list anew and enqueue every object with neither a caption by this model nor a "
+        "failure, whatever the crawl's state (after the queue was lost)",
+    )
+    enq.add_argument("--wait", action="store_true", help="wait while another run holds this crawl")
     enq.add_argument("--suffix", action="append", default=[], help="only keys ending so (repeat)")
     enq.add_argument("--min-bytes", type=int)
     enq.add_argument("--max-bytes", type=int)

@@ -6,6 +6,9 @@ written to the row (`pending_job`) before they are published and cleared with th
 after, and each publish is marked in Redis; so a crawl killed between the two republishes exactly
 the jobs not marked as sent, with their ids unchanged (workers drop a job id they have committed);
 every other job gets an id no run has used before.
+
+An object the database cannot hold (a file name that is not UTF-8, a URI over the column's
+length) is kept in `bad_messages` and counted as skipped, so it never stalls the crawl.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from producer.sources import InputError, iter_positions
-from schema.jobs import MAX_ROOT_ID_CHARS, Job, new_job_id
-from schema.tables import Caption, Crawl, Image, utcnow
-from schema.uris import ImageRef
+from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
+from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
+from schema.uris import ImageRef, is_http, is_s3
 
 log = logging.getLogger(__name__)
 SENT_KEY = "capworks:sent:{}"
@@ -120,14 +123,20 @@ def run_crawl(
     job_images: int = 64,
     max_queued_images: int = 200_000,
     force: bool = False,
+    reconcile: bool = False,
     on_progress: Callable[[CrawlStats], None] | None = None,
 ) -> CrawlStats:
-    """Crawl `source` to the end (or resume it), publishing jobs; returns the counts."""
+    """Crawl `source` to the end (or resume it), publishing jobs; returns the counts.
+
+    `reconcile` lists the source from the start whatever the crawl's state and pending jobs,
+    and publishes every object with neither a caption by this model nor a failure: the way
+    back from a lost queue, with SQL as the record of what is done.
+    """
     if len(crawl_id) > MAX_ROOT_ID_CHARS:
         raise InputError(f"crawl id is {len(crawl_id)} characters; at most {MAX_ROOT_ID_CHARS}")
     with Session(db) as session:
         crawl = session.get(Crawl, crawl_id)
-        if crawl is None or crawl.state == "done":
+        if crawl is None or crawl.state == "done" or reconcile:
             crawl = _start(session, crawl, crawl_id, source)
         stats = CrawlStats(
             crawl.listed, crawl.skipped, crawl.enqueued, crawl.jobs, resumed_from=crawl.last_key
@@ -140,9 +149,9 @@ def run_crawl(
         run_id = f"{crawl_id}-{new_job_id()[:8]}"
         positions = iter_positions(source, s3_client, crawl.last_key)
         for page in _pages(positions, PAGE_SIZE):
-            keep = [ref for _, ref in page if filters.accept(ref)]
+            keep = _storable(session, crawl_id, [ref for _, ref in page if filters.accept(ref)])
             if not force:
-                keep = _drop_captioned(session, keep, identity)
+                keep = _drop_done(session, keep, identity, failed_too=reconcile)
             stats.listed += len(page)
             stats.skipped += len(page) - len(keep)
             jobs = [
@@ -156,7 +165,7 @@ def run_crawl(
                 crawl.listed, crawl.skipped = stats.listed, stats.skipped
                 session.commit()
                 for job in jobs:
-                    _wait_for_room(publisher, max_queued_images)
+                    wait_for_room(publisher, max_queued_images)
                     publisher.publish(job)
                 stats.enqueued += len(keep)
                 stats.jobs += len(jobs)
@@ -225,25 +234,75 @@ def _pages(
         yield page
 
 
-def _drop_captioned(
-    session: Session, refs: list[ImageRef], identity: tuple[str, str, str]
+def unstorable_reason(uri: str) -> str | None:
+    """Why the database cannot hold `uri` as an image (None when it can)."""
+    problem = unstorable(uri)  # NUL, or surrogate escapes of a name that is not UTF-8
+    if problem:
+        return f"{'URI' if is_s3(uri) or is_http(uri) else 'file name'} {problem}"
+    if len(uri) > MAX_URI_CHARS:
+        return f"URI is {len(uri)} characters; the database holds at most {MAX_URI_CHARS}"
+    return None
+
+
+def escaped(text: str) -> str:
+    """`text` as the database can store it: bytes that are not UTF-8 and NUL as `\\xNN`."""
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[ImageRef]:
+    """The references the database can hold; the others are kept in `bad_messages`, once per
+    crawl (a crawl run again lists them again), in the transaction of the page's progress."""
+    keep, bad = [], {}
+    for ref in refs:
+        reason = unstorable_reason(ref.uri)
+        if reason is None:
+            keep.append(ref)
+        else:
+            bad[escaped(ref.uri)[:10_000]] = reason
+    if bad:
+        job_key = f"crawl:{crawl_id}"
+        known = set(
+            session.scalars(
+                select(BadMessage.body).where(
+                    BadMessage.job_key == job_key, BadMessage.body.in_(list(bad))
+                )
+            )
+        )
+        for body, reason in bad.items():
+            log.warning("skipped %s: %s (kept in bad_messages)", body[:300], reason)
+            if body not in known:
+                session.add(
+                    BadMessage(job_key=job_key, reason=reason, body=body, received=utcnow())
+                )
+    return keep
+
+
+def _drop_done(
+    session: Session, refs: list[ImageRef], identity: tuple[str, str, str], failed_too: bool
 ) -> list[ImageRef]:
-    """The objects not yet captioned by this model with this ETag."""
+    """The objects not yet captioned by this model with this ETag (nor, with `failed_too`,
+    dead-lettered with this ETag)."""
     if not refs:
         return refs
     model_id, revision, settings_hash = identity
-    done = dict(
+    uris = [ref.uri for ref in refs]
+    done: dict[str, str | None] = dict(
         session.execute(
             select(Image.uri, Image.etag)
             .join(Caption, Caption.image_id == Image.id)
             .where(
-                Image.uri.in_([ref.uri for ref in refs]),
+                Image.uri.in_(uris),
                 Caption.model_id == model_id,
                 Caption.revision == revision,
                 Caption.settings_hash == settings_hash,
             )
         ).all()
     )
+    if failed_too:
+        failed = select(Image.uri, Image.etag).join(Failure, Failure.image_id == Image.id)
+        done.update(session.execute(failed.where(Image.uri.in_(uris))).all())
+    # An object whose ETag changed since it was captioned is captioned again.
     return [
         ref
         for ref in refs
@@ -251,7 +310,7 @@ def _drop_captioned(
     ]
 
 
-def _wait_for_room(publisher: Publisher, max_queued_images: int) -> None:
+def wait_for_room(publisher: Publisher, max_queued_images: int) -> None:
     """Backpressure: pause while the queue holds more than the allowed number of images."""
     waited = False
     while publisher.queued_images() > max_queued_images:

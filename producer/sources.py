@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,9 @@ from schema.uris import ImageRef, file_uri, is_http, is_s3, parse_s3, s3_uri
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"}
 )
+# The resume position of a local file whose name is not valid UTF-8 (no database column holds
+# it): its bytes in hex. Local URIs are absolute paths, so no real URI starts so.
+_BYTES_POSITION = "bytes:"
 
 
 class InputError(ValueError):
@@ -97,9 +101,13 @@ def _uri_of(line: str) -> str | None:
 
 
 def iter_uri_file(path: Path, start_after: str | None = None) -> Iterator[tuple[str, ImageRef]]:
-    """(line number, reference) for one URI per line, skipping blanks and `#` comments."""
+    """(line number, reference) for one URI per line, skipping blanks and `#` comments.
+
+    Bytes that are not UTF-8 come through as surrogate escapes: the crawl records such a line
+    as a bad message and goes on, rather than the whole list failing to read.
+    """
     skip = int(start_after or 0)
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             uri = _uri_of(line)
             if number > skip and uri:
@@ -108,7 +116,7 @@ def iter_uri_file(path: Path, start_after: str | None = None) -> Iterator[tuple[
 
 def count_uri_file(path: Path) -> int:
     """How many URIs a list holds (the lines `iter_uri_file` yields)."""
-    with path.open() as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         return sum(1 for line in f if _uri_of(line))
 
 
@@ -117,7 +125,8 @@ def iter_positions(
 ) -> Iterator[tuple[str, ImageRef]]:
     """(resume position, reference) pairs of one source, in a stable order.
 
-    A position is the S3 key, the local URI, or the line number of a URI list (`@FILE`).
+    A position is the S3 key, the local URI, or the line number of a URI list (`@FILE`); every
+    position can be stored in the database (see `local_position`).
     """
     if is_s3(source):
         if s3_client is None:
@@ -130,5 +139,22 @@ def iter_positions(
             raise InputError(f"no such URI list: {path}")
         yield from iter_uri_file(path, start_after)
     else:
-        for ref in iter_local(Path(source), start_after):
-            yield ref.uri, ref
+        start_uri = _local_uri_at(start_after) if start_after else None
+        for ref in iter_local(Path(source), start_uri):
+            yield local_position(ref.uri), ref
+
+
+def local_position(uri: str) -> str:
+    """The resume position of a local file: its URI, or its bytes in hex when the name is not
+    valid UTF-8 (it carries surrogate escapes, which the database cannot store)."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BYTES_POSITION + os.fsencode(uri).hex()
+    return uri
+
+
+def _local_uri_at(position: str) -> str:
+    if position.startswith(_BYTES_POSITION):
+        return os.fsdecode(bytes.fromhex(position.removeprefix(_BYTES_POSITION)))
+    return position

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     database_retry_cap_s: float = Field(default=30.0, gt=0)
     poison_deliveries: int = Field(default=3, ge=1)
     max_queued_images: int = 200_000
+    # Queued jobs live only in Redis: a broker that may evict keys is refused unless this is on.
+    allow_evicting_broker: bool = False
 
     # Monitoring: each worker process serves Prometheus metrics on its own port (0 = off).
     # 127.0.0.1 keeps them on the host; set 0.0.0.0 for a Prometheus on another machine.

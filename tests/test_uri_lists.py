@@ -15,3 +15,13 @@ def test_a_uri_list_skips_blanks_and_comments_and_resumes_by_line(tmp_path: Path
     assert every == [("1", "s3://b/a.jpg"), ("4", "s3://b/c d.jpg"), ("6", "/data/e.png")]
     assert [ref.uri for _, ref in iter_uri_file(listing, start_after="4")] == ["/data/e.png"]
     assert count_uri_file(listing) == len(every)
+
+
+def test_a_uri_list_with_bytes_that_are_not_utf8_is_read_to_the_end(tmp_path: Path) -> None:
+    listing = tmp_path / "uris.txt"
+    listing.write_bytes(b"s3://b/a.jpg\ns3://b/caf\xe9.jpg\ns3://b/z.jpg\n")
+    uris = [ref.uri for _, ref in iter_uri_file(listing)]
+    # The bad bytes survive as surrogate escapes, for the crawl to record and skip that line.
+    assert uris == ["s3://b/a.jpg", "s3://b/caf\udce9.jpg", "s3://b/z.jpg"]
+    assert uris[1].encode("utf-8", "surrogateescape") == b"s3://b/caf\xe9.jpg"
+    assert count_uri_file(listing) == 3

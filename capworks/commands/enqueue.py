@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -18,21 +19,27 @@ from rich.progress import (
 )
 
 from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
-from producer.enqueue import make_publisher
+from producer.enqueue import crawl_lock, make_publisher
 from producer.sources import InputError, count_uri_file
+from schema.broker_check import check_broker
 from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
 from schema.settings import get_settings
 from schema.storage import make_s3_client
 from schema.uris import is_s3
 
+log = logging.getLogger(__name__)
+
 
 def run_enqueue(args: argparse.Namespace) -> int:
-    """Crawl each source to the end (resuming where a previous run stopped)."""
+    """Crawl each source to the end (resuming where a previous run stopped), one run per crawl
+    at a time; `--reconcile` lists anew and enqueues whatever SQL does not show as done."""
     settings = get_settings()
+    publisher = make_publisher(settings)
+    for warning in check_broker(publisher.redis, settings.allow_evicting_broker):
+        log.warning("%s", warning)
     db = connect(args.db)
     identity = resolve_checkpoint(args.model, args.revision, settings.checkpoint_dir).identity
-    publisher = make_publisher(settings)
     s3 = make_s3_client(settings) if any(is_s3(s) for s in args.sources) else None
     filters = Filters(
         frozenset(s.lower() for s in args.suffix),
@@ -46,7 +53,10 @@ def run_enqueue(args: argparse.Namespace) -> int:
             raise InputError("--crawl-id names one crawl: give one source with it")
         crawl_id = args.crawl_id or crawl_id_for(source, filters, identity)
         total = expected_objects(source, args.expect)
-        with CrawlProgress(source, total, console, disable=args.no_progress) as bar:
+        with (
+            crawl_lock(db, crawl_id, wait=args.wait),
+            CrawlProgress(source, total, console, disable=args.no_progress) as bar,
+        ):
             stats = run_crawl(
                 source,
                 crawl_id=crawl_id,
@@ -58,6 +68,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 job_images=settings.job_images,
                 max_queued_images=settings.max_queued_images,
                 force=args.force,
+                reconcile=args.reconcile,
                 on_progress=bar.show,
             )
         resumed = f", resumed after {stats.resumed_from!r}" if stats.resumed_from else ""

@@ -1,0 +1,385 @@
+"""Crawls (`capworks enqueue`) against the real Redis and both databases: names the database
+cannot store are recorded and skipped, the broker's settings are checked, a lost queue is
+rebuilt from SQL, one run of a crawl at a time, and what the README promises of the filters."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import png_bytes, require_service, s3_client
+from pipeline_support import REDIS_URL, Pipeline, make_bucket, query, queued_images, wait_until
+from sqlalchemy import select, update
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from producer.crawl import run_crawl
+from producer.enqueue import make_publisher
+from producer.sources import local_ref
+from schema.broker_check import check_broker
+from schema.checkpoint import resolve_checkpoint
+from schema.db import connect
+from schema.errors import Code, ImageError
+from schema.settings import Settings
+from schema.tables import BadMessage, Crawl
+from schema.uris import ImageRef
+from workers.engine import Caption as EngineCaption
+from workers.engine import CaptionedImage
+from workers.persist import Outcome, ResultWriter
+
+IDENTITY = ("m", "r", "h")
+
+
+def own_queue(db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """A queue of the test's own on the real Redis; local sources only (S3 is never asked)."""
+    p = Pipeline(db_url, "http://127.0.0.1:9", tmp_path)
+    try:
+        p.redis().ping()
+    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
+        require_service("Redis", str(exc))
+    yield p
+    r = p.redis()
+    r.delete(p.queue)
+    for key in r.scan_iter("capworks:*"):
+        r.delete(key)
+
+
+@pytest.fixture()
+def local(any_db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """A fresh database on each backend, for crawls run in this process."""
+    yield from own_queue(any_db_url, tmp_path)
+
+
+@pytest.fixture()
+def cli(any_db_url: str, tmp_path: Path, shapes_dir: Path) -> Iterator[Pipeline]:
+    """A fresh database on each backend, for `capworks enqueue --model shapes` runs."""
+    yield from own_queue(any_db_url, tmp_path)
+
+
+@pytest.fixture()
+def cli_sqlite(tmp_path: Path, shapes_dir: Path) -> Iterator[Pipeline]:
+    """`capworks enqueue` runs where the database does not matter."""
+    yield from own_queue(f"sqlite:///{tmp_path / 'capworks.db'}", tmp_path)
+
+
+def crawl(p: Pipeline, source: str, **options: Any) -> Any:
+    """Run one crawl in this process, publishing to the test's queue."""
+    settings = Settings(broker_url=REDIS_URL, queue_name=p.queue)
+    return run_crawl(
+        source,
+        crawl_id=options.pop("crawl_id", "c1"),
+        db=connect(p.db_url),
+        publisher=make_publisher(settings),
+        s3_client=None,
+        identity=IDENTITY,
+        **options,
+    )
+
+
+def queued_jobs(p: Pipeline) -> list[dict[str, Any]]:
+    """The job bodies in the queue, read from Redis without consuming them."""
+    raw = p.redis().lrange(p.queue, 0, -1)
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw]
+
+
+def queued_entries(p: Pipeline) -> dict[str, tuple[str | None, int | None]]:
+    """URI -> (ETag, size) of every image in the queue."""
+    return {uri: (etag, size) for job in queued_jobs(p) for uri, etag, size, _ in job["images"]}
+
+
+def bad_messages(db_url: str) -> list[tuple[str, str]]:
+    stmt = select(BadMessage.reason, BadMessage.body).order_by(BadMessage.body)
+    return query(db_url, lambda conn: [tuple(row) for row in conn.execute(stmt).all()])  # type: ignore[no-any-return]
+
+
+def image_folder(tmp_path: Path, count: int) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i:03d}.png").write_bytes(f"image {i}".encode())
+    return folder
+
+
+def captioned(text: str) -> CaptionedImage:
+    return CaptionedImage(EngineCaption(text, -0.5, (), (1, 2), ()), 64, 64)
+
+
+def shapes_writer(db_url: str, shapes_dir: Path) -> ResultWriter:
+    """A writer of captions by the model `capworks enqueue --model shapes` checks against."""
+    return ResultWriter(connect(db_url), resolve_checkpoint("shapes", None, shapes_dir.parent))
+
+
+def test_file_names_that_are_not_utf8_are_recorded_and_the_rest_of_the_folder_is_enqueued(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in (b"a.png", b"caf\xe9.png", b"z.png", b"\xff.png"):  # the last one sorts last
+        with open(os.fsencode(folder) + b"/" + name, "wb") as f:
+            f.write(b"not looked at by the producer")
+    stats = crawl(local, str(folder))
+    good = [str(folder.resolve() / "a.png"), str(folder.resolve() / "z.png")]
+    assert sorted(queued_images(local)) == good
+    assert (stats.listed, stats.skipped, stats.enqueued) == (4, 2, 2)
+    root = str(folder.resolve())
+    expected = [
+        ("file name is not valid UTF-8", f"{root}/\\xff.png"),
+        ("file name is not valid UTF-8", f"{root}/caf\\xe9.png"),
+    ]
+    assert bad_messages(local.db_url) == expected
+    # Run again (the crawl finished, so it lists anew): nothing more queued for them, no new rows.
+    again = crawl(local, str(folder))
+    assert (again.listed, again.skipped) == (4, 2)
+    assert bad_messages(local.db_url) == expected
+
+
+def test_uri_list_lines_the_database_cannot_hold_are_recorded_and_skipped(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    long_uri = "s3://b/" + "k" * 2100
+    listing = tmp_path / "uris.txt"
+    listing.write_bytes(
+        b"s3://b/first.jpg\ns3://b/caf\xe9.jpg\n"
+        + long_uri.encode()
+        + b"\ns3://b/nul\x00.jpg\ns3://b/last.jpg\n"
+    )
+    stats = crawl(local, f"@{listing}")
+    assert queued_images(local) == ["s3://b/first.jpg", "s3://b/last.jpg"]
+    assert (stats.listed, stats.skipped, stats.enqueued) == (5, 3, 2)
+    reasons = {reason for reason, _ in bad_messages(local.db_url)}
+    assert reasons == {
+        "URI is not valid UTF-8",
+        f"URI is {len(long_uri)} characters; the database holds at most 2048",
+        "URI contains a NUL character",
+    }
+    bodies = {body for _, body in bad_messages(local.db_url)}
+    assert "s3://b/caf\\xe9.jpg" in bodies and long_uri in bodies
+
+
+# -- the broker ------------------------------------------------------------------------------
+
+
+def test_an_evicting_broker_is_refused_in_one_line_unless_a_setting_allows_it(
+    cli_sqlite: Pipeline, tmp_path: Path
+) -> None:
+    p = cli_sqlite
+    folder = image_folder(tmp_path, 3)
+    r = p.redis()
+    old = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    try:  # the server is shared: keep the window short and restore the policy whatever happens
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        refused = p.cli("enqueue", str(folder), "--no-progress")
+        queued_when_refused = queued_images(p)
+        p.extra_env["CAPWORKS_ALLOW_EVICTING_BROKER"] = "1"
+        allowed = p.cli("enqueue", str(folder), "--no-progress")
+    finally:
+        r.config_set("maxmemory-policy", old)
+    assert refused.returncode == 1, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("capworks: error: ") and "maxmemory-policy allkeys-lru" in line
+    assert queued_when_refused == []
+    assert allowed.returncode == 0, allowed.stderr
+    assert len(queued_images(p)) == 3
+
+
+def test_a_broker_without_persistence_is_warned_about_once(
+    cli_sqlite: Pipeline, tmp_path: Path
+) -> None:
+    p = cli_sqlite
+    r = p.redis()
+    if r.config_get("appendonly")["appendonly"] != "no" or r.config_get("save")["save"]:
+        pytest.skip("this Redis persists its data")
+    first, second = image_folder(tmp_path / "a", 2), image_folder(tmp_path / "b", 2)
+    result = p.cli("enqueue", str(first), str(second), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "persistence" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], result.stderr
+    assert len(queued_images(p)) == 4
+
+
+def test_a_broker_that_refuses_config_gives_one_warning_not_a_failure() -> None:
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        admin.ping()
+    except redis.RedisError as exc:
+        require_service("Redis", str(exc))
+    user = f"capworks-test-{uuid.uuid4().hex[:8]}"
+    # A managed Redis: every command but CONFIG.
+    admin.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], channels=["*"], commands=["+@all", "-config"]
+    )
+    try:
+        client = redis.Redis.from_url(REDIS_URL, username=user, password="any")
+        warnings = check_broker(client, allow_evicting=False)
+    finally:
+        admin.acl_deluser(user)
+    assert len(warnings) == 1 and "CONFIG" in warnings[0], warnings
+
+
+# -- a lost queue ----------------------------------------------------------------------------
+
+
+def test_reconcile_enqueues_from_sql_alone_what_is_neither_captioned_nor_failed(
+    cli: Pipeline, tmp_path: Path, shapes_dir: Path
+) -> None:
+    p = cli
+    folder = image_folder(tmp_path, 6)
+    first = p.cli("enqueue", str(folder), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    first_ids = {job["id"] for job in queued_jobs(p)}
+    refs = [local_ref(path) for path in sorted(folder.iterdir())]
+    shapes_writer(p.db_url, shapes_dir).save(
+        [
+            Outcome(refs[0], captioned("a red square on a blue background")),
+            Outcome(refs[1], captioned("a blue square on a red background")),
+            Outcome(refs[2], ImageError(Code.TRUNCATED, "image file is truncated")),
+        ]
+    )
+    # Redis restarts without persistence: the queue is gone. The crawl had listed everything
+    # but was killed before it was marked done, so running it again resumes after the end.
+    p.redis().delete(p.queue)
+    query(
+        p.db_url, lambda conn: (conn.execute(update(Crawl).values(state="running")), conn.commit())
+    )
+    resumed = p.cli("enqueue", str(folder), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert queued_images(p) == []
+    reconciled = p.cli("enqueue", str(folder), "--reconcile", "--no-progress")
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert sorted(queued_images(p)) == [ref.uri for ref in refs[3:]]
+    assert not first_ids & {job["id"] for job in queued_jobs(p)}  # fresh job ids
+
+
+# -- one run of a crawl at a time ------------------------------------------------------------
+
+
+def test_a_second_run_of_a_crawl_is_refused_in_one_line_and_one_with_wait_takes_over(
+    cli: Pipeline, tmp_path: Path
+) -> None:
+    p = cli
+    folder = image_folder(tmp_path, 5)
+    exe = str(Path(sys.executable).parent / "capworks")
+    args = [exe, "enqueue", str(folder), "--crawl-id", "nightly", "--no-progress"]
+    # No worker runs, so backpressure holds the first run after two one-image jobs.
+    p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_MAX_QUEUED_IMAGES="1")
+    slow = subprocess.Popen(args, env=p.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: len(queued_images(p)) >= 2, 120, "the first run to fill the queue")
+        second = p.cli(*args[1:])
+        assert second.returncode == 1, second.stderr
+        [line] = [line for line in second.stderr.splitlines() if "error" in line]
+        assert "crawl nightly" in line and "another" in line, second.stderr
+        p.extra_env["CAPWORKS_MAX_QUEUED_IMAGES"] = "1000"
+        waiting = subprocess.Popen(
+            [*args, "--wait"], env=p.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        killer = threading.Timer(120, waiting.kill)  # a run that never says it waits fails
+        killer.start()
+        assert waiting.stderr is not None
+        while "waiting" not in (line := waiting.stderr.readline()) and line:
+            pass
+        killer.cancel()
+        assert "waiting" in line and waiting.poll() is None
+        assert len(queued_images(p)) == 2
+    finally:
+        slow.send_signal(signal.SIGKILL)  # a killed run leaves the crawl to the next
+        slow.wait()
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert sorted(queued_images(p)) == sorted(str(f.resolve()) for f in folder.iterdir())
+
+
+# -- the README's promises, on a real S3 server ----------------------------------------------
+
+
+def enqueue(p: Pipeline, *args: str) -> dict[str, tuple[str | None, int | None]]:
+    """`capworks enqueue s3://... ARGS` into an emptied queue; what it queued."""
+    p.redis().delete(p.queue)
+    result = p.cli("enqueue", *args, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return queued_entries(p)
+
+
+def listed_as_uploaded(queued: dict[str, Any], bodies: dict[str, bytes]) -> None:
+    """Every queued object carries its body's MD5 as ETag and its length as size."""
+    for uri, (etag, size) in queued.items():
+        assert (etag, size) == (hashlib.md5(bodies[uri]).hexdigest(), len(bodies[uri])), uri
+
+
+@pytest.mark.slow
+def test_the_filters_of_enqueue_pick_what_the_readme_says(pipeline: Pipeline) -> None:
+    p = pipeline
+    bodies = dict(make_bucket(p.s3_endpoint, "filters", 6, seed=51).blobs)
+    s3 = s3_client(p.s3_endpoint)
+    extras = {
+        "extra/tiny.png": b"x" * 10,
+        "extra/huge.png": b"\0" * 300_000,
+        "extra/photo.JPG": png_bytes(sample_scenes(1, 52)[0][0]),
+    }
+    for key, body in extras.items():
+        s3.put_object(Bucket="filters", Key=key, Body=body)  # type: ignore[attr-defined]
+        bodies[f"s3://filters/{key}"] = body
+    listing = s3.list_objects_v2(Bucket="filters")["Contents"]  # type: ignore[attr-defined]
+    since = max(obj["LastModified"] for obj in listing) + timedelta(seconds=1)
+    time.sleep(2.0)  # S3 times are whole seconds: the next upload is after `since`
+    late = png_bytes(sample_scenes(1, 53)[0][0])
+    s3.put_object(Bucket="filters", Key="late/new.png", Body=late)  # type: ignore[attr-defined]
+    bodies["s3://filters/late/new.png"] = late
+
+    everything = enqueue(p, "s3://filters/")
+    assert set(everything) == set(bodies)
+    listed_as_uploaded(everything, bodies)
+    assert set(enqueue(p, "s3://filters/", "--suffix", ".jpg")) == {"s3://filters/extra/photo.JPG"}
+    images = [uri for uri in bodies if "/extra/tiny" not in uri and "/extra/huge" not in uri]
+    low, high = min(len(bodies[u]) for u in images), max(len(bodies[u]) for u in images)
+    sized = enqueue(p, "s3://filters/", "--min-bytes", str(low), "--max-bytes", str(high))
+    assert set(sized) == set(images)
+    assert set(enqueue(p, "s3://filters/", "--min-bytes", "100000")) == {
+        "s3://filters/extra/huge.png"
+    }
+    recent = enqueue(p, "s3://filters/", "--modified-since", since.isoformat())
+    assert set(recent) == {"s3://filters/late/new.png"}
+    listed_as_uploaded(recent, bodies)
+
+
+@pytest.mark.slow
+def test_enqueue_skips_captioned_objects_unless_forced_or_overwritten(
+    pipeline: Pipeline, shapes_dir: Path
+) -> None:
+    p = pipeline
+    bodies = dict(make_bucket(p.s3_endpoint, "captioned", 5, seed=54).blobs)
+    first = enqueue(p, "s3://captioned/")
+    assert set(first) == set(bodies)
+    listed_as_uploaded(first, bodies)
+    done = sorted(bodies)[:3]
+    shapes_writer(p.db_url, shapes_dir).save(
+        [
+            Outcome(ImageRef(uri, etag=first[uri][0], size_bytes=first[uri][1]), captioned("x"))
+            for uri in done
+        ]
+    )
+    assert set(enqueue(p, "s3://captioned/")) == set(bodies) - set(done)
+    forced = enqueue(p, "s3://captioned/", "--force")
+    assert set(forced) == set(bodies)
+    listed_as_uploaded(forced, bodies)
+    # Overwriting a captioned object changes its ETag: it is captioned again.
+    changed = done[0]
+    bodies[changed] = png_bytes(sample_scenes(1, 55)[0][0])
+    key = changed.removeprefix("s3://captioned/")
+    s3_client(p.s3_endpoint).put_object(Bucket="captioned", Key=key, Body=bodies[changed])  # type: ignore[attr-defined]
+    again = enqueue(p, "s3://captioned/")
+    assert set(again) == (set(bodies) - set(done)) | {changed}
+    listed_as_uploaded(again, bodies)
