@@ -69,7 +69,10 @@ def pg_url() -> Iterator[str]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    from sqlalchemy.pool import NullPool
+
+    # No pooled connection: a test may restart PostgreSQL before the database is dropped.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     name = f"capworks_test_{uuid.uuid4().hex[:10]}"
     try:
         with admin.connect() as conn:
