@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=positive_int, default=100)
         if name == "replay":
             p.add_argument("--rate", type=rate_per_s, default=100.0, help="images per second: 50/s")
+            p.description = "poison dead letters are replayed only with --code poison"
+        if name == "purge":
+            p.add_argument("--all", action="store_true", help="every dead letter (no filter)")
+            p.add_argument("--yes", action="store_true", help="do not ask before purging all")
     show = dlq_sub.add_parser("show")
     show.add_argument("uri")
 

@@ -99,6 +99,8 @@ class Failure(Base):
     traceback: Mapped[str | None] = mapped_column(Text)
     replays: Mapped[int] = mapped_column(Integer, default=0)
     last_replayed: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The job of the last replay, recorded before it is published (`capworks dlq replay`).
+    replay_job: Mapped[str | None] = mapped_column(String(128))
 
 
 class BadMessage(Base):

@@ -1,25 +1,61 @@
-"""`capworks dlq list|show|replay|purge`: the dead letters kept in the `failures` table."""
+"""`capworks dlq list|show|replay|purge`: the dead letters kept in the `failures` table.
+
+A replay is recorded before it is published: the job id goes on the rows (`replay_job`), then
+the job is sent and marked as sent in Redis. A run cut off between the two leaves rows whose
+replay job was never marked sent; the next run sends that job again under the same id (workers
+drop a job id they have committed). A row whose replay was sent is left alone until it fails
+again (`last_seen` after `last_replayed`), so running a replay twice sends nothing twice.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import delete, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from producer.crawl import Publisher, wait_for_room
 from producer.enqueue import make_publisher
 from producer.sources import InputError
 from schema.db import connect
-from schema.jobs import Job
+from schema.errors import Code
+from schema.jobs import Job, new_job_id
 from schema.settings import get_settings
 from schema.tables import Failure, Image, utcnow
 from schema.uris import ImageRef
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an action applies to: --code, --prefix, --older-than."""
+
+    code: str | None = None
+    prefix: str | None = None
+    older_than_s: float | None = None
+
+    @property
+    def is_everything(self) -> bool:
+        """True when no filter narrows the selection."""
+        return not (self.code or self.prefix) and self.older_than_s is None
+
+    def apply(self, query: Any) -> Any:
+        """`query` (over failures joined to images) narrowed to the selection."""
+        if self.code:
+            query = query.where(Failure.code == self.code)
+        if self.prefix:
+            query = query.where(Image.uri.startswith(self.prefix, autoescape=True))
+        if self.older_than_s is not None:
+            query = query.where(Failure.last_seen < utcnow() - timedelta(seconds=self.older_than_s))
+        return query
 
 
 def run_dlq(args: argparse.Namespace) -> int:
@@ -27,33 +63,30 @@ def run_dlq(args: argparse.Namespace) -> int:
     db = connect(args.db)
     if args.action == "show":
         return show(db, args.uri)
-    query = filtered(select(Failure, Image).join(Image), args)
-    with Session(db) as session:
-        rows = list(session.execute(query.order_by(Failure.last_seen)).all())
+    selection = Selection(args.code, args.prefix, args.older_than)
     if args.action == "list":
-        return list_rows(rows[: args.limit], args.json, total=len(rows))
-    if args.action == "replay":
-        return replay(db, rows, args.rate)
-    ids = [r.Failure.id for r in rows]
-    with db.begin() as conn:
-        conn.execute(delete(Failure).where(Failure.id.in_(ids)))
-    print(f"purged {len(ids)} dead letters")
+        return list_rows(db, selection, args.limit, args.json)
+    if args.action == "purge":
+        return purge(db, selection, everything=args.all, yes=args.yes)
+    settings = get_settings()
+    counts = replay(
+        db,
+        make_publisher(settings),
+        selection,
+        rate_per_s=args.rate,
+        job_images=settings.job_images,
+        max_queued_images=settings.max_queued_images,
+    )
+    print(counts.summary(args.rate))
     return 0
 
 
-def filtered(query: Any, args: argparse.Namespace) -> Any:
-    """Apply --code, --prefix and --older-than."""
-    if args.code:
-        query = query.where(Failure.code == args.code)
-    if args.prefix:
-        query = query.where(Image.uri.startswith(args.prefix, autoescape=True))
-    if args.older_than is not None:
-        query = query.where(Failure.last_seen < utcnow() - timedelta(seconds=args.older_than))
-    return query
-
-
-def list_rows(rows: list[Any], as_json: bool, total: int) -> int:
-    """Print dead letters as a table or JSON lines."""
+def list_rows(db: Engine, selection: Selection, limit: int, as_json: bool) -> int:
+    """Print the selected dead letters, oldest first, as a table or JSON lines."""
+    query = selection.apply(select(Failure, Image).join(Image)).order_by(Failure.last_seen)
+    with Session(db) as session:
+        total = session.scalar(selection.apply(select(func.count(Failure.id)).join(Image))) or 0
+        rows = list(session.execute(query.limit(limit)).all())
     if as_json:
         for r in rows:
             print(json.dumps(as_dict(r)))
@@ -81,11 +114,12 @@ def as_dict(row: Any) -> dict[str, Any]:
         "last_seen": f.last_seen.isoformat(),
         "job_id": f.job_id,
         "replays": f.replays,
+        "replay_job": f.replay_job,
         "traceback": f.traceback,
     }
 
 
-def show(db: Any, uri: str) -> int:
+def show(db: Engine, uri: str) -> int:
     """Print everything about one dead letter."""
     with Session(db) as session:
         row = session.execute(select(Failure, Image).join(Image).where(Image.uri == uri)).first()
@@ -96,32 +130,152 @@ def show(db: Any, uri: str) -> int:
     return 0
 
 
-def replay(db: Any, rows: list[Any], rate_per_s: float) -> int:
-    """Enqueue dead letters again at a bounded rate and record that they were replayed."""
-    settings = get_settings()
-    publisher = make_publisher(settings)
-    started = time.monotonic()
-    size = max(1, min(settings.job_images, int(rate_per_s)))
-    for n in range(0, len(rows), size):
-        chunk = rows[n : n + size]
-        refs = [
-            ImageRef(
-                uri=r.Image.uri,
-                bucket=r.Image.bucket,
-                key=r.Image.key,
-                version_id=r.Image.version_id,
-                etag=r.Image.etag,
+def purge(db: Engine, selection: Selection, *, everything: bool, yes: bool) -> int:
+    """Delete the selected dead letters; all of them only with --all --yes or a terminal's yes."""
+    if everything and not selection.is_everything:
+        raise InputError("dlq purge: --all deletes every dead letter; drop the filters or --all")
+    chosen = selection.apply(select(Failure.id).join(Image))
+    if selection.is_everything and not (everything and yes):
+        with Session(db) as session:
+            total = session.scalar(select(func.count(Failure.id))) or 0
+        if not sys.stdin.isatty():
+            raise InputError(
+                f"dlq purge without --code, --prefix or --older-than deletes all {total} "
+                "dead letters; give --all --yes to do that"
             )
-            for r in chunk
-        ]
-        # Pace by images: the n-th image leaves no sooner than n / rate seconds after the start.
-        time.sleep(max(0.0, started + n / rate_per_s - time.monotonic()))
-        publisher.publish(Job.new(refs))
-        with db.begin() as conn:
-            conn.execute(
-                update(Failure)
-                .where(Failure.id.in_([r.Failure.id for r in chunk]))
-                .values(replays=Failure.replays + 1, last_replayed=utcnow())
-            )
-    print(f"replayed {len(rows)} dead letters at up to {rate_per_s:g}/s")
+        if input(f"delete all {total} dead letters? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing purged")
+            return 1
+    with db.begin() as conn:
+        purged = conn.execute(delete(Failure).where(Failure.id.in_(chosen))).rowcount
+    print(f"purged {purged} dead letters")
     return 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead letter as a replay sees it."""
+
+    failure_id: int
+    ref: ImageRef
+    code: str
+    last_seen: datetime
+    replay_job: str | None
+    last_replayed: datetime | None
+
+
+@dataclass
+class ReplayPlan:
+    """What a replay run does with each selected dead letter."""
+
+    fresh: list[DeadLetter] = field(default_factory=list)  # to replay under a new job
+    resend: dict[str, list[DeadLetter]] = field(default_factory=dict)  # cut off: send again
+    already_sent: int = 0  # replayed before and not failed since
+    poison: int = 0  # skipped: replayed only when asked for by --code poison
+
+
+def plan_replay(
+    letters: Sequence[DeadLetter], was_sent: Callable[[str], bool], include_poison: bool
+) -> ReplayPlan:
+    """Sort dead letters into fresh replays, cut-off replays to send again, and skips."""
+    plan = ReplayPlan()
+    for letter in letters:
+        if letter.code == Code.POISON.value and not include_poison:
+            plan.poison += 1
+        elif letter.replay_job is None or (
+            letter.last_replayed is not None and letter.last_seen > letter.last_replayed
+        ):
+            plan.fresh.append(letter)
+        elif was_sent(letter.replay_job):
+            plan.already_sent += 1
+        else:
+            plan.resend.setdefault(letter.replay_job, []).append(letter)
+    return plan
+
+
+@dataclass(frozen=True)
+class ReplayCounts:
+    """What a replay run did."""
+
+    replayed: int
+    resent: int
+    already_sent: int
+    poison: int
+
+    def summary(self, rate_per_s: float) -> str:
+        """One line for the terminal."""
+        parts = [f"replayed {self.replayed} dead letters at up to {rate_per_s:g}/s"]
+        if self.resent:
+            parts.append(f"sent again {self.resent} whose replay was cut off")
+        if self.already_sent:
+            parts.append(f"skipped {self.already_sent} replayed before and not failed since")
+        if self.poison:
+            parts.append(f"skipped {self.poison} poison (replay them with --code poison)")
+        return "; ".join(parts)
+
+
+def replay(
+    db: Engine,
+    publisher: Publisher,
+    selection: Selection,
+    *,
+    rate_per_s: float,
+    job_images: int,
+    max_queued_images: int,
+) -> ReplayCounts:
+    """Enqueue the selected dead letters again, at most `rate_per_s` images a second and only
+    while the queue has room; each replay is recorded on its rows before it is published."""
+    plan = plan_replay(
+        load_letters(db, selection), publisher.was_sent, selection.code == Code.POISON.value
+    )
+    size = max(1, min(job_images, int(rate_per_s)))
+    # (job, failures whose replay it records): a cut-off replay was recorded by an earlier run.
+    jobs: list[tuple[Job, list[int]]] = [
+        (Job.new([d.ref for d in letters], job_id=job_id), [])
+        for job_id, letters in plan.resend.items()
+    ]
+    for n in range(0, len(plan.fresh), size):
+        chunk = plan.fresh[n : n + size]
+        job = Job.new([d.ref for d in chunk], job_id=f"replay-{new_job_id()}")
+        jobs.append((job, [d.failure_id for d in chunk]))
+    started, sent_images = time.monotonic(), 0
+    for job, failure_ids in jobs:
+        # Pace by images: the n-th image leaves no sooner than n / rate seconds after the start.
+        time.sleep(max(0.0, started + sent_images / rate_per_s - time.monotonic()))
+        wait_for_room(publisher, max_queued_images)
+        if failure_ids:
+            record_replay(db, failure_ids, job.job_id)
+        publisher.publish(job)
+        sent_images += len(job.images)
+    return ReplayCounts(
+        len(plan.fresh), sum(map(len, plan.resend.values())), plan.already_sent, plan.poison
+    )
+
+
+def load_letters(db: Engine, selection: Selection) -> list[DeadLetter]:
+    """The selected dead letters, oldest first."""
+    query = selection.apply(select(Failure, Image).join(Image)).order_by(Failure.last_seen)
+    with Session(db) as session:
+        return [
+            DeadLetter(
+                f.id,
+                ImageRef(
+                    uri=i.uri, bucket=i.bucket, key=i.key, version_id=i.version_id, etag=i.etag
+                ),
+                f.code,
+                f.last_seen,
+                f.replay_job,
+                f.last_replayed,
+            )
+            for f, i in session.execute(query).tuples()
+        ]
+
+
+def record_replay(db: Engine, failure_ids: list[int], job_id: str) -> None:
+    """Note on the rows that `job_id` replays them, before the job is published."""
+    with db.begin() as conn:
+        conn.execute(
+            update(Failure)
+            .where(Failure.id.in_(failure_ids))
+            .values(replays=Failure.replays + 1, last_replayed=utcnow(), replay_job=job_id)
+        )
