@@ -1,13 +1,20 @@
-"""`capworks worker` argument handling and its restart policy (the supervised run itself is in
-test_pipeline.py)."""
+"""`capworks worker` argument handling, its restart policy, and its shutdown: no process it
+started outlives it (the supervised Celery run itself is in test_pipeline.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from capworks.commands.worker import (
     MAX_RESTART_DELAY_S,
@@ -49,3 +56,74 @@ def test_a_process_that_dies_young_is_restarted_later_and_later() -> None:
     assert delays == [4, 8, 16, 32, 60, 60, 60, 60]
     assert delays[-1] == MAX_RESTART_DELAY_S
     assert child.next_delay(now_s=child.started_s + STABLE_S) == RESTART_DELAY_S
+
+
+STAND_IN_SUPERVISOR = Path(__file__).parent / "wrappers" / "stand_in_supervisor.py"
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def started_pids(pids: Path) -> list[int]:
+    return [int(line) for line in pids.read_text().split()] if pids.exists() else []
+
+
+def supervise_stand_ins(pids: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(STAND_IN_SUPERVISOR), "--pids", str(pids), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_and_survivors(supervisor: subprocess.Popen[str], pids: Path) -> tuple[str, list[int]]:
+    """What the supervisor said when `supervise` returned ("" if it did not within 20 s) and
+    the processes it started that are still alive; everything left is killed afterwards."""
+    try:
+        said, _ = supervisor.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        said = ""
+    survivors = [pid for pid in started_pids(pids) if alive(pid)]
+    if supervisor.poll() is None:
+        supervisor.kill()
+        supervisor.communicate()
+    for pid in survivors:  # processes this test started, through the supervisor
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return said.strip(), survivors
+
+
+def test_sigterm_during_a_restart_stops_the_process_just_started(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    # The first process exits at once; the supervisor is signalled while starting the second.
+    supervisor = supervise_stand_ins(pids, "--exit-first", "1", "--signal-self-at", "2")
+    said, survivors = stop_and_survivors(supervisor, pids)
+    assert len(started_pids(pids)) == 2
+    assert survivors == [] and said == "supervisor returned 0"
+    assert supervisor.returncode == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sigterms_sent_around_restarts_leave_no_child_alive(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    pids = tmp_path / "pids"
+    # Four slots whose processes mostly exit at once, so restarts are under way all the time.
+    supervisor = supervise_stand_ins(
+        pids, "--slots", "4", "--live-share", "0.3", "--seed", str(seed)
+    )
+    deadline = time.monotonic() + 20
+    while not started_pids(pids) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.2))
+    for _ in range(3):
+        supervisor.send_signal(signal.SIGTERM)
+        time.sleep(rng.uniform(0, 0.03))
+    said, survivors = stop_and_survivors(supervisor, pids)
+    assert survivors == [] and said == "supervisor returned 0", f"{len(started_pids(pids))} started"

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from schema.settings import get_settings
 
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
 MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0  # a process that ran this long before dying is restarted after the base delay
+POLL_S = 0.5
 
 
 @dataclass
@@ -29,11 +32,11 @@ class Child:
     started_s: float
     delay_s: float = RESTART_DELAY_S
 
-    def next_delay(self, now_s: float) -> float:
+    def next_delay(self, now_s: float, base_s: float = RESTART_DELAY_S) -> float:
         """The base delay after a process that ran a while; doubling, up to a minute, after one
         that died young (a worker that cannot load its model should not spin)."""
         if now_s - self.started_s >= STABLE_S:
-            return RESTART_DELAY_S
+            return base_s
         return min(self.delay_s * 2, MAX_RESTART_DELAY_S)
 
 
@@ -85,50 +88,79 @@ def celery_worker_argv(
     ]
 
 
-def start_child(
-    gpu: str | None, index: int, concurrency: int, loglevel: str, delay_s: float = RESTART_DELAY_S
-) -> Child:
-    """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
-    settings = get_settings()
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = gpu or ""
-    env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
-    if settings.metrics_port:  # one metrics port per process
-        env["CAPWORKS_METRICS_PORT"] = str(settings.metrics_port + index)
-    name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
-    cmd = celery_worker_argv(settings.queue_name, concurrency, name, loglevel)
-    log.info("starting %s", " ".join(cmd))
-    return Child(gpu, subprocess.Popen(cmd, env=env), time.monotonic(), delay_s)
+class Launcher(Protocol):
+    """Starts one worker process; the seam where a test plugs in stand-in processes."""
+
+    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
+        """Start the `index`-th worker process, pinned to one GPU (or the CPU when None)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CeleryLauncher:
+    """Starts capworks Celery worker processes, each with its device and metrics port."""
+
+    concurrency: int
+    loglevel: str = "INFO"
+
+    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
+        """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
+        settings = get_settings()
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = gpu or ""
+        env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
+        if settings.metrics_port:  # one metrics port per process
+            env["CAPWORKS_METRICS_PORT"] = str(settings.metrics_port + index)
+        name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
+        cmd = celery_worker_argv(settings.queue_name, self.concurrency, name, self.loglevel)
+        log.info("starting %s", " ".join(cmd))
+        return subprocess.Popen(cmd, env=env)
 
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run and supervise the worker processes until SIGTERM or SIGINT."""
     gpus = parse_gpus(args.gpus)
     concurrency = args.concurrency or get_settings().prefetch_jobs
-    children = [start_child(g, i, concurrency, args.loglevel) for i, g in enumerate(gpus)]
+    return supervise(gpus, CeleryLauncher(concurrency, args.loglevel))
+
+
+def supervise(
+    gpus: Sequence[str | None],
+    launcher: Launcher,
+    *,
+    restart_delay_s: float = RESTART_DELAY_S,
+    poll_s: float = POLL_S,
+) -> int:
+    """Run one process per GPU, restart each that dies, until SIGTERM or SIGINT.
+
+    The signal handler only notes the request; this loop does the stopping, so a process
+    started while the signal arrived is recorded first and stopped with the others.
+    """
     stopping = False
 
-    def stop(signum: int, _frame: object) -> None:
+    def request_stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)  # warm shutdown: running jobs finish
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # Before the first start: a SIGTERM's default action would leave the children running.
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    children = [
+        Child(g, launcher.start(g, i), time.monotonic(), restart_delay_s)
+        for i, g in enumerate(gpus)
+    ]
     restart_at: dict[int, float] = {}
     while not stopping:
         now = time.monotonic()
         for i, child in enumerate(children):
             if i in restart_at:
-                if now >= restart_at[i]:
+                if now >= restart_at[i] and not stopping:
                     del restart_at[i]
-                    children[i] = start_child(
-                        child.gpu, i, concurrency, args.loglevel, child.delay_s
+                    children[i] = Child(
+                        child.gpu, launcher.start(child.gpu, i), time.monotonic(), child.delay_s
                     )
             elif (code := child.proc.poll()) is not None:
-                child.delay_s = child.next_delay(now)
+                child.delay_s = child.next_delay(now, restart_delay_s)
                 restart_at[i] = now + child.delay_s
                 log.warning(
                     "worker for %s exited with %s; restarting in %.0f s",
@@ -136,7 +168,10 @@ def run_worker(args: argparse.Namespace) -> int:
                     code,
                     child.delay_s,
                 )
-        time.sleep(0.5)
+        time.sleep(poll_s)
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)  # warm shutdown: running jobs finish
     for child in children:
         child.proc.wait()
     return 0
