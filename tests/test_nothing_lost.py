@@ -237,3 +237,20 @@ def test_images_over_http_are_fetched_from_a_loopback_server(pipeline: Pipeline)
         server.server_close()
     assert set(captions(p.db_url)) == set(urls)
     assert failures(p.db_url) == {f"{base}/missing.png": "not_found"}
+
+
+def test_a_worker_refuses_a_broker_that_would_evict_queued_jobs(pipeline: Pipeline) -> None:
+    p = pipeline
+    r = p.redis()
+    old = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        worker = p.start_worker("evicting")
+        assert worker.wait(timeout=180) != 0
+    finally:
+        r.config_set("maxmemory-policy", old)
+    log_text = p.log_text("evicting")
+    assert "cannot start the worker" in log_text and "allkeys-lru" in log_text, log_text[-2000:]
+    p.start_worker("persistless")  # the local Redis keeps nothing on disk: a warning, no refusal
+    wait_until(lambda: "persist" in p.log_text("persistless"), 120, "the persistence warning")
+    assert p.workers[-1].poll() is None

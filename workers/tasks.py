@@ -14,11 +14,13 @@ import traceback
 from functools import partial
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready
 
 from schema.backoff import compute_backoff
+from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
 from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
 from schema.queue import CAPTION_TASK, make_celery
@@ -47,8 +49,12 @@ def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]
 def load_before_taking_jobs(**_: Any) -> None:
     """Load the model and open connections before consuming: a worker that cannot (a missing
-    checkpoint, an unreachable database) exits instead of taking jobs and failing them."""
+    checkpoint, an unreachable database, a broker that would evict queued jobs) exits instead
+    of taking jobs and failing them."""
     try:
+        broker = redis.Redis.from_url(settings.broker_url)
+        for warning in check_broker(broker, settings.allow_evicting_broker):
+            log.warning("%s", warning)
         get_runtime(settings)
     except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker
         log.critical("cannot start the worker: %s", exc)
