@@ -57,6 +57,9 @@ def test_bucket_of_500_images_is_captioned_once_despite_a_killed_worker(
     )
     os.kill(worker.pid, signal.SIGKILL)  # mid-run: jobs it held are unacknowledged
     worker.wait()
+    # The kill interrupted work: images were left, and jobs were held by the dead process.
+    assert count_rows(p.db_url)["captions"] < 500
+    assert p.redis().hlen("unacked") > 0
     p.start_worker("second")
     wait_until(
         lambda: count_rows(p.db_url)["captions"] == 500 and p.queue_length() == 0,
