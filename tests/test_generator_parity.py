@@ -80,10 +80,7 @@ def tiny_eos(tiny: Loaded) -> Loaded:
 
 
 @pytest.fixture(scope="module")
-def shapes(request: pytest.FixtureRequest, cache_dir: Path) -> Loaded:
-    if not (cache_dir / "shapes" / "build.json").is_file():
-        pytest.skip("the shapes checkpoint is not built (capworks checkpoint build shapes)")
-    shapes_dir: Path = request.getfixturevalue("shapes_dir")
+def shapes(shapes_dir: Path) -> Loaded:
     config = read_config(shapes_dir, "shapes")
     tokenizer = load_tokenizer(config.model_dir)
     model = load_model(config, torch.device("cpu"), torch.float32)

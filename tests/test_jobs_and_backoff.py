@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import uuid
 
 import pytest
+import redis
+from conftest import require_service
+from pipeline_support import REDIS_URL
 
+from producer.crawl import SENT_KEY
+from producer.enqueue import make_publisher
 from schema.backoff import compute_backoff
 from schema.errors import Code
 from schema.jobs import Job, MalformedJob
+from schema.settings import Settings
 from schema.uris import ImageRef
 
 
@@ -30,17 +38,44 @@ def test_job_round_trips_through_its_compact_wire_format() -> None:
     assert again == job
 
 
-def test_job_message_costs_well_under_200_bytes_per_image() -> None:
+def test_a_queued_64_image_job_costs_redis_under_200_bytes_per_image() -> None:
+    # What Redis holds for one job of a crawl: the queue's list entry (the job's JSON inside
+    # Celery's envelope, base64-encoded) and the job's sent mark, as MEMORY USAGE counts them.
+    queue = f"capworks-test-size-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except redis.ConnectionError as exc:
+        require_service("Redis", str(exc))
+    crawl_id = uuid.uuid4().hex[:16]
     refs = [
         ImageRef(
             f"s3://photos/2024/07/31/IMG_{i:06d}.jpg",
-            etag="9b2cf535f27731c974343645a3985328",
-            size_bytes=2_345_678,
+            bucket="photos",
+            key=f"2024/07/31/IMG_{i:06d}.jpg",
+            etag=uuid.uuid4().hex,
+            size_bytes=2_345_678 + 7_919 * i,
         )
         for i in range(64)
     ]
-    body = json.dumps(Job.new(refs).to_wire())
-    assert len(body) / len(refs) < 120
+    job = Job.new(refs, crawl_id, job_id=f"{crawl_id}-{uuid.uuid4().hex[:8]}-000000")
+    publisher = make_publisher(Settings(broker_url=REDIS_URL, queue_name=queue))
+    try:
+        publisher.publish(job)
+        entries = r.lrange(queue, 0, -1)
+        sent_mark = SENT_KEY.format(job.job_id)
+        stored_bytes = int(r.memory_usage(queue, samples=0) or 0)
+        stored_bytes += int(r.memory_usage(sent_mark, samples=0) or 0)
+    finally:
+        r.delete(queue, SENT_KEY.format(job.job_id), *r.scan_iter(f"_kombu.binding*.{queue}"))
+        publisher.redis.close()
+        r.close()
+    assert len(entries) == 1
+    envelope = json.loads(entries[0])
+    args, _, _ = json.loads(base64.b64decode(envelope["body"]))
+    assert Job.from_wire(args[0]) == job  # the entry is this job, as a worker will read it
+    assert len(entries[0]) < stored_bytes
+    assert stored_bytes / len(refs) < 200, f"{stored_bytes / len(refs):.1f} bytes per image"
 
 
 @pytest.mark.parametrize(
