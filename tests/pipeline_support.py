@@ -11,7 +11,8 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,29 @@ class Pipeline:
     def queue_length(self) -> int:
         r = self.redis()
         return int(r.llen(self.queue)) + int(r.hlen("unacked"))
+
+
+@contextmanager
+def own_queue(
+    db_url: str, tmp: Path, s3_endpoint: str = "http://127.0.0.1:9"
+) -> Iterator[Pipeline]:
+    """A producer/worker environment with a queue of its own on the real Redis; afterwards its
+    workers are stopped and its keys removed. The default S3 endpoint is a closed port."""
+    from conftest import require_service
+
+    p = Pipeline(db_url, s3_endpoint, tmp)
+    try:
+        p.redis().ping()
+    except redis.RedisError as exc:
+        require_service("Redis", str(exc))
+    try:
+        yield p
+    finally:
+        p.stop_workers()
+        r = p.redis()
+        r.delete(p.queue)
+        for key in r.scan_iter("capworks:*"):
+            r.delete(key)
 
 
 @dataclass(frozen=True)

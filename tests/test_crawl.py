@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 import redis
 from conftest import png_bytes, require_service, s3_client
-from pipeline_support import REDIS_URL, Pipeline, make_bucket, query, queued_images, wait_until
+from pipeline_support import (
+    REDIS_URL,
+    Pipeline,
+    make_bucket,
+    own_queue,
+    query,
+    queued_images,
+    wait_until,
+)
 from sqlalchemy import select, update
 
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -43,36 +51,25 @@ from workers.persist import Outcome, ResultWriter
 IDENTITY = ("m", "r", "h")
 
 
-def own_queue(db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    """A queue of the test's own on the real Redis; local sources only (S3 is never asked)."""
-    p = Pipeline(db_url, "http://127.0.0.1:9", tmp_path)
-    try:
-        p.redis().ping()
-    except Exception as exc:  # noqa: BLE001 - any connection failure means no Redis here
-        require_service("Redis", str(exc))
-    yield p
-    r = p.redis()
-    r.delete(p.queue)
-    for key in r.scan_iter("capworks:*"):
-        r.delete(key)
-
-
 @pytest.fixture()
 def local(any_db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
     """A fresh database on each backend, for crawls run in this process."""
-    yield from own_queue(any_db_url, tmp_path)
+    with own_queue(any_db_url, tmp_path) as p:
+        yield p
 
 
 @pytest.fixture()
 def cli(any_db_url: str, tmp_path: Path, shapes_dir: Path) -> Iterator[Pipeline]:
     """A fresh database on each backend, for `capworks enqueue --model shapes` runs."""
-    yield from own_queue(any_db_url, tmp_path)
+    with own_queue(any_db_url, tmp_path) as p:
+        yield p
 
 
 @pytest.fixture()
 def cli_sqlite(tmp_path: Path, shapes_dir: Path) -> Iterator[Pipeline]:
     """`capworks enqueue` runs where the database does not matter."""
-    yield from own_queue(f"sqlite:///{tmp_path / 'capworks.db'}", tmp_path)
+    with own_queue(f"sqlite:///{tmp_path / 'capworks.db'}", tmp_path) as p:
+        yield p
 
 
 def crawl(p: Pipeline, source: str, **options: Any) -> Any:

