@@ -13,6 +13,7 @@ from schema.errors import CapworksError, CheckpointError
 from schema.settings import get_settings
 
 log = logging.getLogger("capworks")
+MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint"})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -171,7 +172,8 @@ def rate_per_s(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `capworks` console script."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
+    # Only the commands that load a model pay for importing transformers (~4 s) to quiet it.
+    configure_logging(args.verbose, quiet_transformers=args.command in MODEL_COMMANDS)
     try:
         if args.command == "caption":
             from capworks.commands.caption import run_caption
@@ -205,12 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def configure_logging(verbosity: int) -> None:
+def configure_logging(verbosity: int, quiet_transformers: bool = True) -> None:
     """Our loggers at WARNING (INFO with -v); the model libraries' chatter at ERROR."""
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("modelscope", "modelscope_hub", "transformers", "fairseq", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not quiet_transformers:
+        return
     try:
         import transformers
 
