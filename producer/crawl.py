@@ -26,7 +26,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from producer.sources import InputError, iter_positions
-from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
+from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, escaped, new_job_id, unstorable
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
 from schema.uris import ImageRef, is_http, is_s3
 
@@ -242,12 +242,6 @@ def unstorable_reason(uri: str) -> str | None:
     if len(uri) > MAX_URI_CHARS:
         return f"URI is {len(uri)} characters; the database holds at most {MAX_URI_CHARS}"
     return None
-
-
-def escaped(text: str) -> str:
-    """`text` as the database can store it: bytes that are not UTF-8 and NUL as `\\xNN`."""
-    raw = text.encode("utf-8", "surrogateescape")
-    return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
 
 
 def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[ImageRef]:

@@ -166,6 +166,16 @@ def unstorable(text: str) -> str | None:
     return None
 
 
+def escaped(text: str) -> str:
+    """`text` as the database can store it: NUL as `\\x00`, the bytes of a name that was not
+    UTF-8 (surrogate escapes) as `\\xNN`, any other lone surrogate as `\\udNNN`."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name gives (a JSON "\\ud800")
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
 def _check_text(what: str, text: str, max_chars: int) -> None:
     if len(text) > max_chars:
         raise MalformedJob(f"{what} is {len(text)} characters; at most {max_chars}")

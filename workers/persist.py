@@ -23,6 +23,7 @@ from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalErr
 
 from schema.checkpoint import CheckpointConfig
 from schema.errors import CapworksError, Code
+from schema.jobs import escaped
 from schema.tables import BadMessage, Failure, Image, utcnow
 from schema.tables import Caption as CaptionRow
 from schema.uris import ImageRef
@@ -124,7 +125,7 @@ _UNSTORABLE = (DataError, UnicodeEncodeError)
 
 
 @contextmanager
-def _reachable(engine: Engine) -> Iterator[None]:
+def _reachable() -> Iterator[None]:
     """Turn the driver's connection failures into `DatabaseUnavailable`."""
     try:
         yield
@@ -139,11 +140,6 @@ def _reachable(engine: Engine) -> Iterator[None]:
 def _first_line(exc: DBAPIError) -> str:
     text = str(exc.orig if exc.orig is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def storable(text: str) -> str:
-    """`text` with what the database refuses (NUL, lone surrogates) escaped."""
-    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ResultWriter:
@@ -190,7 +186,7 @@ class ResultWriter:
         batch = _Batch.of(outcomes, job_id, trace)
         if not batch.images:
             return SaveCounts(0, 0)
-        with _reachable(self._engine), self._engine.begin() as conn:
+        with _reachable(), self._engine.begin() as conn:
             if self._engine.dialect.name == "postgresql":
                 self._save_postgres(conn, batch)
             else:
@@ -207,12 +203,12 @@ class ResultWriter:
 
     def save_message_failure(self, job_key: str, error: CapworksError, body: object) -> None:
         """Keep a message (or one image entry) that failed validation, with the reason."""
-        with _reachable(self._engine), self._engine.begin() as conn:
+        with _reachable(), self._engine.begin() as conn:
             conn.execute(
                 self._insert(BadMessage).values(
-                    job_key=storable(job_key)[:256],
-                    reason=storable(error.message),
-                    body=storable(repr(body))[:10000],
+                    job_key=escaped(job_key)[:256],
+                    reason=escaped(error.message),
+                    body=escaped(repr(body))[:10000],
                     received=utcnow(),
                 )
             )
