@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="capworks-demo", help="folder for images and database")
     demo.add_argument("--count", type=int, default=24, help="how many sample images")
 
+    find = sub.add_parser("search", help="find images by words of their captions and tags")
+    find.add_argument(
+        "query", help='words and "quoted phrases", all to match; -word excludes (after --)'
+    )
+    find.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    find.add_argument("--limit", type=positive_int, default=20)
+    find.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    find.add_argument("--prefix", help="only URIs starting so (s3://bucket/dir/)")
+    find.add_argument("--bucket", help="only images in this bucket")
+    find.add_argument("--model", help="only captions by this model id")
+    find.add_argument("--since", type=iso_datetime, help="captioned at or after (ISO, UTC)")
+    find.add_argument("--until", type=iso_datetime, help="captioned before (ISO, UTC)")
+
     ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
@@ -191,6 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from capworks.commands.dlq import run_dlq
 
             return run_dlq(args)
+        if args.command == "search":
+            from capworks.commands.search import SearchRequest, as_utc, run_search
+            from schema.search import Filters
+
+            filters = Filters(
+                args.prefix, args.bucket, args.model, as_utc(args.since), as_utc(args.until)
+            )
+            return run_search(SearchRequest(args.db, args.query, filters, args.limit, args.json))
         if args.command == "demo":
             from capworks.commands.demo import run_demo
 

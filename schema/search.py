@@ -1,0 +1,184 @@
+"""Full-text search over captions, their alternatives and tags (migration 0005).
+
+A query is words and "quoted phrases", each of which must match; a leading `-` excludes one
+(`dog -"red ball"`). Words are stemmed (English on PostgreSQL, Porter on SQLite), so "dogs"
+finds "dog". PostgreSQL ranks with `ts_rank` over the stored `captions.search` vector (caption
+and tags weigh more than alternatives) through its GIN index; SQLite ranks with FTS5's `bm25`
+over `captions_fts` with the same emphasis. PostgreSQL drops English stop words ("a", "on");
+FTS5 keeps them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Float, Select, column, literal_column, select, table, text
+from sqlalchemy.orm import Session
+
+from schema.tables import Caption, Image
+
+# bm25 weights of the FTS5 columns (text, alternatives, tags): the same emphasis as the
+# PostgreSQL vector's weights (text and tags A, alternatives C).
+SQLITE_WEIGHTS = "10.0, 1.0, 10.0"
+_TERM = re.compile(r'(-?)"([^"]*)"?|(-?)(\S+)')
+
+
+class SearchQueryError(ValueError):
+    """A query with nothing to search for."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """A word or phrase of a query; `negated` terms exclude what they match."""
+
+    words: tuple[str, ...]
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What narrows a search besides its words."""
+
+    prefix: str | None = None  # images whose URI starts so (s3://bucket/dir/)
+    bucket: str | None = None
+    model: str | None = None
+    since: datetime | None = None  # captioned at or after
+    until: datetime | None = None  # captioned before
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One caption found, with its rank (higher is better)."""
+
+    uri: str
+    caption: str
+    rank: float
+    score: float
+    model: str
+    revision: str
+    created: datetime
+    tags: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able values."""
+        return {
+            "uri": self.uri,
+            "caption": self.caption,
+            "rank": self.rank,
+            "score": self.score,
+            "model": self.model,
+            "revision": self.revision,
+            "created": self.created.isoformat(),
+            "tags": self.tags,
+        }
+
+
+def parse_query(query: str) -> list[Term]:
+    """Words and quoted phrases; raise `SearchQueryError` when no wanted term remains."""
+    terms = []
+    for match in _TERM.finditer(query):
+        quoted_neg, phrase, word_neg, word = match.groups()
+        body = phrase if phrase is not None else word
+        words = tuple(w for w in re.findall(r"\w+", body))
+        if words:
+            terms.append(Term(words, bool(quoted_neg if phrase is not None else word_neg)))
+    if not any(not t.negated for t in terms):
+        raise SearchQueryError(f"nothing to search for in {query!r}: give a word to find")
+    return terms
+
+
+def search(db: Engine, query: str, filters: Filters = Filters(), limit: int = 20) -> list[Hit]:
+    """The `limit` best-ranked captions matching `query` and `filters`."""
+    terms = parse_query(query)
+    if db.dialect.name == "postgresql":
+        stmt = _postgres_search(terms)
+    elif db.dialect.name == "sqlite":
+        stmt = _sqlite_search(terms)
+    else:
+        raise SearchQueryError(f"search is not supported on {db.dialect.name}")
+    stmt = _filtered(stmt, filters).limit(limit)
+    with Session(db) as session:
+        return [
+            Hit(row.uri, row.text, float(row.rank), row.score, row.model_id, row.revision,
+                row.created, dict(row.tags or {}))
+            for row in session.execute(stmt)
+        ]  # fmt: skip
+
+
+def _columns() -> tuple[Any, ...]:
+    return (
+        Image.uri,
+        Caption.text,
+        Caption.score,
+        Caption.model_id,
+        Caption.revision,
+        Caption.created,
+        Caption.tags,
+    )
+
+
+def _postgres_search(terms: list[Term]) -> Select[Any]:
+    # The tsquery is a one-row subquery of immutable calls, so the planner folds it into a
+    # constant and the GIN index answers `@@`.
+    # It has two columns: `q` matches, `wanted` (q without its negated terms) ranks, as
+    # ts_rank scores a negated term's absence as nothing.
+    matching, wanted, params = [], [], {}
+    for n, term in enumerate(terms):
+        params[f"term{n}"] = " ".join(term.words)
+        phrase = f"phraseto_tsquery('english', :term{n})"
+        matching.append(f"!!{phrase}" if term.negated else phrase)
+        if not term.negated:
+            wanted.append(phrase)
+    tsquery = (
+        text(f"SELECT {' && '.join(matching)} AS q, {' && '.join(wanted)} AS wanted")
+        .bindparams(**params)
+        .columns(column("q"), column("wanted"))
+        .subquery("query")
+    )
+    vector = literal_column("captions.search", Float)
+    rank = literal_column("ts_rank(captions.search, query.wanted)", Float).label("rank")
+    return (
+        select(*_columns(), rank)
+        .select_from(Caption)
+        .join(Image, Image.id == Caption.image_id)
+        .join(tsquery, vector.op("@@")(tsquery.c.q))
+        .order_by(rank.desc(), Caption.id)
+    )
+
+
+def _sqlite_search(terms: list[Term]) -> Select[Any]:
+    fts = table("captions_fts", column("rowid"))
+    wanted = " AND ".join(_fts_phrase(t) for t in terms if not t.negated)
+    unwanted = "".join(f" NOT {_fts_phrase(t)}" for t in terms if t.negated)
+    # bm25 is lower for better matches; negated it reads like PostgreSQL's rank.
+    rank = literal_column(f"-bm25(captions_fts, {SQLITE_WEIGHTS})", Float).label("rank")
+    return (
+        select(*_columns(), rank)
+        .select_from(fts)
+        .join(Caption, Caption.id == fts.c.rowid)
+        .join(Image, Image.id == Caption.image_id)
+        .where(text("captions_fts MATCH :match").bindparams(match=wanted + unwanted))
+        .order_by(rank.desc(), Caption.id)
+    )
+
+
+def _fts_phrase(term: Term) -> str:
+    # Words are \w+ runs, so they hold no quote; quoting keeps AND/OR/NOT/NEAR literal.
+    return '"' + " ".join(term.words) + '"'
+
+
+def _filtered(stmt: Select[Any], filters: Filters) -> Select[Any]:
+    if filters.prefix:
+        stmt = stmt.where(Image.uri.startswith(filters.prefix, autoescape=True))
+    if filters.bucket:
+        stmt = stmt.where(Image.bucket == filters.bucket)
+    if filters.model:
+        stmt = stmt.where(Caption.model_id == filters.model)
+    if filters.since:
+        stmt = stmt.where(Caption.created >= filters.since)
+    if filters.until:
+        stmt = stmt.where(Caption.created < filters.until)
+    return stmt

@@ -1,0 +1,197 @@
+"""`capworks search`: captions found by words of their text, alternatives and tags, ranked and
+filtered, on SQLite (FTS5) and PostgreSQL (tsvector + GIN), with rows written by the real
+result writer and the index kept in step by migration 0005."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from sqlalchemy import Engine, create_engine, inspect, text, update
+
+from schema.checkpoint import CheckpointConfig
+from schema.db import connect, migrate
+from schema.search import Filters, SearchQueryError, Term, parse_query, search
+from schema.tables import Caption, Image
+from schema.uris import ImageRef, parse_s3
+from workers.engine import Alternative, CaptionedImage
+from workers.engine import Caption as EngineCaption
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
+
+MODEL = CheckpointConfig(model_dir=Path("."), model_id="ofa-a", revision="")
+OTHER_MODEL = CheckpointConfig(model_dir=Path("."), model_id="ofa-b", revision="")
+# Distractors so that ranking statistics (bm25's document frequencies) mean something.
+FILLER = [f"a {c} square on a {b} background" for c in ("red", "green") for b in ("grey", "white")]
+
+
+def outcome(uri: str, caption: str, alternatives: tuple[str, ...] = (), tags: str = "") -> Outcome:
+    where = parse_s3(uri) if uri.startswith("s3://") else None
+    engine_caption = EngineCaption(
+        caption,
+        -0.5,
+        tuple(Alternative(a, -1.0) for a in alternatives),
+        (1, 2),
+        tuple((t, 1.0) for t in tags.split()),
+    )
+    return Outcome(
+        ImageRef(uri, bucket=where and where.bucket, key=where and where.key),
+        CaptionedImage(engine_caption, 8, 8),
+    )
+
+
+def write(db: Engine, *outcomes: Outcome, model: CheckpointConfig = MODEL) -> None:
+    ResultWriter(db, model).save(list(outcomes))
+
+
+@pytest.fixture()
+def db(any_db_url: str) -> Engine:
+    engine = connect(any_db_url)
+    write(engine, *(outcome(f"s3://filler/{n}.jpg", t) for n, t in enumerate(FILLER * 3)))
+    return engine
+
+
+def uris(db: Engine, query: str, filters: Filters | None = None, limit: int = 20) -> list[str]:
+    return [hit.uri for hit in search(db, query, filters or Filters(), limit)]
+
+
+def test_words_of_caption_alternatives_and_tags_are_found_caption_first(db: Engine) -> None:
+    write(
+        db,
+        outcome("s3://photos/beach/1.jpg", "two dogs running on a beach", tags="dog beach"),
+        outcome("s3://photos/park/2.jpg", "a man throwing a ball", ("a man and his dog",)),
+        outcome("s3://photos/park/3.jpg", "a man on a bench", tags="puppy"),
+    )
+    # Stemmed: "dog" finds "dogs"; the caption (and tag) match outranks the alternative's.
+    assert uris(db, "dog") == ["s3://photos/beach/1.jpg", "s3://photos/park/2.jpg"]
+    assert uris(db, "puppy") == ["s3://photos/park/3.jpg"]
+    assert uris(db, "running dogs") == ["s3://photos/beach/1.jpg"]
+    hits = search(db, "dog")
+    assert hits[0].rank > hits[1].rank > 0
+    assert hits[0].caption == "two dogs running on a beach"
+    assert hits[0].tags == {"dog": 1.0, "beach": 1.0}
+
+
+def test_a_phrase_matches_words_in_order_and_a_dash_excludes(db: Engine) -> None:
+    write(
+        db,
+        outcome("s3://p/1.jpg", "a red ball on the grass"),
+        outcome("s3://p/2.jpg", "a ball that is red"),
+        outcome("s3://p/3.jpg", "a red car"),
+    )
+    assert uris(db, '"red ball"') == ["s3://p/1.jpg"]
+    assert sorted(uris(db, "red ball")) == ["s3://p/1.jpg", "s3://p/2.jpg"]
+    assert uris(db, "ball -grass") == ["s3://p/2.jpg"]
+    assert sorted(uris(db, 'red -"red ball" -square')) == ["s3://p/2.jpg", "s3://p/3.jpg"]
+
+
+def test_filters_by_prefix_bucket_model_and_date_and_limit(db: Engine) -> None:
+    write(
+        db,
+        outcome("s3://photos/cats/1.jpg", "a cat on a sofa"),
+        outcome("s3://photos/cats_old/2.jpg", "a cat in a box"),
+        outcome("s3://archive/cats/3.jpg", "a cat asleep"),
+    )
+    write(db, outcome("s3://photos/cats/1.jpg", "a cat and a lamp"), model=OTHER_MODEL)
+    with db.begin() as conn:  # one caption from last year
+        old_id = conn.scalar(text("SELECT id FROM images WHERE uri = 's3://archive/cats/3.jpg'"))
+        last_year = datetime.now(UTC) - timedelta(days=365)
+        conn.execute(update(Caption).where(Caption.image_id == old_id).values(created=last_year))
+    assert len(uris(db, "cat")) == 4
+    assert sorted(uris(db, "cat", Filters(prefix="s3://photos/cats/"))) == [
+        "s3://photos/cats/1.jpg",
+        "s3://photos/cats/1.jpg",
+    ]
+    assert sorted(uris(db, "cat", Filters(bucket="archive"))) == ["s3://archive/cats/3.jpg"]
+    assert [h.caption for h in search(db, "cat", Filters(model="ofa-b"))] == ["a cat and a lamp"]
+    month_ago = datetime.now(UTC) - timedelta(days=30)
+    assert uris(db, "cat", Filters(until=month_ago)) == ["s3://archive/cats/3.jpg"]
+    assert len(uris(db, "cat", Filters(since=month_ago))) == 3
+    assert len(uris(db, "cat", limit=2)) == 2
+    # A prefix's LIKE wildcards are literal.
+    assert uris(db, "cat", Filters(prefix="s3://photos/cats_")) == ["s3://photos/cats_old/2.jpg"]
+
+
+def test_a_recaptioned_image_is_found_by_its_new_words_only(db: Engine) -> None:
+    write(db, outcome("s3://p/1.jpg", "a yellow taxi"))
+    assert uris(db, "taxi") == ["s3://p/1.jpg"]
+    write(db, outcome("s3://p/1.jpg", "a yellow bus"))  # the upsert's update path
+    assert uris(db, "taxi") == []
+    assert uris(db, "bus") == ["s3://p/1.jpg"]
+    with db.begin() as conn:  # deleting the image cascades to its caption and the index
+        conn.execute(Image.__table__.delete().where(Image.uri == "s3://p/1.jpg"))
+    assert uris(db, "bus") == []
+    assert uris(db, "yellow") == []
+
+
+def test_migration_indexes_existing_captions_and_downgrades(any_db_url: str) -> None:
+    engine = create_engine(any_db_url)
+    migrate(engine, "0004")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO images (id, uri, first_seen, updated_at) "
+                "VALUES (1, '/a.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO captions (id, image_id, model_id, revision, settings_hash, settings, "
+                "text, score, alternatives, tags, created) VALUES (10, 1, 'm', '', 'h', '{}', "
+                '\'an old lighthouse\', -0.5, \'[{"text": "a white tower", "score": -1}]\', '
+                "'{\"coast\": 1.0}', CURRENT_TIMESTAMP)"
+            )
+        )
+    migrate(engine)
+    for word in ("lighthouse", "tower", "coast"):
+        assert uris(engine, word) == ["/a.png"], word
+    migrate(engine, "0004", down=True)
+    names = inspect(engine)
+    assert "search" not in {c["name"] for c in names.get_columns("captions")}
+    assert "captions_fts" not in names.get_table_names()
+    assert "ix_captions_created" not in {i["name"] for i in names.get_indexes("captions")}
+    migrate(engine)
+    assert uris(engine, "tower") == ["/a.png"]
+    engine.dispose()
+
+
+def test_query_parsing_keeps_words_phrases_and_exclusions() -> None:
+    assert parse_query('dog "red  ball" -cat -"old car"') == [
+        Term(("dog",)),
+        Term(("red", "ball")),
+        Term(("cat",), negated=True),
+        Term(("old", "car"), negated=True),
+    ]
+    # FTS5 and tsquery operators are only words here; a hyphenated word is a phrase.
+    assert parse_query('NEAR(a b) OR red-ball "x') == [
+        Term(("NEAR", "a")),
+        Term(("b",)),
+        Term(("OR",)),
+        Term(("red", "ball")),
+        Term(("x",)),
+    ]
+    for nothing in ("", "   ", "-dog", '"" !!'):
+        with pytest.raises(SearchQueryError):
+            parse_query(nothing)
+
+
+def test_cli_prints_json_lines_and_rejects_an_empty_query_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = connect(url)
+    write(db, *(outcome(f"/f/{n}.png", t) for n, t in enumerate(FILLER)))
+    write(db, outcome("/p/1.png", "a horse in a field"), outcome("/p/2.png", "a horse and a cart"))
+    found = run_cli("search", "horse", "--db", url, "--json", "--prefix", "/p/", "--limit", "5")
+    assert found.returncode == 0, found.stderr
+    hits = [json.loads(line) for line in found.stdout.splitlines()]
+    assert sorted(h["uri"] for h in hits) == ["/p/1.png", "/p/2.png"]
+    assert set(hits[0]) >= {"uri", "caption", "rank", "model", "created", "tags"}
+    table = run_cli("search", '"horse and"', "--db", url)
+    assert table.returncode == 0 and "/p/2.png" in table.stdout and "/p/1.png" not in table.stdout
+    bad = run_cli("search", "--db", url, "--", "-horse")  # "--": a query may start with -
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and "nothing to search for" in bad.stderr
+    bad_date = run_cli("search", "horse", "--db", url, "--since", "yesterday")
+    assert bad_date.returncode == 2 and bad_date.stderr.count("\n") == 1
