@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     find = sub.add_parser("search", help="find images by words of their captions and tags")
     find.add_argument(
+    ev = sub.add_parser("events", help="turn storage events (webhook, SQS, filer) into jobs")
+    ev.add_argument("--source", required=True, choices=["webhook", "sqs", "filer"])
+    ev.add_argument("--model", default=settings.model, help="model whose captions dedup counts")
+    ev.add_argument("--revision", default=settings.revision)
+    ev.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    ev.add_argument("--host", default="127.0.0.1", help="webhook: address to listen on")
+    ev.add_argument("--port", type=int, default=8750, help="webhook: port (0: any free one)")
+    ev.add_argument("--insecure", action="store_true", help="webhook: no auth (loopback only)")
+    ev.add_argument("--queue-url", help="sqs: the queue (default CAPWORKS_EVENTS_SQS_QUEUE_URL)")
+    ev.add_argument("--filer", help="filer: host:port (default CAPWORKS_EVENTS_FILER)")
+    ev.add_argument("--path-prefix", help="filer: folder of the buckets (default /buckets/)")
+
         "query", help='words and "quoted phrases", all to match; -word excludes (after --)'
     )
     find.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
@@ -218,6 +230,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         from capworks.checkpoints.build import ensure_checkpoint
 
+        if args.command == "events":
+            from capworks.commands.events import EventsOptions, run_events
+
+            return run_events(
+                EventsOptions(
+                    args.source,
+                    args.db,
+                    args.model,
+                    args.revision,
+                    host=args.host,
+                    port=args.port,
+                    insecure=args.insecure,
+                    queue_url=args.queue_url,
+                    filer=args.filer,
+                    path_prefix=args.path_prefix,
+                )
+            )
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))
         return 0
     except (CapworksError, CheckpointError, ValueError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
@@ -74,6 +74,21 @@ class Settings(BaseSettings):
     def checkpoint_dir(self) -> Path:
         """Folder of checkpoints built offline by `capworks checkpoint build`."""
         return self.cache_dir / "checkpoints"
+
+    # Storage events (`capworks events`). The webhook needs a bearer token or an HMAC secret
+    # (either one authenticates a request); without one it refuses to start.
+    events_token: SecretStr | None = None
+    events_hmac_secret: SecretStr | None = None
+    events_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    events_request_timeout_s: float = Field(default=10.0, gt=0)
+    events_dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    events_sqs_queue_url: str | None = None
+    events_sqs_endpoint_url: str | None = None
+    events_sqs_region: str | None = None
+    events_sqs_wait_s: int = Field(default=20, ge=0, le=20)
+    events_sqs_visibility_timeout_s: int = Field(default=60, ge=1, le=43200)
+    events_filer: str = "127.0.0.1:8888"  # SeaweedFS filer host:port (its gRPC is port + 10000)
+    events_filer_path_prefix: str = "/buckets/"
 
 
 @lru_cache(maxsize=1)
