@@ -19,7 +19,7 @@ from producer.events.bulk import BulkSender
 from producer.events.filer import FilerFollower, FilerPosition
 from producer.events.sink import EventSink
 from producer.events.sqs import SqsConsumer, wait_for_queue
-from producer.events.webhook import WebhookAuth, WebhookServer
+from producer.events.webhook import WebhookAuth, WebhookServer, require_auth
 from schema.broker_check import check_broker
 from schema.checkpoint import resolve_checkpoint
 from schema.db import connect
@@ -51,6 +51,12 @@ def run_events(
 ) -> int:
     """Consume one source until SIGTERM/SIGINT (or `stop`); returns the exit status."""
     settings = settings or get_settings()
+    auth = WebhookAuth(
+        settings.events_token.get_secret_value() if settings.events_token else None,
+        settings.events_hmac_secret.get_secret_value() if settings.events_hmac_secret else None,
+    )
+    if options.source == "webhook":
+        require_auth(auth, options.host, options.insecure)  # before anything is started
     stop = stop or _stop_on_signals()
     db = connect(options.db_url)
     identity = resolve_checkpoint(options.model, options.revision, settings.checkpoint_dir).identity
@@ -61,7 +67,7 @@ def run_events(
     sink = EventSink(sender.send, broker, identity, db, dedup_ttl_s=settings.events_dedup_ttl_s)
     try:
         if options.source == "webhook":
-            _serve_webhook(options, settings, sink, stop)
+            _serve_webhook(options, settings, sink, auth, stop)
         elif options.source == "sqs":
             _consume_sqs(options, settings, sink, stop)
         else:
@@ -73,12 +79,12 @@ def run_events(
 
 
 def _serve_webhook(
-    options: EventsOptions, settings: Settings, sink: EventSink, stop: threading.Event
+    options: EventsOptions,
+    settings: Settings,
+    sink: EventSink,
+    auth: WebhookAuth,
+    stop: threading.Event,
 ) -> None:
-    auth = WebhookAuth(
-        settings.events_token.get_secret_value() if settings.events_token else None,
-        settings.events_hmac_secret.get_secret_value() if settings.events_hmac_secret else None,
-    )
     server = WebhookServer(
         options.host,
         options.port,

@@ -82,6 +82,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def require_auth(auth: WebhookAuth, host: str, insecure: bool) -> None:
+    """Raise `InsecureWebhook` unless a secret is set, or `insecure` is asked on loopback."""
+    if auth.configured:
+        return
+    if not insecure:
+        raise InsecureWebhook(
+            "no webhook credentials: set CAPWORKS_EVENTS_TOKEN or "
+            "CAPWORKS_EVENTS_HMAC_SECRET (or give --insecure on a loopback address)"
+        )
+    if not is_loopback(host):
+        raise InsecureWebhook(f"--insecure is allowed on loopback only, not on {host}")
+
+
 class WebhookServer(ThreadingHTTPServer):
     """A threaded HTTP server handing notification bodies to an `EventSink`."""
 
@@ -98,14 +111,7 @@ class WebhookServer(ThreadingHTTPServer):
         request_timeout_s: float = 10.0,
         insecure: bool = False,
     ) -> None:
-        if not auth.configured:
-            if not insecure:
-                raise InsecureWebhook(
-                    "no webhook credentials: set CAPWORKS_EVENTS_TOKEN or "
-                    "CAPWORKS_EVENTS_HMAC_SECRET (or give --insecure on a loopback address)"
-                )
-            if not is_loopback(host):
-                raise InsecureWebhook(f"--insecure is allowed on loopback only, not on {host}")
+        require_auth(auth, host, insecure)
         self.sink = sink
         self.auth = auth
         self.max_body_bytes = max_body_bytes
