@@ -73,6 +73,12 @@ class SeaweedServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self.endpoint = f"http://127.0.0.1:{self._ports['s3']}"
 
+    @property
+    def filer(self) -> str:
+        """The filer's host:port (its metadata stream is what `capworks events --source filer`
+        follows)."""
+        return f"127.0.0.1:{self._ports['filer']}"
+
     def start(self, wait_s: float = 60) -> str:
         """Start the server and wait until S3 answers; returns the endpoint."""
         log_path = self._data / "weed.log"
