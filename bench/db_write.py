@@ -27,7 +27,8 @@ from schema.checkpoint import CheckpointConfig
 from schema.db import connect
 from schema.uris import ImageRef
 from workers.engine import Alternative, Caption, CaptionedImage
-from workers.persist import Outcome, ResultWriter
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 from workers.tags import derive_tags
 
 SUBJECTS = """man woman boy girl child person skier surfer player dog cat horse cow sheep bird

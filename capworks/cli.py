@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")
     work.add_argument("--gpus", default="all", help="all, cpu, or a list such as 0,1")
     work.add_argument("--concurrency", type=positive_int, help="jobs held per process")
+    work.add_argument(
+        "--cpu-procs",
+        type=positive_int,
+        metavar="N",
+        help="with --gpus cpu: N processes, each with cores/N torch and decode threads",
+    )
     work.add_argument("--loglevel", default="INFO")
 
     dlq = sub.add_parser("dlq", help="inspect, replay and purge dead letters")

@@ -42,7 +42,17 @@ class Settings(BaseSettings):
     # Image validation (defaults from the model card's service limits)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_px: int = 3000
-    decode_threads: int = 0
+    # Decode threads per worker process (0: one per core the process may use).
+    decode_threads: int = Field(default=0, ge=0)
+    # Images between fetch and caption at once in one process (0: 4 batches, at least 64):
+    # bounds the memory that fetched bytes and decoded pixels take.
+    images_in_flight: int = Field(default=0, ge=0)
+    # Pillow's JPEG draft mode (decode at 1/2..1/8 scale): faster on large photos, but the
+    # pixels differ from ModelScope's, so captions may too. Off unless asked for.
+    jpeg_draft: bool = False
+    # torch threads of a worker process (0: torch's default, one per core); `capworks worker
+    # --cpu-procs N` sets cores / N for each of its N processes.
+    torch_threads: int = Field(default=0, ge=0)
 
     # Queue (Celery on Redis)
     broker_url: str = "redis://127.0.0.1:6379/0"

@@ -46,7 +46,8 @@ from schema.tables import BadMessage, Crawl
 from schema.uris import ImageRef
 from workers.engine import Caption as EngineCaption
 from workers.engine import CaptionedImage
-from workers.persist import Outcome, ResultWriter
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 
 IDENTITY = ("m", "r", "h")
 

@@ -31,7 +31,8 @@ from schema.errors import CapworksError, Code, ImageError, StorageError
 from schema.settings import Settings
 from schema.tables import Failure, Image
 from schema.uris import ImageRef
-from workers.persist import Outcome, ResultWriter
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
 GONE = "s3://photos/gone/a.jpg"

@@ -14,7 +14,8 @@ from schema.tables import BadMessage, Caption, Failure, Image
 from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
-from workers.persist import DatabaseUnavailable, Outcome, ResultWriter
+from workers.outcome import Outcome
+from workers.persist import DatabaseUnavailable, ResultWriter
 from workers.tags import derive_tags
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from schema.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from schema.errors import Code, ImageError
 from workers.preprocess import (
+    ExactDecoder,
     ImageLimits,
     Normalization,
     decode_image,
@@ -169,7 +170,7 @@ def test_decompression_bomb_is_refused_without_decoding() -> None:
 def test_a_bad_image_keeps_its_slot_and_the_others_are_prepared() -> None:
     blobs = [encoded("RGB", (50, 50), "PNG"), b"", encoded("L", (70, 20), "JPEG")]
     with ThreadPoolExecutor(2) as pool:
-        out = preprocess_many(blobs, ImageLimits(), Normalization(32), pool)
+        out = preprocess_many(blobs, ExactDecoder(ImageLimits(), Normalization(32)), pool)
     assert isinstance(out[1], ImageError) and out[1].code is Code.EMPTY
     assert not isinstance(out[0], ImageError) and out[0].pixels.shape == (3, 32, 32)
     assert not isinstance(out[2], ImageError) and out[2].width_px == 70

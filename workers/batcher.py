@@ -22,15 +22,25 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from schema.errors import CapworksError, Code
 from workers import metrics
-from workers.engine import Caption, OfaEngine
+from workers.engine import Caption
 
 log = logging.getLogger(__name__)
+
+
+class Captioner(Protocol):
+    """Model-ready pixels in, one caption per image out: the seam the batcher runs (`OfaEngine`,
+    or whatever a test or another model plugs in)."""
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+        """Caption one batch of preprocessed images, in order."""
+        ...
 
 
 @dataclass
@@ -41,11 +51,11 @@ class _Item:
 
 
 class Batcher:
-    """Collects images from many submitters into batches for one engine."""
+    """Collects images from many submitters into batches for one captioner."""
 
-    def __init__(self, load: Callable[[], OfaEngine], max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, load: Callable[[], Captioner], max_batch: int, max_wait_ms: float) -> None:
         self._load = load
-        self._loaded: Future[OfaEngine] = Future()
+        self._loaded: Future[Captioner] = Future()
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -55,8 +65,8 @@ class Batcher:
         self._thread.start()
 
     @property
-    def engine(self) -> OfaEngine:
-        """The engine, once the model thread has loaded it (raises what loading raised)."""
+    def captioner(self) -> Captioner:
+        """The captioner, once the model thread has loaded it (raises what loading raised)."""
         return self._loaded.result()
 
     def submit(self, pixels: Sequence[np.ndarray]) -> list[Future[Caption]]:
@@ -74,11 +84,11 @@ class Batcher:
 
     def _run(self) -> None:
         try:
-            self._engine = self._load()
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the engine
+            self._captioner = self._load()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the model
             self._loaded.set_exception(exc)
             return
-        self._loaded.set_result(self._engine)
+        self._loaded.set_result(self._captioner)
         while True:
             first = self._queue.get()
             if first is None:
@@ -103,7 +113,9 @@ class Batcher:
         log.info("batch of %d images", len(batch))
         try:
             with metrics.BATCH_SECONDS.time():
-                captions = self._engine.caption_pixels([i.pixels for i in batch])
+                captions = self._captioner.caption_pixels([i.pixels for i in batch])
+            if len(captions) != len(batch):
+                raise RuntimeError(f"{len(captions)} captions for a batch of {len(batch)} images")
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) == 1:

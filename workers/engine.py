@@ -2,6 +2,8 @@
 
 The lifecycle is LitServe's: `load` (once per process, on a device), `preprocess` (decode and
 resize in threads), `predict` (one batch through a generator), `decode` (tokens to text).
+`caption_pixels` is what the batcher calls; `caption_images` is the raw engine on encoded
+images (benchmarks and tests compare the image path against it).
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import torch
 from schema.checkpoint import CheckpointConfig
 from schema.errors import ImageError
 from schema.settings import Settings
+from schema.uris import ImageRef
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
-from workers.preprocess import ImageLimits, Normalization, PreparedImage, preprocess_many
+from workers.outcome import Outcome, map_good
+from workers.preprocess import (
+    ExactDecoder,
+    ImageLimits,
+    Normalization,
+    PreparedImage,
+    preprocess_many,
+)
 from workers.tags import derive_tags
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,7 @@ class OfaEngine:
         batch_size: int = 8,
         limits: ImageLimits = DEFAULT_LIMITS,
         decode_threads: int = 0,
+        jpeg_draft: bool = False,
     ) -> None:
         self.config = config
         self.model = model
@@ -84,6 +95,7 @@ class OfaEngine:
         self.limits = limits
         self.prompt_ids = encode_prompt(tokenizer, config.prompt, config.max_src_length)
         self.normalization = Normalization(config.patch_image_size, *config.mean_std)
+        self.decoder = ExactDecoder(limits, self.normalization, jpeg_draft)
         self._pool = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1, "capworks-decode")
 
     @classmethod
@@ -97,6 +109,7 @@ class OfaEngine:
         batch_size: int = 8,
         limits: ImageLimits = DEFAULT_LIMITS,
         decode_threads: int = 0,
+        jpeg_draft: bool = False,
     ) -> OfaEngine:
         """Load model and tokenizer from a resolved checkpoint onto a device."""
         dev = pick_device(device)
@@ -106,7 +119,9 @@ class OfaEngine:
         gen = make_generator(generator, model, tokenizer, config.generation, autocast)
         dt = weights
         log.info("loaded %s on %s (%s, generator %s)", config.model_id, dev, dt, gen.name)
-        return cls(config, model, tokenizer, gen, dev, dt, batch_size, limits, decode_threads)
+        return cls(
+            config, model, tokenizer, gen, dev, dt, batch_size, limits, decode_threads, jpeg_draft
+        )
 
     @classmethod
     def from_settings(cls, config: CheckpointConfig, settings: Settings) -> OfaEngine:
@@ -119,6 +134,7 @@ class OfaEngine:
             batch_size=settings.batch_size,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_px),
             decode_threads=settings.decode_threads,
+            jpeg_draft=settings.jpeg_draft,
         )
 
     def close(self) -> None:
@@ -127,7 +143,7 @@ class OfaEngine:
 
     def preprocess(self, blobs: Sequence[bytes]) -> list[PreparedImage | ImageError]:
         """Decode, validate and resize encoded images in the thread pool."""
-        return preprocess_many(blobs, self.limits, self.normalization, self._pool)
+        return preprocess_many(blobs, self.decoder, self._pool)
 
     def predict(self, pixels: Sequence[np.ndarray]) -> list[list[Hypothesis]]:
         """Run one batch of preprocessed images through the generator."""
@@ -174,13 +190,13 @@ class OfaEngine:
 
     def caption_images(self, blobs: Sequence[bytes]) -> list[CaptionedImage | ImageError]:
         """Caption encoded images; a bad image stays in its slot as an `ImageError`."""
-        results: list[CaptionedImage | ImageError] = []
-        prepared = self.preprocess(blobs)
-        good = [p for p in prepared if isinstance(p, PreparedImage)]
-        captions = iter(self.caption_pixels([p.pixels for p in good]))
-        for p in prepared:
-            if isinstance(p, ImageError):
-                results.append(p)
-            else:
-                results.append(CaptionedImage(next(captions), p.width_px, p.height_px))
-        return results
+        decoded = [Outcome(ImageRef(str(i)), p) for i, p in enumerate(self.preprocess(blobs))]
+        captioned = map_good(decoded, self._caption_prepared)
+        return [o.result for o in captioned]  # type: ignore[misc]
+
+    def _caption_prepared(self, prepared: list[PreparedImage]) -> list[CaptionedImage]:
+        captions = self.caption_pixels([p.pixels for p in prepared])
+        return [
+            CaptionedImage(c, p.width_px, p.height_px)
+            for c, p in zip(captions, prepared, strict=True)
+        ]

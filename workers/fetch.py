@@ -1,32 +1,45 @@
-"""Fetching image bytes from local files, S3 and http(s), with failures mapped to error codes."""
+"""Fetching image bytes: the `Fetcher` seam, and `StoreFetcher` for local files, S3 and http(s),
+with failures mapped to error codes."""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schema.errors import Code, StorageError
-from schema.uris import is_http, is_s3, local_path, parse_s3
+from schema.uris import ImageRef, S3Location, is_http, is_s3, local_path, parse_s3
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
 
 
-class Fetcher:
-    """Reads the bytes behind a URI; reads at most `max_bytes + 1` so a huge object costs little."""
+class Fetcher(Protocol):
+    """Where the image path gets bytes from; the seam a test or a guarded fetcher plugs into."""
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        """The encoded bytes of the image, or `StorageError` with a code."""
+        ...
+
+
+class StoreFetcher:
+    """Reads the bytes behind a reference; reads at most `max_bytes + 1` so a huge object costs
+    little (the decoder then refuses it as too large)."""
 
     def __init__(self, s3_client: Any, max_bytes: int, http_timeout_s: float) -> None:
         self._s3 = s3_client
         self._max_bytes = max_bytes
         self._http_timeout_s = http_timeout_s
 
-    def fetch(self, uri: str) -> bytes:
-        """The bytes of the object at `uri`, or `StorageError` with a code."""
+    def fetch(self, ref: ImageRef) -> bytes:
+        """The bytes of the object `ref` names, or `StorageError` with a code."""
+        uri = ref.uri
         if is_s3(uri):
-            return self._fetch_s3(uri)
+            # The URI is the image's identity in the database, so it, not the message's
+            # bucket and key fields, says which object is read.
+            return self._fetch_s3(uri, parse_s3(uri))
         if is_http(uri):
             return self._fetch_http(uri)
         return self._fetch_file(uri)
@@ -43,8 +56,7 @@ class Fetcher:
         except IsADirectoryError as exc:
             raise StorageError(Code.BAD_URI, f"is a directory: {path}") from exc
 
-    def _fetch_s3(self, uri: str) -> bytes:
-        loc = parse_s3(uri)
+    def _fetch_s3(self, uri: str, loc: S3Location) -> bytes:
         try:
             obj = self._s3.get_object(Bucket=loc.bucket, Key=loc.key)
             body = obj["Body"]

@@ -1,5 +1,5 @@
-"""Running one job inside a worker process: fetch and decode its images in threads, caption them
-through the shared batcher, and commit every final outcome in one transaction.
+"""Running one job inside a worker process: its images through the image path, then every final
+outcome committed in one transaction.
 
 Transient failures (storage unavailable, out of memory) are returned, not written, so the task
 shell can retry just those images; permanent ones are written as dead letters at once.
@@ -14,9 +14,7 @@ from schema.jobs import Job
 from schema.uris import ImageRef
 from workers.engine import CaptionedImage
 from workers.metrics import JOB_SECONDS
-from workers.persist import Outcome
-from workers.pipeline import fetch_many
-from workers.preprocess import PreparedImage
+from workers.outcome import Outcome
 from workers.runtime import Runtime
 
 
@@ -32,32 +30,12 @@ class JobResult:
 @JOB_SECONDS.time()
 def run_job(job: Job, rt: Runtime) -> JobResult:
     """Caption every image of `job` and commit the final outcomes."""
-    refs = job.images
-    fetched = fetch_many(refs, rt.fetcher, rt.fetch_pool)
-    results: list[CaptionedImage | CapworksError | None] = [
-        f if isinstance(f, CapworksError) else None for f in fetched
-    ]
-    to_prepare = [i for i, f in enumerate(fetched) if isinstance(f, bytes)]
-    prepared = rt.engine.preprocess([fetched[i] for i in to_prepare])  # type: ignore[misc]
-    waiting = []
-    for i, p in zip(to_prepare, prepared, strict=True):
-        if isinstance(p, PreparedImage):
-            waiting.append((i, p))
-        else:
-            results[i] = p
-    futures = rt.batcher.submit([p.pixels for _, p in waiting])
-    for (i, p), future in zip(waiting, futures, strict=True):
-        try:
-            results[i] = CaptionedImage(future.result(), p.width_px, p.height_px)
-        except CapworksError as exc:
-            results[i] = exc
-    final: list[Outcome] = []
+    final: list[Outcome[CaptionedImage]] = []
     transient: list[tuple[ImageRef, CapworksError]] = []
-    for ref, result in zip(refs, results, strict=True):
-        assert result is not None
-        if isinstance(result, CapworksError) and result.kind is Kind.TRANSIENT:
-            transient.append((ref, result))
+    for o in rt.path.caption(job.images):
+        if o.error is not None and o.error.kind is Kind.TRANSIENT:
+            transient.append((o.ref, o.error))
         else:
-            final.append(Outcome(ref, result))
+            final.append(o)
     counts = rt.save(final)
     return JobResult(counts.captioned, counts.failed, tuple(transient))

@@ -26,8 +26,8 @@ from schema.errors import CapworksError, Code
 from schema.jobs import escaped
 from schema.tables import BadMessage, Failure, Image, utcnow
 from schema.tables import Caption as CaptionRow
-from schema.uris import ImageRef
 from workers.engine import CaptionedImage
+from workers.outcome import Outcome
 
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 _IMAGE_FIELDS = (
@@ -41,14 +41,6 @@ _IMAGE_FIELDS = (
     "height_px",
 )
 _KEPT_FIELDS = tuple(name for name in _IMAGE_FIELDS if name != "uri")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one image: a caption, or a failure with a code and a reason."""
-
-    ref: ImageRef
-    result: CaptionedImage | CapworksError
 
 
 @dataclass(frozen=True)
@@ -69,7 +61,9 @@ class _Batch:
     failures: list[dict[str, Any]]
 
     @classmethod
-    def of(cls, outcomes: Sequence[Outcome], job_id: str | None, trace: str | None) -> _Batch:
+    def of(
+        cls, outcomes: Sequence[Outcome[CaptionedImage]], job_id: str | None, trace: str | None
+    ) -> _Batch:
         now = utcnow()
         last = {o.ref.uri: o for o in outcomes}
         batch = cls(now, [], [], [])
@@ -160,7 +154,10 @@ class ResultWriter:
         self._settings_hash = config.generation.digest()
 
     def save(
-        self, outcomes: Sequence[Outcome], job_id: str | None = None, trace: str | None = None
+        self,
+        outcomes: Sequence[Outcome[CaptionedImage]],
+        job_id: str | None = None,
+        trace: str | None = None,
     ) -> SaveCounts:
         """Upsert all outcomes in one transaction; failures remember the job and a traceback.
 
@@ -181,7 +178,7 @@ class ResultWriter:
             return SaveCounts(first.captioned + second.captioned, first.failed + second.failed)
 
     def _save_batch(
-        self, outcomes: Sequence[Outcome], job_id: str | None, trace: str | None
+        self, outcomes: Sequence[Outcome[CaptionedImage]], job_id: str | None, trace: str | None
     ) -> SaveCounts:
         batch = _Batch.of(outcomes, job_id, trace)
         if not batch.images:
@@ -193,7 +190,9 @@ class ResultWriter:
                 self._save_portable(conn, batch)
         return SaveCounts(len(batch.captions), len(batch.failures))
 
-    def _save_unstorable(self, outcome: Outcome, job_id: str | None, exc: Exception) -> None:
+    def _save_unstorable(
+        self, outcome: Outcome[CaptionedImage], job_id: str | None, exc: Exception
+    ) -> None:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = "caption" if isinstance(outcome.result, CaptionedImage) else "failure"
         error = CapworksError(

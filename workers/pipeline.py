@@ -1,47 +1,24 @@
-"""Fetch -> caption -> persist for a chunk of image references: the plain function every
-front end (the one-shot `capworks caption`, the Celery worker) calls."""
+"""One-shot mode (`capworks caption`): references from a reader through the same image path the
+worker runs (fetch -> decode -> batcher, in this process), written chunk by chunk.
+
+Two chunks are in flight at once, so the next chunk is fetched and decoded while the model
+captions this one, and each chunk is committed, in order, as soon as it is done.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 
-from schema.errors import CapworksError, StorageError
 from schema.uris import ImageRef
-from workers.engine import OfaEngine
-from workers.fetch import Fetcher
-from workers.persist import Outcome, ResultWriter
+from workers.engine import CaptionedImage
+from workers.imagepath import ImagePath
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 
-
-def fetch_many(
-    refs: Sequence[ImageRef], fetcher: Fetcher, pool: ThreadPoolExecutor
-) -> list[bytes | StorageError]:
-    """Fetch several objects in threads; a failure stays in its slot."""
-
-    def one(ref: ImageRef) -> bytes | StorageError:
-        try:
-            return fetcher.fetch(ref.uri)
-        except StorageError as exc:
-            return exc
-
-    return list(pool.map(one, refs))
-
-
-def caption_chunk(
-    refs: Sequence[ImageRef], fetcher: Fetcher, engine: OfaEngine, pool: ThreadPoolExecutor
-) -> list[Outcome]:
-    """Outcomes for a chunk, in order: fetch failures and bad images fail alone."""
-    fetched = fetch_many(refs, fetcher, pool)
-    good = [i for i, f in enumerate(fetched) if isinstance(f, bytes)]
-    results = engine.caption_images([fetched[i] for i in good])  # type: ignore[misc]
-    outcomes: list[Outcome | None] = [None] * len(refs)
-    for i, result in zip(good, results, strict=True):
-        outcomes[i] = Outcome(refs[i], result)
-    for i, f in enumerate(fetched):
-        if isinstance(f, CapworksError):
-            outcomes[i] = Outcome(refs[i], f)
-    return [o for o in outcomes if o is not None]
+CHUNKS_IN_FLIGHT = 2
 
 
 def chunked(items: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
@@ -53,19 +30,27 @@ def chunked(items: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
 
 def caption_refs(
     refs: Iterable[ImageRef],
-    fetcher: Fetcher,
-    engine: OfaEngine,
+    path: ImagePath,
     writer: ResultWriter,
     chunk_size: int,
-    on_chunk: Callable[[list[Outcome]], None] | None = None,
-) -> list[Outcome]:
+    on_chunk: Callable[[list[Outcome[CaptionedImage]]], None] | None = None,
+) -> list[Outcome[CaptionedImage]]:
     """Caption and persist every reference, `chunk_size` at a time; returns all outcomes."""
-    every: list[Outcome] = []
-    with ThreadPoolExecutor(8, "capworks-fetch") as pool:
+    every: list[Outcome[CaptionedImage]] = []
+    pending: deque[Future[list[Outcome[CaptionedImage]]]] = deque()
+
+    def commit_oldest() -> None:
+        outcomes = pending.popleft().result()
+        writer.save(outcomes)
+        every.extend(outcomes)
+        if on_chunk is not None:
+            on_chunk(outcomes)
+
+    with ThreadPoolExecutor(CHUNKS_IN_FLIGHT, "capworks-chunk") as runner:
         for chunk in chunked(refs, chunk_size):
-            outcomes = caption_chunk(chunk, fetcher, engine, pool)
-            writer.save(outcomes)
-            every.extend(outcomes)
-            if on_chunk is not None:
-                on_chunk(outcomes)
+            pending.append(runner.submit(path.caption, chunk))
+            if len(pending) >= CHUNKS_IN_FLIGHT:
+                commit_oldest()
+        while pending:
+            commit_oldest()
     return every

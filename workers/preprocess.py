@@ -2,8 +2,9 @@
 
 ModelScope loads an image with `Image.open` -> `ImageOps.exif_transpose` -> `convert("RGB")`,
 resizes it to S x S with bicubic filtering (aspect ratio not kept), scales to [0, 1] and
-normalises with the checkpoint's mean and std. We do the same with Pillow and numpy, several
-images at once in a thread pool (Pillow releases the GIL while decoding and resizing).
+normalises with the checkpoint's mean and std. `ExactDecoder` does the same with Pillow and numpy;
+the image path runs it in threads (Pillow and numpy release the GIL while decoding, resizing and
+scaling, so threads use every core without copying pixels between processes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,8 +52,12 @@ class DecodedImage:
     height_px: int
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
-    """Decode encoded bytes to an upright RGB image, or raise `ImageError` with a specific code."""
+def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> DecodedImage:
+    """Decode encoded bytes to an upright RGB image, or raise `ImageError` with a specific code.
+
+    `draft_px` > 0 lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding, to no less
+    than that size (Pillow's `draft`): much faster on large photos, but the pixels are not
+    ModelScope's, so it is off unless asked for. Reported dimensions are the original ones."""
     if not data:
         raise ImageError(Code.EMPTY, "zero bytes")
     if len(data) > limits.max_bytes:
@@ -77,6 +83,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
             Code.TOO_LARGE_PIXELS,
             f"{width}x{height} px is over the limit of {limits.max_px}x{limits.max_px}",
         )
+    if draft_px and img.format == "JPEG":
+        img.draft("RGB", (draft_px, draft_px))
     try:
         img.load()
         rgb = ImageOps.exif_transpose(img).convert("RGB")
@@ -84,7 +92,11 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
         raise ImageError(_read_error_code(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
         raise ImageError(Code.UNDECODABLE, str(exc)) from exc
-    return DecodedImage(rgb, rgb.width, rgb.height)
+    if rgb.size == img.size or rgb.size == img.size[::-1]:
+        upright = (width, height) if rgb.size == img.size else (height, width)
+    else:  # pragma: no cover - exif_transpose keeps or swaps the size
+        upright = rgb.size
+    return DecodedImage(rgb, *upright)
 
 
 def _read_error_code(exc: Exception) -> Code:
@@ -112,27 +124,48 @@ class PreparedImage:
 
 def prepare_image(data: bytes, limits: ImageLimits, norm: Normalization) -> PreparedImage:
     """Decode, validate and preprocess one encoded image."""
-    decoded = decode_image(data, limits)
-    return PreparedImage(to_pixels(decoded.image, norm), decoded.width_px, decoded.height_px)
+    return ExactDecoder(limits, norm).decode(data)
+
+
+class Decoder(Protocol):
+    """Encoded bytes to model-ready pixels: the decode seam (a GPU decoder plugs in here)."""
+
+    def decode(self, data: bytes) -> PreparedImage:
+        """The image's pixels, or `ImageError` with a specific code."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExactDecoder:
+    """Pillow decode and resize exactly as ModelScope does (`jpeg_draft` trades that for speed)."""
+
+    limits: ImageLimits
+    norm: Normalization
+    jpeg_draft: bool = False
+
+    def decode(self, data: bytes) -> PreparedImage:
+        """Decode, validate, resize and normalise one encoded image."""
+        decoded = decode_image(data, self.limits, self.norm.size_px if self.jpeg_draft else 0)
+        return PreparedImage(
+            to_pixels(decoded.image, self.norm), decoded.width_px, decoded.height_px
+        )
+
+
+def decode_safely(decoder: Decoder, data: bytes) -> PreparedImage | ImageError:
+    """Decode one image; any failure, a decoder bug included, is that image's `ImageError`."""
+    try:
+        return decoder.decode(data)
+    except ImageError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one image, not its batch
+        log.warning("decoder failed unexpectedly: %r", exc)
+        error = ImageError(Code.UNDECODABLE, f"decoder error {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
 
 
 def preprocess_many(
-    blobs: Sequence[bytes],
-    limits: ImageLimits,
-    norm: Normalization,
-    pool: ThreadPoolExecutor,
+    blobs: Sequence[bytes], decoder: Decoder, pool: ThreadPoolExecutor
 ) -> list[PreparedImage | ImageError]:
-    """Preprocess images in a thread pool; a failure stays in its slot as an `ImageError`."""
-
-    def one(data: bytes) -> PreparedImage | ImageError:
-        try:
-            return prepare_image(data, limits, norm)
-        except ImageError as exc:
-            return exc
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must fail one image, not its batch
-            log.warning("decoder failed unexpectedly: %r", exc)
-            error = ImageError(Code.UNDECODABLE, f"decoder error {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            return error
-
-    return list(pool.map(one, blobs))
+    """Decode images in a thread pool; a failure stays in its slot as an `ImageError`."""
+    return list(pool.map(lambda data: decode_safely(decoder, data), blobs))

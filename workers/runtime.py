@@ -1,38 +1,99 @@
 """Per-process worker resources, built once on first use (never at import time): the model on
-its device, the batcher, the S3 client, the database engine, Redis, and thread pools."""
+its device behind the batcher, the image path, the result writer, the run ledger and the run
+slots. `Runtime.build` takes the seams (a `Fetcher`, a `Captioner` loader), so a test plugs a
+real alternative in there instead of patching modules."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis
 import torch
-from sqlalchemy import Engine
 
 from schema.backoff import compute_backoff
-from schema.checkpoint import resolve_checkpoint
+from schema.checkpoint import CheckpointConfig, resolve_checkpoint
 from schema.db import connect
 from schema.errors import CapworksError
 from schema.settings import Settings
 from schema.storage import make_s3_client
 from workers import metrics
-from workers.batcher import Batcher
-from workers.engine import OfaEngine
-from workers.fetch import Fetcher
-from workers.persist import DatabaseUnavailable, Outcome, ResultWriter, SaveCounts
+from workers.batcher import Batcher, Captioner
+from workers.engine import CaptionedImage, OfaEngine
+from workers.fetch import Fetcher, StoreFetcher
+from workers.imagepath import ImagePath
+from workers.ledger import RunLedger
+from workers.outcome import Outcome
+from workers.persist import DatabaseUnavailable, ResultWriter, SaveCounts
+from workers.preprocess import Decoder, ExactDecoder, ImageLimits, Normalization
+from workers.slots import RunSlots
 
 log = logging.getLogger(__name__)
-RUNS_KEY = "capworks:runs:{}"
-DONE_KEY = "capworks:done:{}"
-KEY_TTL_S = 7 * 24 * 3600
 T = TypeVar("T")
+MIN_IMAGES_IN_FLIGHT = 64
+
+
+def images_in_flight(settings: Settings) -> int:
+    """The per-process budget of images between fetch and caption (see settings)."""
+    return settings.images_in_flight or max(MIN_IMAGES_IN_FLIGHT, 4 * settings.batch_size)
+
+
+def exact_decoder(config: CheckpointConfig, settings: Settings) -> ExactDecoder:
+    """The decoder the checkpoint's resolution and normalisation, and the image limits, call for."""
+    return ExactDecoder(
+        ImageLimits(settings.max_image_bytes, settings.max_image_px),
+        Normalization(config.patch_image_size, *config.mean_std),
+        settings.jpeg_draft,
+    )
+
+
+def load_engine(config: CheckpointConfig, settings: Settings) -> Callable[[], OfaEngine]:
+    """A loader for the batcher's model thread: torch's thread count is set in the thread that
+    runs torch (OpenMP's setting is per thread), then the model is loaded."""
+
+    def load() -> OfaEngine:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        log.info("model thread runs %d torch threads", torch.get_num_threads())
+        return OfaEngine.from_settings(config, settings)
+
+    return load
+
+
+def build_path(
+    settings: Settings,
+    config: CheckpointConfig,
+    *,
+    fetcher: Fetcher | None = None,
+    captioner: Callable[[], Captioner] | None = None,
+    decoder: Decoder | None = None,
+) -> ImagePath:
+    """The image path with its batcher, once the model is loaded; each seam defaults to the
+    real part (`StoreFetcher` on the configured S3, `ExactDecoder`, `OfaEngine` on the
+    configured device). Both modes build theirs here."""
+    # The batcher's thread loads the model and is the only one to run it (see batcher.py).
+    batcher = Batcher(
+        captioner or load_engine(config, settings), settings.batch_size, settings.max_batch_wait_ms
+    )
+    try:
+        batcher.captioner  # noqa: B018 - wait for the model; raises what loading raised
+    except BaseException:
+        batcher.close()
+        raise
+    return ImagePath(
+        fetcher
+        or StoreFetcher(
+            make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s
+        ),
+        decoder or exact_decoder(config, settings),
+        batcher,
+        images_in_flight=images_in_flight(settings),
+        decode_threads=settings.decode_threads,
+    )
 
 
 @dataclass
@@ -40,42 +101,42 @@ class Runtime:
     """Everything a job needs, shared by the job threads of one worker process."""
 
     settings: Settings
-    engine: OfaEngine
-    batcher: Batcher
-    fetcher: Fetcher
-    db: Engine
+    config: CheckpointConfig
+    path: ImagePath
     writer: ResultWriter
-    redis: Any
-    fetch_pool: ThreadPoolExecutor
-    slots: RunSlots = field(default_factory=lambda: RunSlots())
+    ledger: RunLedger
+    slots: RunSlots = field(default_factory=RunSlots)
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
-        """Load the model and open every connection."""
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        fetcher: Fetcher | None = None,
+        captioner: Callable[[], Captioner] | None = None,
+        decoder: Decoder | None = None,
+    ) -> Runtime:
+        """Load the model and open every connection (seams as in `build_path`)."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
-        # The batcher's thread loads the model and is the only one to run it (see batcher.py).
-        batcher = Batcher(
-            lambda: OfaEngine.from_settings(config, settings),
-            settings.batch_size,
-            settings.max_batch_wait_ms,
-        )
-        engine = batcher.engine
-        db = connect(settings.database_url)
+        path = build_path(settings, config, fetcher=fetcher, captioner=captioner, decoder=decoder)
         return cls(
             settings=settings,
-            engine=engine,
-            batcher=batcher,
-            fetcher=Fetcher(
-                make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s
-            ),
-            db=db,
-            writer=ResultWriter(db, config),
-            redis=redis.Redis.from_url(settings.broker_url),
-            fetch_pool=ThreadPoolExecutor(16, "capworks-fetch"),
+            config=config,
+            path=path,
+            writer=ResultWriter(connect(settings.database_url), config),
+            ledger=RunLedger(redis.Redis.from_url(settings.broker_url)),
         )
 
+    def close(self) -> None:
+        """Stop the model thread and the image path's threads."""
+        self.path.batcher.close()
+        self.path.close()
+
     def save(
-        self, outcomes: list[Outcome], job_id: str | None = None, trace: str | None = None
+        self,
+        outcomes: Sequence[Outcome[CaptionedImage]],
+        job_id: str | None = None,
+        trace: str | None = None,
     ) -> SaveCounts:
         """Commit final outcomes (captions and dead letters) and count them in the metrics;
         while the database is down, wait for it (the job stays unacknowledged meanwhile)."""
@@ -109,90 +170,29 @@ class Runtime:
                 time.sleep(delay_s)
                 attempt += 1
 
-    def unfinished_runs(self, job_id: str) -> int:
-        """How many runs of this job started and never finished: its process died each time."""
-        return int(self.redis.get(RUNS_KEY.format(job_id)) or 0)
-
-    def count_run(self, job_id: str) -> None:
-        """Record that a run of this job starts (cleared by `mark_done` when it finishes)."""
-        key = RUNS_KEY.format(job_id)
-        pipe = self.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, KEY_TTL_S)
-        pipe.execute()
-
-    def is_done(self, job_id: str) -> bool:
-        """True when a job with this id has already been fully committed."""
-        return bool(self.redis.exists(DONE_KEY.format(job_id)))
-
-    def mark_done(self, job_id: str) -> None:
-        """Remember that a job is committed, so a redelivered copy is dropped."""
-        self.redis.set(DONE_KEY.format(job_id), 1, ex=KEY_TTL_S)
-        self.redis.delete(RUNS_KEY.format(job_id))
-
-
-class RunSlots:
-    """Job threads run side by side (shared), except a suspect job, which runs alone (exclusive):
-    it waits for the running jobs to finish, and new jobs wait for it. Waiting exclusive holders
-    go first, so a suspect is never starved. Two copies of one job id never run at once."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting_exclusive = 0
-        self._job_ids: set[str] = set()
-
-    @contextmanager
-    def one_copy(self, job_id: str) -> Iterator[None]:
-        """Wait while another copy of this job runs in this process, then hold the job id."""
-        with self._cond:
-            self._cond.wait_for(lambda: job_id not in self._job_ids)
-            self._job_ids.add(job_id)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._job_ids.discard(job_id)
-                self._cond.notify_all()
-
-    @contextmanager
-    def hold(self, exclusive: bool) -> Iterator[None]:
-        """Hold a slot for the duration of the block."""
-        with self._cond:
-            if exclusive:
-                self._waiting_exclusive += 1
-                self._cond.wait_for(lambda: self._shared == 0 and not self._exclusive)
-                self._waiting_exclusive -= 1
-                self._exclusive = True
-            else:
-                self._cond.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
-                self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if exclusive:
-                    self._exclusive = False
-                else:
-                    self._shared -= 1
-                self._cond.notify_all()
-
 
 _runtime: Runtime | None = None
+_build: Callable[[Settings], Runtime] = Runtime.build
 _lock = threading.Lock()
 
 
+def configure(build: Callable[[Settings], Runtime]) -> None:
+    """Set how this process's runtime is built: a test's worker wrapper passes `Runtime.build`
+    with its own seams here before the worker starts."""
+    global _build
+    _build = build
+
+
 def get_runtime(settings: Settings) -> Runtime:
-    """The process's runtime, built by the first job thread that asks."""
+    """The process's runtime, built by the first caller."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime.build(settings)
+            _runtime = _build(settings)
             log.info(
-                "worker runtime ready: %s on %s, %d torch threads",
+                "worker runtime ready: %s on %s, %d images in flight",
                 settings.model,
-                _runtime.engine.device,
-                torch.get_num_threads(),
+                settings.device,
+                _runtime.path.images_in_flight,
             )
         return _runtime

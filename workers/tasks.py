@@ -28,7 +28,7 @@ from schema.settings import get_settings
 from schema.uris import ImageRef
 from workers import metrics
 from workers.job import run_job
-from workers.persist import Outcome
+from workers.outcome import Outcome
 from workers.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -115,24 +115,24 @@ def handle_message(
 
 def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
     """Run a job unless it is done or poison; commit, schedule retries, mark it done."""
-    if rt.is_done(job.job_id):
+    if rt.ledger.is_done(job.job_id):
         log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
         metrics.JOBS.labels("duplicate").inc()
         return {"duplicate": 1}
-    deaths = rt.unfinished_runs(job.job_id)
+    deaths = rt.ledger.unfinished_runs(job.job_id)
     if deaths >= settings.poison_deliveries:
         return isolate_poison(rt, job, deaths)
     # A job that was running when its process died is a suspect: it runs alone, so that if it
     # kills the process again, no innocent job running beside it is charged with the death.
     with rt.slots.hold(exclusive=deaths > 0):
         log.info("job %s: attempt %d starts, %d images", job.job_id, attempt, len(job.images))
-        rt.count_run(job.job_id)
+        rt.ledger.count_run(job.job_id)
         try:
             result = run_job(job, rt)
         except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
             return retry_whole_job(rt, job, exc, attempt)
     exhausted = retry_transient(rt, job, result.transient, attempt) if result.transient else 0
-    rt.mark_done(job.job_id)
+    rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("done").inc()
     return {
         "captioned": result.captioned,
@@ -149,14 +149,14 @@ def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict
         log.error("job %s failed %d times; dead-lettering its images: %r", job.job_id, attempt, exc)
         error = CapworksError(Code.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
         rt.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id, trace=trace)
-        rt.mark_done(job.job_id)
+        rt.ledger.mark_done(job.job_id)
         metrics.JOBS.labels("failed").inc()
         return {"dead_lettered": len(job.images)}
     delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
     log.warning("job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, delay_s)
     again = Job.new(job.images, job.crawl_id, job_id=derived_job_id(job.job_id, "a", attempt))
     caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=delay_s)
-    rt.mark_done(job.job_id)
+    rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("retried").inc()
     return {"retrying": len(job.images)}
 
@@ -207,7 +207,7 @@ def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
         for i, ref in enumerate(job.images):
             single = Job.new([ref], job.crawl_id, job_id=derived_job_id(job.job_id, "s", i))
             caption_job.apply_async(args=[single.to_wire()])
-        rt.mark_done(job.job_id)
+        rt.ledger.mark_done(job.job_id)
         metrics.JOBS.labels("split").inc()
         return {"split": len(job.images)}
     ref = job.images[0]
@@ -216,6 +216,6 @@ def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
     rt.save(
         [Outcome(ref, error)], job_id=job.job_id, trace="".join(traceback.format_stack(limit=5))
     )
-    rt.mark_done(job.job_id)
+    rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("poison").inc()
     return {"dead_lettered": 1}

@@ -26,10 +26,13 @@ from schema.db import connect
 from schema.settings import Settings, get_settings
 from schema.storage import make_s3_client
 from schema.uris import ImageRef, is_http, is_s3
-from workers.engine import CaptionedImage, OfaEngine
-from workers.fetch import Fetcher
-from workers.persist import Outcome, ResultWriter
+from workers.engine import CaptionedImage
+from workers.fetch import StoreFetcher
+from workers.imagepath import ImagePath
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 from workers.pipeline import caption_refs
+from workers.runtime import build_path
 
 TABLE_ROWS = 50
 
@@ -54,7 +57,7 @@ def run_caption(args: argparse.Namespace) -> int:
     for item in args.inputs:
         if not is_s3(item) and not is_http(item) and not Path(item).exists():
             raise InputError(f"no such file or directory: {item}")
-    engine_db = connect(args.db)
+    db = connect(args.db)
     config = resolve_model(args.model, args.revision, settings)
     s3 = make_s3_client(settings) if any(is_s3(i) for i in args.inputs) else None
     refs = list(iter_refs(args.inputs, s3))
@@ -66,12 +69,13 @@ def run_caption(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
         }
     )
-    engine = OfaEngine.from_settings(config, run_settings)
+    fetcher = StoreFetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
+    path = build_path(run_settings, config, fetcher=fetcher)
     try:
-        fetcher = Fetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
-        outcomes = caption_with_progress(refs, engine, fetcher, engine_db, args)
+        outcomes = caption_with_progress(refs, path, ResultWriter(db, config), args)
     finally:
-        engine.close()
+        path.batcher.close()
+        path.close()
     print_results(outcomes, as_json=args.json)
     return 0
 
@@ -86,10 +90,9 @@ def resolve_model(model: str, revision: str | None, settings: Settings) -> Check
 
 
 def caption_with_progress(
-    refs: list[ImageRef], engine: OfaEngine, fetcher: Fetcher, db: Any, args: argparse.Namespace
-) -> list[Outcome]:
-    """Run the pipeline with a progress bar (rate and ETA) on stderr."""
-    writer = ResultWriter(db, engine.config)
+    refs: list[ImageRef], path: ImagePath, writer: ResultWriter, args: argparse.Namespace
+) -> list[Outcome[CaptionedImage]]:
+    """Run the image path with a progress bar (rate and ETA) on stderr."""
     columns = (
         TextColumn("captioning"),
         BarColumn(),
@@ -105,15 +108,14 @@ def caption_with_progress(
         task = progress.add_task("captioning", total=len(refs))
         return caption_refs(
             refs,
-            fetcher,
-            engine,
+            path,
             writer,
             chunk_size=args.batch_size * 4,
             on_chunk=lambda chunk: progress.advance(task, len(chunk)),
         )
 
 
-def outcome_dict(o: Outcome) -> dict[str, Any]:
+def outcome_dict(o: Outcome[CaptionedImage]) -> dict[str, Any]:
     """One outcome as a JSON-able dict."""
     if isinstance(o.result, CaptionedImage):
         cap = o.result.caption
@@ -129,7 +131,7 @@ def outcome_dict(o: Outcome) -> dict[str, Any]:
     return {"uri": o.ref.uri, "error": o.result.code.value, "message": o.result.message}
 
 
-def print_results(outcomes: list[Outcome], as_json: bool) -> None:
+def print_results(outcomes: list[Outcome[CaptionedImage]], as_json: bool) -> None:
     """JSON lines, or a table of the first rows and a summary line."""
     if as_json:
         for o in outcomes:

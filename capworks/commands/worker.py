@@ -102,26 +102,49 @@ class CeleryLauncher:
 
     concurrency: int
     loglevel: str = "INFO"
+    threads_per_process: int = 0  # CPU processes: torch and decode threads each (0: all cores)
 
     def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
         """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
         settings = get_settings()
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = gpu or ""
-        env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
-        if settings.metrics_port:  # one metrics port per process
-            env["CAPWORKS_METRICS_PORT"] = str(settings.metrics_port + index)
-        name = f"gpu{gpu}@%h" if gpu is not None else "cpu@%h"
+        env = worker_env(dict(os.environ), gpu, index, settings.metrics_port)
+        if self.threads_per_process:
+            env["CAPWORKS_TORCH_THREADS"] = str(self.threads_per_process)
+            env["CAPWORKS_DECODE_THREADS"] = str(self.threads_per_process)
+        name = f"gpu{gpu}@%h" if gpu is not None else f"cpu{index}@%h"
         cmd = celery_worker_argv(settings.queue_name, self.concurrency, name, self.loglevel)
         log.info("starting %s", " ".join(cmd))
         return subprocess.Popen(cmd, env=env)
 
 
+def worker_env(env: dict[str, str], gpu: str | None, index: int, metrics_port: int) -> dict[str, str]:
+    """The environment of one worker process: its device, and its own metrics port."""
+    env["CUDA_VISIBLE_DEVICES"] = gpu or ""
+    env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
+    if metrics_port:  # one metrics port per process
+        env["CAPWORKS_METRICS_PORT"] = str(metrics_port + index)
+    return env
+
+
+def plan_processes(gpus_spec: str, cpu_procs: int | None) -> tuple[list[str | None], int]:
+    """The device of each worker process, and the threads each CPU process may use (0: all):
+    one process per GPU, or `cpu_procs` CPU processes sharing the cores evenly."""
+    gpus = parse_gpus(gpus_spec)
+    if cpu_procs is None:
+        return gpus, 0
+    if gpus != [None]:
+        raise ValueError("--cpu-procs needs --gpus cpu")
+    cores = len(os.sched_getaffinity(0))
+    if cpu_procs > cores:
+        raise ValueError(f"--cpu-procs {cpu_procs} is more than this machine's {cores} cores")
+    return [None] * cpu_procs, cores // cpu_procs
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """Run and supervise the worker processes until SIGTERM or SIGINT."""
-    gpus = parse_gpus(args.gpus)
+    devices, threads = plan_processes(args.gpus, args.cpu_procs)
     concurrency = args.concurrency or get_settings().prefetch_jobs
-    return supervise(gpus, CeleryLauncher(concurrency, args.loglevel))
+    return supervise(devices, CeleryLauncher(concurrency, args.loglevel, threads))
 
 
 def supervise(

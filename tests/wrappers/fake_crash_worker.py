@@ -1,8 +1,8 @@
-"""A real Celery worker whose fetch step kills the process on any image whose URI ends in
+"""A real Celery worker whose fetcher kills the process on any image whose URI ends in
 "kills-worker.png": a stand-in for an image that crashes a worker (a native decoder bug, an
 OOM kill), which cannot be produced on purpose here. Images under a "slow/" prefix take 2 s to
-fetch, so that innocent jobs are mid-run when the process dies. Everything else is the
-production worker."""
+fetch, so that innocent jobs are mid-run when the process dies. It plugs in through the
+runtime's fetcher seam; everything else is the production worker."""
 
 from __future__ import annotations
 
@@ -10,22 +10,35 @@ import os
 import sys
 import time
 
-import workers.job
+from schema.settings import Settings
+from schema.storage import make_s3_client
+from schema.uris import ImageRef
+from workers import runtime
+from workers.fetch import StoreFetcher
 from workers.tasks import app
 
-real_fetch_many = workers.job.fetch_many
+
+class FakeCrashingFetcher:
+    """The production fetcher, except for the crashing and slow images described above."""
+
+    def __init__(self, real: StoreFetcher) -> None:
+        self._real = real
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        if ref.uri.endswith("kills-worker.png"):
+            time.sleep(0.5)  # let the jobs held beside it start
+            os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
+        if "/slow/" in ref.uri:
+            time.sleep(2.0)
+        return self._real.fetch(ref)
 
 
-def fake_fetch_many(refs, fetcher, pool):  # type: ignore[no-untyped-def]
-    if any(ref.uri.endswith("kills-worker.png") for ref in refs):
-        time.sleep(0.5)  # let the jobs held beside it start
-        os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
-    if any("/slow/" in ref.uri for ref in refs):
-        time.sleep(2.0)
-    return real_fetch_many(refs, fetcher, pool)
+def build(settings: Settings) -> runtime.Runtime:
+    real = StoreFetcher(make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s)
+    return runtime.Runtime.build(settings, fetcher=FakeCrashingFetcher(real))
 
 
-workers.job.fetch_many = fake_fetch_many
+runtime.configure(build)
 
 if __name__ == "__main__":
     app.worker_main(argv=sys.argv[1:])

@@ -1,0 +1,207 @@
+"""The one image path (fetch -> decode -> batcher) on the real tiny-random engine, with alternative
+parts plugged in through its seams: `MemoryFetcher` is a real in-memory object store (a dict),
+not a stand-in for one; `CountingCaptioner` is the real engine with a counter."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from conftest import png_bytes
+from PIL import Image
+from sqlalchemy import create_engine, select
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from schema.checkpoint import read_config
+from schema.errors import Code, StorageError
+from schema.jobs import Job
+from schema.settings import Settings
+from schema.tables import Caption, Failure
+from schema.uris import ImageRef
+from workers.batcher import Batcher
+from workers.engine import Caption as EngineCaption
+from workers.engine import OfaEngine
+from workers.imagepath import ImagePath
+from workers.job import run_job
+from workers.outcome import Outcome, map_good
+from workers.preprocess import ExactDecoder, ImageLimits, Normalization
+from workers.runtime import Runtime
+
+
+class MemoryFetcher:
+    """An object store held in a dict; keys it lacks are not found, keys in `down` unavailable."""
+
+    def __init__(self, objects: dict[str, bytes], down: frozenset[str] = frozenset()) -> None:
+        self.objects = objects
+        self.down = down
+        self.lock = threading.Lock()
+        self.started = 0
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        with self.lock:
+            self.started += 1
+        if ref.uri in self.down:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{ref.uri}: store down")
+        try:
+            return self.objects[ref.uri]
+        except KeyError:
+            raise StorageError(Code.NOT_FOUND, f"no such object: {ref.uri}") from None
+
+
+class CountingCaptioner:
+    """The real engine, counting the images it has captioned."""
+
+    def __init__(self, engine: OfaEngine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.captioned = 0
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[EngineCaption]:
+        captions = self.engine.caption_pixels(pixels)
+        with self.lock:
+            self.captioned += len(captions)
+        return captions
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_dir: Path) -> Iterator[OfaEngine]:
+    engine = OfaEngine.load(read_config(tiny_dir, "tiny-random"), device="cpu", batch_size=4)
+    yield engine
+    engine.close()
+
+
+def jpeg_bytes(img: Image.Image, size: tuple[int, int] = (0, 0)) -> bytes:
+    buf = io.BytesIO()
+    (img.resize(size) if size != (0, 0) else img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def image_path(
+    fetcher: MemoryFetcher, captioner: object, engine: OfaEngine, room: int
+) -> ImagePath:
+    batcher = Batcher(lambda: captioner, max_batch=4, max_wait_ms=20)  # type: ignore[arg-type,return-value]
+    return ImagePath(fetcher, engine.decoder, batcher, images_in_flight=room, decode_threads=2)
+
+
+def test_every_image_gets_its_own_outcome_in_order_and_good_ones_match_the_raw_engine(
+    tiny_engine: OfaEngine,
+) -> None:
+    scenes = [img for img, _ in sample_scenes(3, seed=61)]
+    objects = {
+        "mem://a.png": png_bytes(scenes[0]),
+        "mem://broken.jpg": b"\xff\xd8\xff\xe0 not really a jpeg",
+        "mem://b.jpg": jpeg_bytes(scenes[1]),
+        "mem://down.png": png_bytes(scenes[2]),
+    }
+    fetcher = MemoryFetcher(objects, down=frozenset({"mem://down.png"}))
+    path = image_path(fetcher, tiny_engine, tiny_engine, room=8)
+    uris = ["mem://a.png", "mem://missing.png", "mem://broken.jpg", "mem://b.jpg", "mem://down.png"]
+    try:
+        outcomes = path.caption([ImageRef(u) for u in uris])
+    finally:
+        path.batcher.close()
+        path.close()
+    assert [o.ref.uri for o in outcomes] == uris
+    codes = [o.error.code if o.error else None for o in outcomes]
+    assert codes == [None, Code.NOT_FOUND, Code.UNDECODABLE, None, Code.STORAGE_UNAVAILABLE]
+    raw = tiny_engine.caption_images([objects["mem://a.png"], objects["mem://b.jpg"]])
+    got = [o.result for o in outcomes if o.error is None]
+    assert [g.caption.text for g in got] == [r.caption.text for r in raw]  # type: ignore[union-attr]
+    assert [(g.width_px, g.height_px) for g in got] == [scenes[0].size, scenes[1].size]  # type: ignore[union-attr]
+
+
+def test_images_in_flight_never_exceed_the_budget(tiny_engine: OfaEngine) -> None:
+    blobs = {f"mem://{i}.png": png_bytes(img) for i, (img, _) in enumerate(sample_scenes(24, 62))}
+    fetcher = MemoryFetcher(blobs)
+    counting = CountingCaptioner(tiny_engine)
+    most: list[int] = []
+    real_fetch = fetcher.fetch
+
+    def fetch_and_measure(ref: ImageRef) -> bytes:
+        data = real_fetch(ref)
+        with counting.lock:
+            most.append(fetcher.started - counting.captioned)
+        return data
+
+    fetcher.fetch = fetch_and_measure  # type: ignore[method-assign]
+    path = image_path(fetcher, counting, tiny_engine, room=5)
+    try:
+        outcomes = path.caption([ImageRef(u) for u in blobs])
+    finally:
+        path.batcher.close()
+        path.close()
+    assert all(o.error is None for o in outcomes) and counting.captioned == 24
+    # Fetching is far faster than the model: without the budget all 24 would be in flight.
+    assert max(most) == 5
+
+
+def test_a_job_runs_through_the_runtime_with_a_fetcher_plugged_into_its_seam(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'seam.db'}"
+    redis_url = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
+    try:
+        redis.Redis.from_url(redis_url).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis unavailable: {exc}")
+    scenes = [img for img, _ in sample_scenes(3, seed=63)]
+    objects = {f"s3://mem/{i}.png": png_bytes(img) for i, img in enumerate(scenes)}
+    fetcher = MemoryFetcher(objects, down=frozenset({"s3://mem/2.png"}))
+    settings = Settings(
+        model="tiny-random",
+        cache_dir=tiny_dir.parent.parent,
+        device="cpu",
+        database_url=db_url,
+        broker_url=redis_url,
+        batch_size=4,
+    )
+    rt = Runtime.build(settings, fetcher=fetcher)
+    try:
+        job = Job.new(
+            [ImageRef(u) for u in [*objects, "s3://mem/gone.png"]], None, job_id=uuid.uuid4().hex
+        )
+        result = run_job(job, rt)
+        with create_engine(db_url).connect() as conn:
+            captions = conn.execute(select(Caption.text)).scalars().all()
+            failures = conn.execute(select(Failure.code)).scalars().all()
+    finally:
+        rt.close()
+    assert (result.captioned, result.dead_lettered) == (2, 1)
+    assert [(ref.uri, err.code) for ref, err in result.transient] == [
+        ("s3://mem/2.png", Code.STORAGE_UNAVAILABLE)
+    ]
+    assert len(captions) == 2 and failures == ["not_found"]
+
+
+def test_a_batch_step_keeps_failures_in_place_and_must_answer_every_input() -> None:
+    error = StorageError(Code.NOT_FOUND, "gone")
+    outcomes: list[Outcome[int]] = [
+        Outcome(ImageRef("a"), 1),
+        Outcome(ImageRef("b"), error),
+        Outcome(ImageRef("c"), 3),
+    ]
+    doubled = map_good(outcomes, lambda values: [v * 2 for v in values])
+    assert [o.result for o in doubled] == [2, error, 6]
+    with pytest.raises(RuntimeError, match="1 results for 2 inputs"):
+        map_good(outcomes, lambda values: values[:1])
+
+
+def test_jpeg_draft_mode_is_off_by_default_and_keeps_the_original_size_when_on() -> None:
+    photo = sample_scenes(1, seed=64)[0][0]
+    data = jpeg_bytes(photo, (2000, 1500))
+    norm = Normalization(64)
+    exact = ExactDecoder(ImageLimits(), norm)
+    drafted = ExactDecoder(ImageLimits(), norm, jpeg_draft=True)
+    assert not exact.jpeg_draft
+    a, b = exact.decode(data), drafted.decode(data)
+    assert (a.width_px, a.height_px) == (b.width_px, b.height_px) == (2000, 1500)
+    # The pixels are not ModelScope's: why draft mode stays off unless asked for.
+    assert not np.array_equal(a.pixels, b.pixels)
+    assert float(np.abs(a.pixels - b.pixels).mean()) < 0.05
