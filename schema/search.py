@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Float, Select, column, literal_column, select, table, text
+from sqlalchemy import Engine, Float, Select, column, func, literal_column, select, table, text
 from sqlalchemy.orm import Session
 
 from schema.tables import Caption, Image
@@ -23,6 +23,9 @@ from schema.tables import Caption, Image
 # bm25 weights of the FTS5 columns (text, alternatives, tags): the same emphasis as the
 # PostgreSQL vector's weights (text and tags A, alternatives C).
 SQLITE_WEIGHTS = "10.0, 1.0, 10.0"
+# Matches ranked at most by default: a common word's top 20 out of 10,000 matches took about
+# 30 ms on 2 cores, out of 200,000 over half a second (bench/search.py).
+MAX_RANKED = 10_000
 _TERM = re.compile(r'(-?)"([^"]*)"?|(-?)(\S+)')
 
 
@@ -90,22 +93,54 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
-def search(db: Engine, query: str, filters: Filters = Filters(), limit: int = 20) -> list[Hit]:
-    """The `limit` best-ranked captions matching `query` and `filters`."""
+@dataclass(frozen=True)
+class Found:
+    """The hits of a search, and how many matches were ranked to choose them."""
+
+    hits: list[Hit]
+    ranked: int  # matches ranked (all of them unless the cap was reached)
+    capped: bool  # more matches than `max_ranked`: the best of the first ones are shown
+
+
+def search(
+    db: Engine,
+    query: str,
+    filters: Filters | None = None,
+    limit: int = 20,
+    max_ranked: int | None = MAX_RANKED,
+) -> Found:
+    """The `limit` best-ranked captions matching `query` and `filters`.
+
+    Ranking sorts every match, so a word in a fifth of a million captions costs a second; with
+    `max_ranked` only the first that many matches the index yields (about the oldest rows) are
+    ranked and `Found.capped` says so. None ranks every match.
+    """
     terms = parse_query(query)
     if db.dialect.name == "postgresql":
-        stmt = _postgres_search(terms)
+        stmt = _postgres_matches(terms)
     elif db.dialect.name == "sqlite":
-        stmt = _sqlite_search(terms)
+        stmt = _sqlite_matches(terms)
     else:
         raise SearchQueryError(f"search is not supported on {db.dialect.name}")
-    stmt = _filtered(stmt, filters).limit(limit)
+    stmt = _filtered(stmt, filters or Filters())
+    if max_ranked is not None:
+        stmt = stmt.limit(max_ranked + 1)
+    matches = stmt.subquery("matches")
+    ranked = (
+        select(matches, func.count().over().label("ranked"))
+        .order_by(matches.c.rank.desc(), matches.c.id)
+        .limit(limit)
+    )
     with Session(db) as session:
-        return [
-            Hit(row.uri, row.text, float(row.rank), row.score, row.model_id, row.revision,
-                row.created, dict(row.tags or {}))
-            for row in session.execute(stmt)
-        ]  # fmt: skip
+        rows = list(session.execute(ranked))
+    hits = [
+        Hit(row.uri, row.text, float(row.rank), row.score, row.model_id, row.revision,
+            row.created, dict(row.tags or {}))
+        for row in rows
+    ]  # fmt: skip
+    total = rows[0].ranked if rows else 0
+    capped = max_ranked is not None and total > max_ranked
+    return Found(hits, total, capped)
 
 
 def _columns() -> tuple[Any, ...]:
@@ -117,10 +152,11 @@ def _columns() -> tuple[Any, ...]:
         Caption.revision,
         Caption.created,
         Caption.tags,
+        Caption.id,
     )
 
 
-def _postgres_search(terms: list[Term]) -> Select[Any]:
+def _postgres_matches(terms: list[Term]) -> Select[Any]:
     # The tsquery is a one-row subquery of immutable calls, so the planner folds it into a
     # constant and the GIN index answers `@@`.
     # It has two columns: `q` matches, `wanted` (q without its negated terms) ranks, as
@@ -145,11 +181,10 @@ def _postgres_search(terms: list[Term]) -> Select[Any]:
         .select_from(Caption)
         .join(Image, Image.id == Caption.image_id)
         .join(tsquery, vector.op("@@")(tsquery.c.q))
-        .order_by(rank.desc(), Caption.id)
     )
 
 
-def _sqlite_search(terms: list[Term]) -> Select[Any]:
+def _sqlite_matches(terms: list[Term]) -> Select[Any]:
     fts = table("captions_fts", column("rowid"))
     wanted = " AND ".join(_fts_phrase(t) for t in terms if not t.negated)
     unwanted = "".join(f" NOT {_fts_phrase(t)}" for t in terms if t.negated)
@@ -161,7 +196,6 @@ def _sqlite_search(terms: list[Term]) -> Select[Any]:
         .join(Caption, Caption.id == fts.c.rowid)
         .join(Image, Image.id == Caption.image_id)
         .where(text("captions_fts MATCH :match").bindparams(match=wanted + unwanted))
-        .order_by(rank.desc(), Caption.id)
     )
 
 

@@ -55,7 +55,7 @@ def db(any_db_url: str) -> Engine:
 
 
 def uris(db: Engine, query: str, filters: Filters | None = None, limit: int = 20) -> list[str]:
-    return [hit.uri for hit in search(db, query, filters or Filters(), limit)]
+    return [hit.uri for hit in search(db, query, filters, limit).hits]
 
 
 def test_words_of_caption_alternatives_and_tags_are_found_caption_first(db: Engine) -> None:
@@ -69,7 +69,7 @@ def test_words_of_caption_alternatives_and_tags_are_found_caption_first(db: Engi
     assert uris(db, "dog") == ["s3://photos/beach/1.jpg", "s3://photos/park/2.jpg"]
     assert uris(db, "puppy") == ["s3://photos/park/3.jpg"]
     assert uris(db, "running dogs") == ["s3://photos/beach/1.jpg"]
-    hits = search(db, "dog")
+    hits = search(db, "dog").hits
     assert hits[0].rank > hits[1].rank > 0
     assert hits[0].caption == "two dogs running on a beach"
     assert hits[0].tags == {"dog": 1.0, "beach": 1.0}
@@ -106,13 +106,24 @@ def test_filters_by_prefix_bucket_model_and_date_and_limit(db: Engine) -> None:
         "s3://photos/cats/1.jpg",
     ]
     assert sorted(uris(db, "cat", Filters(bucket="archive"))) == ["s3://archive/cats/3.jpg"]
-    assert [h.caption for h in search(db, "cat", Filters(model="ofa-b"))] == ["a cat and a lamp"]
+    assert [h.caption for h in search(db, "cat", Filters(model="ofa-b")).hits] == [
+        "a cat and a lamp"
+    ]
     month_ago = datetime.now(UTC) - timedelta(days=30)
     assert uris(db, "cat", Filters(until=month_ago)) == ["s3://archive/cats/3.jpg"]
     assert len(uris(db, "cat", Filters(since=month_ago))) == 3
     assert len(uris(db, "cat", limit=2)) == 2
     # A prefix's LIKE wildcards are literal.
     assert uris(db, "cat", Filters(prefix="s3://photos/cats_")) == ["s3://photos/cats_old/2.jpg"]
+
+
+def test_only_the_first_matches_are_ranked_past_the_cap_and_it_says_so(db: Engine) -> None:
+    write(db, outcome("s3://p/1.jpg", "a red ball"))
+    capped = search(db, "red", limit=2, max_ranked=3)
+    assert capped.capped and capped.ranked == 4 and len(capped.hits) == 2
+    every = search(db, "red", limit=2, max_ranked=None)
+    assert not every.capped and every.ranked == 7  # six red squares and the ball
+    assert not search(db, "ball", max_ranked=3).capped
 
 
 def test_a_recaptioned_image_is_found_by_its_new_words_only(db: Engine) -> None:

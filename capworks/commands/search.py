@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schema.db import connect
-from schema.search import Filters, Hit, search
+from schema.search import MAX_RANKED, Filters, Hit, search
 
 
 @dataclass(frozen=True)
@@ -22,19 +23,29 @@ class SearchRequest:
     filters: Filters
     limit: int
     as_json: bool
+    rank_all: bool = False
 
 
 def run_search(request: SearchRequest) -> int:
     """Print the best-ranked captions as a table, or JSON lines; 0 even when none match."""
-    hits = search(connect(request.db_url), request.query, request.filters, request.limit)
+    max_ranked = None if request.rank_all else MAX_RANKED
+    found = search(
+        connect(request.db_url), request.query, request.filters, request.limit, max_ranked
+    )
+    if found.capped:
+        print(
+            f"capworks: more than {MAX_RANKED:,} captions match: these are the best of the first "
+            f"{MAX_RANKED:,} (--rank-all ranks every match, slower; more words narrow it)",
+            file=sys.stderr,
+        )
     if request.as_json:
-        for hit in hits:
+        for hit in found.hits:
             print(json.dumps(hit.as_dict()))
         return 0
-    if not hits:
+    if not found.hits:
         print(f"no caption matches {request.query!r}")
         return 0
-    Console().print(hits_table(hits, request.query))
+    Console().print(hits_table(found.hits, request.query))
     return 0
 
 
