@@ -101,12 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     show = dlq_sub.add_parser("show")
     show.add_argument("uri")
 
-    demo = sub.add_parser("demo", help="caption generated sample images with the shapes model")
-    demo.add_argument("--dir", default="capworks-demo", help="folder for images and database")
-    demo.add_argument("--count", type=int, default=24, help="how many sample images")
-
-    find = sub.add_parser("search", help="find images by words of their captions and tags")
-    find.add_argument(
     ev = sub.add_parser("events", help="turn storage events (webhook, SQS, filer) into jobs")
     ev.add_argument("--source", required=True, choices=["webhook", "sqs", "filer"])
     ev.add_argument("--model", default=settings.model, help="model whose captions dedup counts")
@@ -119,16 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--filer", help="filer: host:port (default CAPWORKS_EVENTS_FILER)")
     ev.add_argument("--path-prefix", help="filer: folder of the buckets (default /buckets/)")
 
+    demo = sub.add_parser("demo", help="caption generated sample images with the shapes model")
+    demo.add_argument("--dir", default="capworks-demo", help="folder for images and database")
+    demo.add_argument("--count", type=int, default=24, help="how many sample images")
+
+    find = sub.add_parser("search", help="find images by words of their captions and tags")
+    find.add_argument(
         "query", help='words and "quoted phrases", all to match; -word excludes (after --)'
     )
     find.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     find.add_argument("--limit", type=positive_int, default=20)
     find.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    find.add_argument("--rank-all", action="store_true", help="rank every match, however many")
     find.add_argument("--prefix", help="only URIs starting so (s3://bucket/dir/)")
     find.add_argument("--bucket", help="only images in this bucket")
     find.add_argument("--model", help="only captions by this model id")
     find.add_argument("--since", type=iso_datetime, help="captioned at or after (ISO, UTC)")
     find.add_argument("--until", type=iso_datetime, help="captioned before (ISO, UTC)")
+
+    stat = sub.add_parser("status", help="queue, workers, recent throughput and crawls")
+    stat.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    stat.add_argument("--json", action="store_true", help="print one JSON object")
+    stat.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    stat.add_argument("--interval", type=duration_s, default=2.0, help="--watch period: 2s, 1m")
+    health = sub.add_parser("health", help="exit 0 when healthy, 1 with the reasons when not")
+    health.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    health.add_argument("--host", help="require a fresh worker heartbeat from this host")
+    health.add_argument(
+        "--worker", action="store_true", help="require a fresh heartbeat from this host"
+    )
+    health.add_argument("--no-database", action="store_true", help="do not check the database")
 
     ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
@@ -229,13 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             filters = Filters(
                 args.prefix, args.bucket, args.model, as_utc(args.since), as_utc(args.until)
             )
-            return run_search(SearchRequest(args.db, args.query, filters, args.limit, args.json))
-        if args.command == "demo":
-            from capworks.commands.demo import run_demo
-
-            return run_demo(args)
-        from capworks.checkpoints.build import ensure_checkpoint
-
+            return run_search(
+                SearchRequest(args.db, args.query, filters, args.limit, args.json, args.rank_all)
+            )
         if args.command == "events":
             from capworks.commands.events import EventsOptions, run_events
 
@@ -253,6 +263,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     path_prefix=args.path_prefix,
                 )
             )
+        if args.command in ("status", "health"):
+            import socket
+
+            from capworks.commands import status
+
+            settings = get_settings()
+            farm = status.FarmAddress(
+                settings.broker_url, args.db, settings.queue_name, settings.heartbeat_stale_s
+            )
+            if args.command == "status":
+                return status.run_status(
+                    status.StatusRequest(farm, args.json, args.watch, args.interval)
+                )
+            host = socket.gethostname() if args.worker else args.host
+            return status.run_health(status.HealthRequest(farm, host, not args.no_database))
+        if args.command == "demo":
+            from capworks.commands.demo import run_demo
+
+            return run_demo(args)
+        from capworks.checkpoints.build import ensure_checkpoint
+
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))
         return 0
     except (CapworksError, CheckpointError, ValueError) as exc:

@@ -75,16 +75,6 @@ class Settings(BaseSettings):
     # Queued jobs live only in Redis: a broker that may evict keys is refused unless this is on.
     allow_evicting_broker: bool = False
 
-    # Monitoring: each worker process serves Prometheus metrics on its own port (0 = off).
-    # 127.0.0.1 keeps them on the host; set 0.0.0.0 for a Prometheus on another machine.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9750, ge=0, le=65535)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Folder of checkpoints built offline by `capworks checkpoint build`."""
-        return self.cache_dir / "checkpoints"
-
     # Storage events (`capworks events`). The webhook needs a bearer token or an HMAC secret
     # (either one authenticates a request); without one it refuses to start.
     events_token: SecretStr | None = None
@@ -99,6 +89,20 @@ class Settings(BaseSettings):
     events_sqs_visibility_timeout_s: int = Field(default=60, ge=1, le=43200)
     events_filer: str = "127.0.0.1:8888"  # SeaweedFS filer host:port (its gRPC is port + 10000)
     events_filer_path_prefix: str = "/buckets/"
+
+    # Monitoring: each worker process serves Prometheus metrics on its own port (0 = off).
+    # 127.0.0.1 keeps them on the host; set 0.0.0.0 for a Prometheus on another machine.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9750, ge=0, le=65535)
+    # Heartbeats (schema/heartbeat.py): one older than heartbeat_stale_s makes its worker
+    # unhealthy (a hung model thread); its key expires heartbeat_ttl_s after the last beat.
+    heartbeat_stale_s: float = Field(default=60.0, gt=0)
+    heartbeat_ttl_s: int = Field(default=120, ge=1)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Folder of checkpoints built offline by `capworks checkpoint build`."""
+        return self.cache_dir / "checkpoints"
 
 
 @lru_cache(maxsize=1)

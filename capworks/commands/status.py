@@ -1,0 +1,226 @@
+"""`capworks status` (the farm at a glance) and `capworks health` (exit 0/1 for a container's
+health check, with the reasons)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
+from schema.db import connect
+from schema.errors import CapworksError
+from schema.heartbeat import read_heartbeats
+
+REDIS_TIMEOUT_S = 3.0
+
+
+class FarmUnreachable(ValueError):
+    """Redis or the database (or both) cannot be reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class FarmAddress:
+    """Where the farm's state lives."""
+
+    broker_url: str
+    db_url: str
+    queue: str
+    stale_after_s: float
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """What `capworks status` was asked."""
+
+    farm: FarmAddress
+    as_json: bool = False
+    watch: bool = False
+    interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class HealthRequest:
+    """What `capworks health` was asked: `host` must have a fresh worker when given."""
+
+    farm: FarmAddress
+    host: str | None = None
+    check_database: bool = True
+
+
+def open_redis(url: str) -> Any:
+    """A Redis client that has answered a PING; `FarmUnreachable` otherwise."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise FarmUnreachable(f"Redis at {redacted(client)} is unreachable: {exc}") from exc
+    return client
+
+
+def redacted(client: Any) -> str:
+    """A Redis client's address without its password."""
+    kw = client.connection_pool.connection_kwargs
+    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+
+def open_database(url: str) -> Engine:
+    """A migrated engine that has answered; `FarmUnreachable` otherwise."""
+    try:
+        db = connect(url)
+        ping_database(db)
+    except CapworksError as exc:
+        raise FarmUnreachable(f"the database is unreachable: {exc.message}") from exc
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise FarmUnreachable(f"the database is unreachable: {reason}") from exc
+    return db
+
+
+def open_farm(farm: FarmAddress) -> tuple[Any, Engine]:
+    """Redis and the database, both reached; one `FarmUnreachable` naming each that is not."""
+    reasons, client, db = [], None, None
+    try:
+        client = open_redis(farm.broker_url)
+    except FarmUnreachable as exc:
+        reasons.append(str(exc))
+    try:
+        db = open_database(farm.db_url)
+    except FarmUnreachable as exc:
+        reasons.append(str(exc))
+    if reasons or client is None or db is None:
+        raise FarmUnreachable("; ".join(reasons))
+    return client, db
+
+
+def run_status(request: StatusRequest) -> int:
+    """Print the farm's status once, or refresh it in place until interrupted (--watch)."""
+    farm = request.farm
+    client, db = open_farm(farm)
+    if not request.watch:
+        status = gather(client, db, farm.queue, farm.stale_after_s)
+        if request.as_json:
+            print(json.dumps(status.as_dict()))
+        else:
+            Console().print(render(status))
+        return 0
+    try:
+        if request.as_json:
+            while True:  # one JSON object per line and refresh
+                found = _read_or_error(client, db, farm)
+                line = found.as_dict() if isinstance(found, FarmStatus) else found
+                print(json.dumps(line), flush=True)
+                time.sleep(request.interval_s)
+        with Live(console=Console(), auto_refresh=False) as live:
+            while True:
+                found = _read_or_error(client, db, farm)
+                shown = render(found) if isinstance(found, FarmStatus) else found["error"]
+                live.update(shown, refresh=True)
+                time.sleep(request.interval_s)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _read_or_error(client: Any, db: Engine, farm: FarmAddress) -> FarmStatus | dict[str, str]:
+    # While watching, an outage is shown in place of the figures and the next refresh retries.
+    try:
+        status = gather(client, db, farm.queue, farm.stale_after_s)
+    except (redis.RedisError, SQLAlchemyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"error": f"cannot read the farm: {reason}"}
+    return status
+
+
+def render(status: FarmStatus) -> Group:
+    """The status as terminal tables."""
+    q, a = status.queue, status.activity
+    about = "~" if q.images_estimated else ""
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("queue", f"{q.jobs_waiting:,} jobs, {about}{q.images_waiting:,} images waiting")
+    summary.add_row("held", f"{q.jobs_held:,} jobs, {q.images_held:,} images held by workers")
+    summary.add_row(
+        "last hour",
+        f"{a.captioned_last_hour:,} captioned, {a.dead_lettered_last_hour:,} dead-lettered",
+    )
+    eta = f", queue drains in ~{_duration(status.drain_eta_s)}" if status.drain_eta_s else ""
+    summary.add_row("throughput", f"{a.captioned_per_s:.1f} images/s (last 5 min){eta}")
+    parts: list[Any] = [summary]
+    if status.workers:
+        workers = Table(
+            "worker", "device", "model", "jobs", "waiting", "last beat", title="workers"
+        )
+        for w in status.workers:
+            hb = w.heartbeat
+            state = "gone" if w.gone else "STALE" if w.stale else "ok"
+            workers.add_row(
+                f"{hb.host}:{hb.pid}",
+                hb.device,
+                hb.model,
+                str(hb.jobs_in_flight),
+                str(hb.images_waiting),
+                f"{w.age_s:.0f} s ago ({state})",
+            )
+        parts.append(workers)
+    else:
+        parts.append("no worker is running (no heartbeat in Redis)")
+    if status.crawls:
+        crawls = Table("crawl", "state", "listed", "skipped", "enqueued", "rate", "updated")
+        for c in status.crawls:
+            crawls.add_row(
+                c.source,
+                c.state,
+                f"{c.listed:,}",
+                f"{c.skipped:,}",
+                f"{c.enqueued:,}",
+                f"{c.listed_per_s:.0f}/s",
+                c.updated.isoformat(timespec="seconds"),
+            )
+        parts.append(crawls)
+    return Group(*parts)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_health(request: HealthRequest) -> int:
+    """0 and what is fine, or 1 and why not: Redis, the database, and the heartbeats."""
+    farm = request.farm
+    problems: list[str] = []
+    try:
+        client = open_redis(farm.broker_url)
+    except FarmUnreachable as exc:
+        client = None
+        problems.append(str(exc))
+    if request.check_database:
+        try:
+            open_database(farm.db_url).dispose()
+        except FarmUnreachable as exc:
+            problems.append(str(exc))
+    fine: list[str] = []
+    if client is not None:
+        workers = worker_states(read_heartbeats(client, farm.queue), farm.stale_after_s)
+        beat_problems, fine = health_problems(workers, request.host, farm.stale_after_s)
+        problems.extend(beat_problems)
+    for line in problems:
+        print(f"unhealthy: {line}")
+    if problems:
+        return 1
+    print("healthy: " + ("; ".join(fine) if fine else "Redis and the database answer"))
+    return 0

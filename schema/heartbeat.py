@@ -1,0 +1,140 @@
+"""Worker heartbeats: each worker process says, from its batch loop, that it is alive.
+
+The contract between workers (which write) and `capworks status` / `capworks health` (which
+read): one Redis key per process, `capworks:heartbeat:<queue>:<host>:<pid>`, holding JSON
+(host, pid, device, model, queue, jobs in flight, images waiting for a batch, start and beat
+times in Unix seconds) and expiring `ttl_s` after the last beat. The batch loop beats after
+every batch and while it waits for images, so a model thread that hangs stops the beats while
+Celery itself still answers: its heartbeat goes stale (older than `heartbeat_stale_s`), and
+the key disappears after the TTL. A process that stops cleanly removes its key (`forget`).
+
+Beat times are the worker host's wall clock: readers compare them with their own, so hosts
+must keep their clocks in step (NTP) to within a small part of the stale threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "capworks:heartbeat:"
+DEFAULT_TTL_S = 120
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What one worker process last said about itself."""
+
+    host: str
+    pid: int
+    device: str
+    model: str
+    queue: str
+    jobs_in_flight: int
+    images_waiting: int
+    started_at: float  # Unix seconds, when the process started beating
+    beat_at: float  # Unix seconds, the last beat
+
+    @property
+    def key(self) -> str:
+        """The Redis key of this process's heartbeat."""
+        return heartbeat_key(self.queue, self.host, self.pid)
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since the last beat (never negative, whatever the clocks say)."""
+        return max(0.0, (time.time() if now is None else now) - self.beat_at)
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Heartbeat:
+        """Parse a stored heartbeat; raise ValueError when it is not one."""
+        try:
+            data = json.loads(raw)
+            return cls(
+                host=str(data["host"]),
+                pid=int(data["pid"]),
+                device=str(data["device"]),
+                model=str(data["model"]),
+                queue=str(data["queue"]),
+                jobs_in_flight=int(data["jobs_in_flight"]),
+                images_waiting=int(data["images_waiting"]),
+                started_at=float(data["started_at"]),
+                beat_at=float(data["beat_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a heartbeat: {exc}") from exc
+
+
+def heartbeat_key(queue: str, host: str, pid: int) -> str:
+    """`capworks:heartbeat:<queue>:<host>:<pid>`: farms sharing a Redis keep apart by queue."""
+    return f"{KEY_PREFIX}{queue}:{host}:{pid}"
+
+
+def beat(
+    redis: Any,
+    *,
+    device: str,
+    model: str,
+    queue: str,
+    jobs_in_flight: int,
+    images_waiting: int = 0,
+    started_at: float,
+    ttl_s: int = DEFAULT_TTL_S,
+    host: str | None = None,
+    pid: int | None = None,
+) -> Heartbeat:
+    """Write this process's heartbeat (one SET with a TTL) and return it.
+
+    Call it from the batch loop after each batch and on each idle wait. Redis errors are the
+    caller's: a worker that cannot reach its broker has bigger problems than its heartbeat.
+    """
+    heartbeat = Heartbeat(
+        host=host or socket.gethostname(),
+        pid=os.getpid() if pid is None else pid,
+        device=device,
+        model=model,
+        queue=queue,
+        jobs_in_flight=jobs_in_flight,
+        images_waiting=images_waiting,
+        started_at=started_at,
+        beat_at=time.time(),
+    )
+    redis.set(heartbeat.key, heartbeat.to_json(), ex=ttl_s)
+    return heartbeat
+
+
+def forget(redis: Any, queue: str, host: str | None = None, pid: int | None = None) -> None:
+    """Remove a process's heartbeat (this one's by default), as it stops cleanly."""
+    pid = os.getpid() if pid is None else pid
+    redis.delete(heartbeat_key(queue, host or socket.gethostname(), pid))
+
+
+def read_heartbeats(redis: Any, queue: str | None = None) -> list[Heartbeat]:
+    """Every live heartbeat (of workers on `queue`, or of all), by host and pid; a key that
+    does not parse is logged and skipped."""
+    pattern = f"{KEY_PREFIX}{_glob_escaped(queue)}:*" if queue else f"{KEY_PREFIX}*"
+    keys = sorted(redis.scan_iter(match=pattern, count=1000))
+    found = []
+    for key, raw in zip(keys, redis.mget(keys) if keys else [], strict=True):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        try:
+            found.append(Heartbeat.from_json(raw))
+        except ValueError as exc:
+            log.warning("skipping heartbeat key %r: %s", key, exc)
+    # A queue named "a" also globs the keys of queue "a:b"; the stored queue tells them apart.
+    return sorted((h for h in found if queue in (None, h.queue)), key=lambda h: (h.host, h.pid))
+
+
+def _glob_escaped(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,279 @@
+"""`capworks status` and `capworks health` against the real Redis and PostgreSQL.
+
+Jobs are published through the real Celery publisher, and one is held the way a worker holds
+it (received through kombu's Redis transport, not acknowledged, so it sits in `unacked`).
+Heartbeats are written by calling `schema.heartbeat.beat` directly, from a thread standing in
+for a worker's batch loop: the worker itself does not beat yet, so this tests the status and
+health side of the contract, not the worker's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import REPO, require_service, run_cli
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from capworks.farm import EXACT_JOBS, images_in_message, read_queue
+from schema.checkpoint import CheckpointConfig
+from schema.db import connect
+from schema.errors import Code, ImageError
+from schema.heartbeat import Heartbeat, beat, forget, heartbeat_key, read_heartbeats
+from schema.jobs import Job
+from schema.queue import make_celery
+from schema.settings import Settings
+from schema.tables import Caption, Crawl, utcnow
+from schema.uris import ImageRef
+from workers.engine import Caption as EngineCaption
+from workers.engine import CaptionedImage
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
+
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
+CLOSED_PORT_URL = "redis://127.0.0.1:9/0"  # the discard port: nothing listens on loopback
+
+
+def closed_pg_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing"
+
+
+@pytest.fixture()
+def queue() -> Iterator[str]:
+    """A queue name of this test's own on the real Redis; its keys removed afterwards."""
+    name = f"capworks-status-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except redis.RedisError as exc:
+        require_service("Redis", str(exc))
+    yield name
+    r.delete(name, *r.scan_iter(f"capworks:heartbeat:{name}:*"))
+    for tag, raw in r.hgetall("unacked").items():
+        if json.loads(raw)[2] == name:
+            r.hdel("unacked", tag)
+            r.zrem("unacked_index", tag)
+
+
+def settings_for(queue: str) -> Settings:
+    return Settings(broker_url=REDIS_URL, queue_name=queue)
+
+
+def cli_env(queue: str, stale_s: float = 60) -> dict[str, str]:
+    return {
+        "CAPWORKS_BROKER_URL": REDIS_URL,
+        "CAPWORKS_QUEUE_NAME": queue,
+        "CAPWORKS_HEARTBEAT_STALE_S": str(stale_s),
+    }
+
+
+def publish(queue: str, *sizes: int) -> None:
+    """Jobs of these many images, through the producer's real Celery publisher."""
+    from producer.enqueue import make_publisher
+
+    publisher = make_publisher(settings_for(queue))
+    for n, size in enumerate(sizes):
+        refs = [ImageRef(f"s3://b/{queue}/{n}/{i}.jpg", etag="e") for i in range(size)]
+        publisher.publish(Job.new(refs))
+
+
+def captioned(text: str) -> CaptionedImage:
+    return CaptionedImage(EngineCaption(text, -0.5, (), (1,), ()), 8, 8)
+
+
+def fill_database(url: str) -> None:
+    """Three captions now, one two hours ago, one dead letter, a running and a done crawl."""
+    db = connect(url)
+    writer = ResultWriter(db, CheckpointConfig(Path("."), "m", ""))
+    writer.save([Outcome(ImageRef(f"/p/{n}.png"), captioned("a cat")) for n in range(4)])
+    writer.save([Outcome(ImageRef("/p/bad.png"), ImageError(Code.TRUNCATED, "truncated"))])
+    now = utcnow()
+    with Session(db) as session, session.begin():
+        session.execute(
+            update(Caption).where(Caption.id == 1).values(created=now - timedelta(hours=2))
+        )
+        session.add_all(
+            [
+                Crawl(
+                    id="c1",
+                    source="s3://b/new/",
+                    state="running",
+                    listed=3000,
+                    skipped=1000,
+                    enqueued=2000,
+                    jobs=32,
+                    created=now - timedelta(seconds=100),
+                    updated=now,
+                ),
+                Crawl(id="c0", source="s3://b/old/", state="done", listed=5, created=now),
+            ]
+        )
+    db.dispose()
+
+
+def test_status_json_shows_queue_held_jobs_last_hour_crawls_and_workers(
+    queue: str, pg_url: str
+) -> None:
+    fill_database(pg_url)
+    publish(queue, 7, 64, 64, 5)  # the 7-image job is the oldest: the one a worker takes
+    r = redis.Redis.from_url(REDIS_URL)
+    beat(r, device="cuda:0", model="m", queue=queue, jobs_in_flight=2, started_at=time.time())
+    stale = Heartbeat("gpu-b", 4242, "cuda:1", "m", queue, 1, 0, 0.0, time.time() - 300)
+    r.set(stale.key, stale.to_json(), ex=60)
+    app = make_celery(settings_for(queue))
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        simple.get(timeout=5)  # held, as a worker's prefetched job, until the channel closes
+        done = run_cli("status", "--json", "--db", pg_url, env=cli_env(queue))
+        simple.close()
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["queue"] == {
+        "jobs_waiting": 3,
+        "images_waiting": 133,
+        "images_estimated": False,
+        "jobs_held": 1,
+        "images_held": 7,
+    }
+    assert status["activity"]["captioned_last_hour"] == 3
+    assert status["activity"]["dead_lettered_last_hour"] == 1
+    assert status["activity"]["captioned_per_s"] == pytest.approx(3 / 300)
+    assert status["drain_eta_s"] == pytest.approx(140 / (3 / 300))
+    assert [c["id"] for c in status["crawls"]] == ["c1", "c0"]
+    assert status["crawls"][0]["listed_per_s"] == pytest.approx(30, rel=0.05)
+    workers = {w["heartbeat"]["pid"]: w for w in status["workers"]}
+    assert set(workers) == {os.getpid(), 4242}
+    assert workers[os.getpid()]["heartbeat"]["device"] == "cuda:0"
+    assert not workers[os.getpid()]["stale"] and workers[4242]["stale"]
+
+
+def test_status_with_no_worker_says_so_and_watch_refreshes(queue: str, pg_url: str) -> None:
+    shown = run_cli("status", "--db", pg_url, env=cli_env(queue))
+    assert shown.returncode == 0, shown.stderr
+    assert "no worker is running" in shown.stdout
+    assert "0 jobs, 0 images waiting" in shown.stdout
+    watch = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "status", "--watch", "--json"]
+        + ["--interval", "0.2s", "--db", pg_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **cli_env(queue)},
+        cwd=REPO,
+    )
+    assert watch.stdout is not None
+    first = json.loads(watch.stdout.readline())
+    publish(queue, 3)
+    deadline = time.monotonic() + 20
+    while json.loads(watch.stdout.readline())["queue"]["images_waiting"] != 3:
+        assert time.monotonic() < deadline, "the watch never showed the new job"
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(timeout=20) == 0
+    assert first["queue"]["jobs_waiting"] == 0 and first["workers"] == []
+
+
+def test_redis_or_database_down_is_named_in_one_line_and_exits_1(queue: str, pg_url: str) -> None:
+    cases = {
+        "redis": ({**cli_env(queue), "CAPWORKS_BROKER_URL": CLOSED_PORT_URL}, pg_url),
+        "database": (cli_env(queue), closed_pg_url()),
+        "both": ({**cli_env(queue), "CAPWORKS_BROKER_URL": CLOSED_PORT_URL}, closed_pg_url()),
+    }
+    for case, (env, db_url) in cases.items():
+        for command in ("status", "health"):
+            done = run_cli(command, "--db", db_url, env=env, timeout=60)
+            assert done.returncode == 1, (case, command, done.stdout, done.stderr)
+            out = (done.stdout + done.stderr).strip()
+            assert "Redis at redis://127.0.0.1:9/0 is unreachable" in out or case == "database"
+            assert "database is unreachable" in out or case == "redis"
+            if command == "status":
+                assert out.count("\n") == 0, out
+
+
+class FakeBatchLoop:
+    """A worker's batch loop reduced to its heartbeat: beats every 0.1 s until it 'hangs'."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue, self.hung = queue, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        r, started = redis.Redis.from_url(REDIS_URL), time.time()
+        while not self.hung.is_set():
+            beat(r, device="cpu", model="shapes", queue=self.queue, jobs_in_flight=1,
+                 images_waiting=3, started_at=started)  # fmt: skip
+            time.sleep(0.1)
+
+
+def test_health_follows_the_heartbeat_of_this_host(queue: str, pg_url: str) -> None:
+    host = socket.gethostname()
+    env = cli_env(queue, stale_s=1.5)
+    missing = run_cli("health", "--worker", "--db", pg_url, env=env)
+    assert missing.returncode == 1
+    assert f"no worker heartbeat from host {host}" in missing.stdout
+    loop = FakeBatchLoop(queue)
+    time.sleep(0.3)
+    healthy = run_cli("health", "--worker", "--db", pg_url, env=env)
+    assert healthy.returncode == 0, healthy.stdout
+    assert f"worker {host}:{os.getpid()} (cpu) beat" in healthy.stdout
+    loop.hung.set()  # the model thread hangs: Celery would still answer, the beats stop
+    loop.thread.join()
+    time.sleep(2)
+    hung = run_cli("health", "--worker", "--no-database", "--db", pg_url, env=env)
+    assert hung.returncode == 1
+    assert "stale after 1.5 s" in hung.stdout and "hung" in hung.stdout
+    # A heartbeat left by a process of this host that no longer exists is not a live worker.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    r = redis.Redis.from_url(REDIS_URL)
+    forget(r, queue)
+    beat(r, device="cpu", model="m", queue=queue, jobs_in_flight=0, started_at=0,
+         pid=int(dead.stdout))  # fmt: skip
+    gone = run_cli("health", "--worker", "--db", pg_url, env=env)
+    assert gone.returncode == 1 and "no worker heartbeat from host" in gone.stdout
+    other = run_cli("health", "--host", "elsewhere", "--db", pg_url, env=env)
+    assert other.returncode == 1 and "no worker heartbeat from host elsewhere" in other.stdout
+
+
+def test_heartbeats_expire_and_are_kept_apart_by_queue(queue: str) -> None:
+    r = redis.Redis.from_url(REDIS_URL)
+    mine = beat(r, device="cuda:0", model="m", queue=queue, jobs_in_flight=4, started_at=1.0,
+                ttl_s=30)  # fmt: skip
+    beat(r, device="cpu", model="m", queue=f"{queue}:other", jobs_in_flight=0, started_at=1.0)
+    r.set(heartbeat_key(queue, "junk", 1), "not json")
+    try:
+        assert read_heartbeats(r, queue) == [mine]
+        assert 0 < r.ttl(mine.key) <= 30
+        assert Heartbeat.from_json(mine.to_json()) == mine
+        forget(r, queue)
+        assert read_heartbeats(r, queue) == []
+    finally:
+        r.delete(*r.scan_iter(f"capworks:heartbeat:{queue}*"))
+
+
+def test_images_are_estimated_from_both_ends_of_a_long_queue(queue: str) -> None:
+    publish(queue, *([2] * 6), *([4] * 6))
+    r: Any = redis.Redis.from_url(REDIS_URL)
+    exact = read_queue(r, queue)
+    assert (exact.jobs_waiting, exact.images_waiting, exact.images_estimated) == (12, 36, False)
+    estimated = read_queue(r, queue, exact_jobs=5, sample_jobs=2)
+    assert estimated.images_estimated and estimated.images_waiting == 36  # (2+2+4+4)/4 * 12
+    assert images_in_message(b"not a message") == 0
+    assert images_in_message(json.dumps({"body": "bm90IGpzb24="})) == 0
+    assert EXACT_JOBS >= 1000
