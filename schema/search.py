@@ -126,13 +126,20 @@ def search(
     if max_ranked is not None:
         stmt = stmt.limit(max_ranked + 1)
     matches = stmt.subquery("matches")
-    ranked = (
+    best = (
         select(matches, func.count().over().label("ranked"))
         .order_by(matches.c.rank.desc(), matches.c.id)
         .limit(limit)
+        .subquery("best")
+    )
+    # Images are joined for the hits alone, not for every match, unless a filter needs them.
+    hits_query = (
+        select(best, Image.uri)
+        .join(Image, Image.id == best.c.image_id)
+        .order_by(best.c.rank.desc(), best.c.id)
     )
     with Session(db) as session:
-        rows = list(session.execute(ranked))
+        rows = list(session.execute(hits_query))
     hits = [
         Hit(row.uri, row.text, float(row.rank), row.score, row.model_id, row.revision,
             row.created, dict(row.tags or {}))
@@ -145,7 +152,7 @@ def search(
 
 def _columns() -> tuple[Any, ...]:
     return (
-        Image.uri,
+        Caption.image_id,
         Caption.text,
         Caption.score,
         Caption.model_id,
@@ -179,7 +186,6 @@ def _postgres_matches(terms: list[Term]) -> Select[Any]:
     return (
         select(*_columns(), rank)
         .select_from(Caption)
-        .join(Image, Image.id == Caption.image_id)
         .join(tsquery, vector.op("@@")(tsquery.c.q))
     )
 
@@ -194,7 +200,6 @@ def _sqlite_matches(terms: list[Term]) -> Select[Any]:
         select(*_columns(), rank)
         .select_from(fts)
         .join(Caption, Caption.id == fts.c.rowid)
-        .join(Image, Image.id == Caption.image_id)
         .where(text("captions_fts MATCH :match").bindparams(match=wanted + unwanted))
     )
 
@@ -205,6 +210,8 @@ def _fts_phrase(term: Term) -> str:
 
 
 def _filtered(stmt: Select[Any], filters: Filters) -> Select[Any]:
+    if filters.prefix or filters.bucket:
+        stmt = stmt.join(Image, Image.id == Caption.image_id)
     if filters.prefix:
         stmt = stmt.where(Image.uri.startswith(filters.prefix, autoescape=True))
     if filters.bucket:
