@@ -20,8 +20,11 @@ from capworks.commands.worker import (
     MAX_RESTART_DELAY_S,
     RESTART_DELAY_S,
     STABLE_S,
+    CeleryLauncher,
     Child,
     parse_gpus,
+    plan_processes,
+    worker_env,
 )
 
 
@@ -44,6 +47,37 @@ def test_a_bad_gpu_list_is_one_line_and_a_non_zero_exit() -> None:
     assert result.stderr.strip().splitlines() == [
         "capworks: error: --gpus takes all, cpu or a list like 0,1; got 'banana'"
     ]
+
+
+def test_cpu_processes_share_the_cores_evenly() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert plan_processes("cpu", None) == ([None], 0)
+    assert plan_processes("cpu", 1) == ([None], cores)
+    if cores >= 2:
+        assert plan_processes("cpu", 2) == ([None, None], cores // 2)
+    with pytest.raises(ValueError, match="needs --gpus cpu"):
+        plan_processes("0,1", 2)
+    with pytest.raises(ValueError, match="more than this machine"):
+        plan_processes("cpu", cores + 1)
+
+
+def test_each_cpu_process_gets_its_threads_name_and_metrics_port() -> None:
+    env = worker_env({}, None, 1, 9750)
+    assert env == {
+        "CUDA_VISIBLE_DEVICES": "",
+        "CAPWORKS_DEVICE": "cpu",
+        "CAPWORKS_METRICS_PORT": "9751",
+    }
+    assert worker_env({}, "3", 0, 0) == {"CUDA_VISIBLE_DEVICES": "3", "CAPWORKS_DEVICE": "cuda:0"}
+    cmd, env = CeleryLauncher(2, threads_per_process=1).command(None, 1)
+    assert cmd[cmd.index("--hostname") + 1] == "cpu1@%h"
+    assert (env["CAPWORKS_TORCH_THREADS"], env["CAPWORKS_DECODE_THREADS"]) == ("1", "1")
+
+
+def test_cpu_procs_with_a_gpu_list_is_one_line_and_a_non_zero_exit() -> None:
+    result = run_cli("worker", "--gpus", "0", "--cpu-procs", "2")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["capworks: error: --cpu-procs needs --gpus cpu"]
 
 
 def test_a_process_that_dies_young_is_restarted_later_and_later() -> None:

@@ -104,20 +104,26 @@ class CeleryLauncher:
     loglevel: str = "INFO"
     threads_per_process: int = 0  # CPU processes: torch and decode threads each (0: all cores)
 
-    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
-        """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
+    def command(self, gpu: str | None, index: int) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of the `index`-th worker process."""
         settings = get_settings()
         env = worker_env(dict(os.environ), gpu, index, settings.metrics_port)
         if self.threads_per_process:
             env["CAPWORKS_TORCH_THREADS"] = str(self.threads_per_process)
             env["CAPWORKS_DECODE_THREADS"] = str(self.threads_per_process)
         name = f"gpu{gpu}@%h" if gpu is not None else f"cpu{index}@%h"
-        cmd = celery_worker_argv(settings.queue_name, self.concurrency, name, self.loglevel)
+        return celery_worker_argv(settings.queue_name, self.concurrency, name, self.loglevel), env
+
+    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
+        """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
+        cmd, env = self.command(gpu, index)
         log.info("starting %s", " ".join(cmd))
         return subprocess.Popen(cmd, env=env)
 
 
-def worker_env(env: dict[str, str], gpu: str | None, index: int, metrics_port: int) -> dict[str, str]:
+def worker_env(
+    env: dict[str, str], gpu: str | None, index: int, metrics_port: int
+) -> dict[str, str]:
     """The environment of one worker process: its device, and its own metrics port."""
     env["CUDA_VISIBLE_DEVICES"] = gpu or ""
     env["CAPWORKS_DEVICE"] = "cuda:0" if gpu is not None else "cpu"
