@@ -25,7 +25,7 @@ REQUIRED_FILES = (
     "merges.txt",
 )
 # Checkpoints that `capworks checkpoint build NAME` makes offline, in the hub's layout.
-OFFLINE_NAMES = ("shapes", "tiny-random", "large-random")
+OFFLINE_NAMES = ("shapes", "tiny-random", "large-random", "tiny-wide")
 DEFAULT_PROMPT = " what does the image describe?"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
-"""Build offline checkpoints into the cache: `tiny-random`, `large-random` and trained `shapes`.
+"""Build offline checkpoints into the cache: `tiny-random`, `tiny-wide`, `large-random` and
+trained `shapes`.
 
 Each is written to a temporary folder beside its final place and renamed into place only when
 complete (and, for `shapes`, only when it captions held-out images well enough), so a killed
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from capworks.checkpoints.layout import ofa_config_kwargs, write_checkpoint
+from capworks.checkpoints.layout import configuration_json, ofa_config_kwargs, write_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
 from schema.checkpoint import OFFLINE_NAMES, read_config
 from schema.errors import CheckpointError
@@ -29,7 +30,24 @@ log = logging.getLogger(__name__)
 HELD_OUT_SEED = 7
 HELD_OUT_COUNT = 200
 MIN_HELD_OUT_EXACT = 0.95
-RANDOM_SPECS = {"tiny-random": ("tiny", 480, 20221), "large-random": ("large", 480, 20222)}
+RANDOM_SPECS = {
+    "tiny-random": ("tiny", 480, 20221),
+    "large-random": ("large", 480, 20222),
+    "tiny-wide": ("wide", 320, 20223),
+}
+# tiny-wide's configuration.json differs from the default captioner's in resolution (above),
+# normalisation and every generation setting, and its weights are perturbed (below).
+WIDE_CONFIGURATION = configuration_json(
+    320,
+    beam_search={
+        "beam_size": 4,
+        "max_len_b": 12,
+        "min_len": 2,
+        "no_repeat_ngram_size": 2,
+        "len_penalty": 0.7,
+    },
+    imagenet_mean_std=True,
+)
 
 
 def ensure_checkpoint(name: str, cache: Path) -> Path:
@@ -72,9 +90,36 @@ def _build_random(name: str, out: Path) -> dict[str, Any]:
     arch, size_px, seed = RANDOM_SPECS[name]
     torch.manual_seed(seed)
     model = OFAModel(OFAConfig(**ofa_config_kwargs(arch)))
-    write_checkpoint(model, out, size_px)
+    configuration = None
+    if name == "tiny-wide":
+        perturb_norms(model, seed)
+        configuration = WIDE_CONFIGURATION
+    write_checkpoint(model, out, size_px, configuration)
     params = sum(p.numel() for p in model.parameters())
     return {"name": name, "architecture": arch, "seed": seed, "parameters": params}
+
+
+def perturb_norms(model: Any, seed: int) -> None:
+    """Give every BatchNorm, LayerNorm and attention head scale values away from their initial
+    ones/zeros (and BatchNorm running statistics), so that an engine that mishandles any of
+    them produces different captions."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def around(t: torch.Tensor, centre: float, spread: float) -> torch.Tensor:
+        return centre + spread * (2 * torch.rand(t.shape, generator=gen) - 1)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d | torch.nn.LayerNorm):
+                module.weight.copy_(around(module.weight, 1.0, 0.4))
+                module.bias.copy_(around(module.bias, 0.0, 0.2))
+            if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.copy_(around(module.running_mean, 0.0, 0.2))
+                module.running_var.copy_(around(module.running_var, 1.2, 0.6))
+            c_attn = getattr(module, "c_attn", None)
+            if isinstance(c_attn, torch.nn.Parameter):
+                c_attn.copy_(around(c_attn, 1.0, 0.4))
 
 
 def _build_shapes(out: Path) -> dict[str, Any]:

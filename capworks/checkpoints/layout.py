@@ -43,6 +43,23 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         decoder_ffn_dim=512,
         resnet_type="resnet50",
     ),
+    # A parity architecture unlike the others in every dimension an engine reads from a
+    # checkpoint: width, layer and head counts (the decoder's differ from the encoder's), ResNet
+    # depth (resnet18: 2+2+2 bottlenecks), bucket sizes, embedding scale, no NormFormer norms.
+    "wide": dict(
+        d_model=384,
+        encoder_layers=3,
+        decoder_layers=3,
+        encoder_attention_heads=6,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=768,
+        decoder_ffn_dim=1536,
+        resnet_type="resnet18",
+        token_bucket_size=128,
+        image_bucket_size=24,
+        scale_embedding=True,
+        normformer=False,
+    ),
 }
 
 
@@ -57,7 +74,14 @@ def ofa_config_kwargs(arch: str) -> dict[str, Any]:
     )
 
 
-def configuration_json(patch_image_size: int) -> dict[str, Any]:
+DEFAULT_BEAM_SEARCH: dict[str, Any] = {"beam_size": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}
+
+
+def configuration_json(
+    patch_image_size: int,
+    beam_search: dict[str, Any] | None = None,
+    imagenet_mean_std: bool = False,
+) -> dict[str, Any]:
     """ModelScope's `configuration.json` for an English OFA captioner."""
     return {
         "framework": "pytorch",
@@ -65,26 +89,29 @@ def configuration_json(patch_image_size: int) -> dict[str, Any]:
         "pipeline": {"type": "image-captioning"},
         "model": {
             "type": "ofa",
-            "beam_search": {"beam_size": 5, "max_len_b": 16, "no_repeat_ngram_size": 3},
+            "beam_search": dict(DEFAULT_BEAM_SEARCH if beam_search is None else beam_search),
             "seed": 7,
             "max_src_length": 256,
             "language": "en",
             "gen_type": "generation",
             "patch_image_size": patch_image_size,
             "max_image_size": patch_image_size,
-            "imagenet_default_mean_and_std": False,
+            "imagenet_default_mean_and_std": imagenet_mean_std,
         },
         "preprocessor": {},
     }
 
 
-def write_checkpoint(model: Any, out_dir: Path, patch_image_size: int) -> None:
-    """Save an `OFAModel` and its tokenizer files as the hub lays them out."""
+def write_checkpoint(
+    model: Any, out_dir: Path, patch_image_size: int, configuration: dict[str, Any] | None = None
+) -> None:
+    """Save an `OFAModel` and its tokenizer files as the hub lays them out (`configuration`:
+    the `configuration.json` contents; the default captioner's when not given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # Tied embeddings: transformers 4.5x refuses safetensors for them, and the hub ships .bin.
     model.save_pretrained(out_dir, safe_serialization=False)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(TOKENIZER_DIR / name, out_dir / name)
     (out_dir / "configuration.json").write_text(
-        json.dumps(configuration_json(patch_image_size), indent=4)
+        json.dumps(configuration or configuration_json(patch_image_size), indent=4)
     )

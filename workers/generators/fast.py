@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from schema.checkpoint import GenerationSettings
 from workers.generators import Hypothesis
+from workers.generators.encoder import FastEncoder
 from workers.generators.kv_decoder import IncrementalDecoder
 from workers.generators.ngram import ban_repeated_ngrams
 
@@ -51,8 +52,26 @@ class StageTimer:
             self.seconds[name] += time.perf_counter() - start
 
 
+# Encodes (input_ids, patch_images) into what `IncrementalDecoder.start` reads: an object with
+# `last_hidden_state`, `padding_mask` and `position_embedding`.
+Encoder = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def modelscope_encoder(model: Any) -> Encoder:
+    """ModelScope's own `OFAEncoder` forward behind the encoder seam (every patch mask set)."""
+
+    def encode(input_ids: torch.Tensor, patch_images: torch.Tensor) -> Any:
+        masks = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return model.encoder(input_ids=input_ids, patch_images=patch_images, patch_masks=masks)
+
+    return encode
+
+
 class FastGenerator:
-    """Beam search with a decoder KV cache and on-device n-gram blocking, equal to the reference."""
+    """Beam search with a decoder KV cache and on-device n-gram blocking, equal to the reference.
+
+    The encoder is our own pass (`FastEncoder`) unless another is passed in.
+    """
 
     name = "fast"
 
@@ -62,12 +81,14 @@ class FastGenerator:
         tokenizer: Any,
         settings: GenerationSettings,
         autocast_dtype: torch.dtype | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         if settings.temperature <= 0:
             raise ValueError("temperature must be greater than 0")
         self.model = model
         self.settings = settings
         self.autocast_dtype = autocast_dtype
+        self.encoder: Encoder = FastEncoder(model.encoder) if encoder is None else encoder
         self.decoder = IncrementalDecoder(model.decoder)
         self.pad: int = tokenizer.pad_token_id
         self.unk: int = tokenizer.unk_token_id
@@ -107,10 +128,7 @@ class FastGenerator:
             raise ValueError("min_len cannot be larger than max_len")
 
         with self._stage("encoder", device):
-            patch_masks = torch.ones(bsz, dtype=torch.bool, device=device)
-            encoder_out = self.model.encoder(
-                input_ids=input_ids, patch_images=patch_images, patch_masks=patch_masks
-            )
+            encoder_out = self.encoder(input_ids, patch_images)
             state = self.decoder.start(encoder_out, beam, max_len + 1)
             del encoder_out
 
