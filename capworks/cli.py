@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
-    build.add_argument("name", choices=["shapes", "tiny-random", "large-random"])
+    build.add_argument("name", choices=["shapes", "tiny-random", "large-random", "tiny-wide"])
     return parser
 
 
@@ -158,7 +158,7 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str) -> No
         "--model",
         default=default_model,
         help="ModelScope hub id, local checkpoint folder, or an offline name "
-        "(shapes, tiny-random, large-random)",
+        "(shapes, tiny-random, large-random, tiny-wide)",
     )
     parser.add_argument("--revision", default=settings.revision, help="hub revision")
     parser.add_argument("--batch-size", type=positive_int, default=settings.batch_size)
