@@ -9,7 +9,8 @@ Celery publisher; the rest are the same Celery envelope with each job's own mess
 (`schema/jobs.py`) and ids, pushed in pipelines, which is byte for byte what the publisher
 writes and 20x faster to fill. Timed: the queue reading alone (jobs counted exactly, images
 estimated from 1,000 sampled jobs past 2,000 jobs), the same reading every message, and the
-whole command (`capworks status --json` as a process, start-up included).
+whole command (`capworks status --json` as a process, start-up included) on this queue and
+on an empty one.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"capworks status failed: {done.stderr.strip()}")
             shown = json.loads(done.stdout)["queue"]
+            empty_env = {**env, "CAPWORKS_QUEUE_NAME": f"{queue}-empty"}
+            empty_s, _ = timed(
+                args.runs,
+                lambda: subprocess.run(command, env=empty_env, capture_output=True, check=True),
+            )
     finally:
         client.delete(queue, *client.scan_iter(f"_kombu.binding*.{queue}"))
     print(f"queue: {jobs:,} jobs of {args.job_images} images, {used / 2**20:.0f} MiB in Redis")
@@ -124,7 +130,11 @@ def main() -> None:
           f"no | {exact_s:.3f} |")  # fmt: skip
     print(f"| capworks status --json (process) | {shown['jobs_waiting']:,} | "
           f"{shown['images_waiting']:,} | yes | {cli_s:.3f} |")  # fmt: skip
-    print(f"every message vs sampled: {exact_s / sampled_s:.0f}x")
+    print(f"| capworks status --json, empty queue (start-up) | 0 | 0 | no | {empty_s:.3f} |")
+    print(
+        f"every message vs sampled: {exact_s / sampled_s:.0f}x; the deep queue adds "
+        f"{cli_s - empty_s:.3f} s to the command ({cli_s / empty_s:.2f}x its empty-queue time)"
+    )
 
 
 if __name__ == "__main__":

@@ -184,9 +184,7 @@ def _postgres_matches(terms: list[Term]) -> Select[Any]:
     vector = literal_column("captions.search", Float)
     rank = literal_column("ts_rank(captions.search, query.wanted)", Float).label("rank")
     return (
-        select(*_columns(), rank)
-        .select_from(Caption)
-        .join(tsquery, vector.op("@@")(tsquery.c.q))
+        select(*_columns(), rank).select_from(Caption).join(tsquery, vector.op("@@")(tsquery.c.q))
     )
 
 
