@@ -27,6 +27,7 @@ from pipeline_support import (
     assert_mostly_true,
     captions,
     count_rows,
+    failures,
     free_port,
     own_queue,
     query,
@@ -221,14 +222,19 @@ def test_uploads_announced_to_the_webhook_command_are_captioned_once_by_a_real_w
             s3_record("uploads", uri.split("/", 3)[3], etag=etag)
             for uri, (_, etag) in uploads.items()
         ]
-        body = records(*recs, s3_record("uploads", "plain.png", name="ObjectRemoved:Delete"))
-        assert post(url, body, bearer())[0] == 200
+        deleted = s3_record("uploads", "plain.png", name="ObjectRemoved:Delete")
+        missing = s3_record("uploads", "deleted before it was fetched.png")
+        assert post(url, records(*recs, deleted, missing), bearer())[0] == 200
         assert post(url, records(recs[0], recs[1]), bearer())[1]["duplicates"] == 2  # redelivered
         assert post(url, s3_test_event("uploads"), bearer())[1]["ignored"] == 1
         assert post(url, b"{broken", bearer())[0] == 400
         p.start_worker()
         wait_until(
-            lambda: count_rows(p.db_url)["captions"] >= len(uploads) and p.queue_length() == 0,
+            lambda: (
+                count_rows(p.db_url)["captions"] >= len(uploads)
+                and count_rows(p.db_url)["failures"] >= 1
+                and p.queue_length() == 0
+            ),
             300,
             "captions of every upload",
             lambda: p.log_text()[-3000:],
@@ -237,7 +243,8 @@ def test_uploads_announced_to_the_webhook_command_are_captioned_once_by_a_real_w
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=30) == 0
     rows = count_rows(p.db_url)
-    assert (rows["images"], rows["captions"], rows["failures"]) == (len(uploads), len(uploads), 0)
+    assert (rows["images"], rows["captions"]) == (len(uploads) + 1, len(uploads))
+    assert failures(p.db_url) == {"s3://uploads/deleted before it was fetched.png": "not_found"}
     assert_mostly_true(captions(p.db_url), {uri: c for uri, (c, _) in uploads.items()}, floor=0.8)
     assert len(bad_rows(p.db_url)) == 1
 
