@@ -66,7 +66,9 @@ def queue() -> Iterator[str]:
         require_service("Redis", str(exc))
     yield name
     r.delete(name, *r.scan_iter(f"capworks:heartbeat:{name}:*"))
-    r.delete(*r.scan_iter(f"_kombu.binding*.{name}"), *r.scan_iter("capworks:sent:*"))
+    leftovers = [*r.scan_iter(f"_kombu.binding*.{name}"), *r.scan_iter("capworks:sent:*")]
+    if leftovers:
+        r.delete(*leftovers)
     for tag, raw in r.hgetall("unacked").items():
         if json.loads(raw)[2] == name:
             r.hdel("unacked", tag)
