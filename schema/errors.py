@@ -31,6 +31,7 @@ class Code(enum.Enum):
     POISON = "poison"
     RETRIES_EXHAUSTED = "retries_exhausted"
     INTERNAL_ERROR = "internal_error"
+    MODEL_ERROR = "model_error"
 
 
 TRANSIENT_CODES = frozenset(

@@ -69,3 +69,49 @@ def test_an_image_too_large_alone_gets_an_out_of_memory_error(shapes_engine: Ofa
     finally:
         batcher.close()
     assert all(isinstance(e, CapworksError) and e.code is Code.OUT_OF_MEMORY for e in errors)
+
+
+class FakeFaultyEngine:
+    """The real engine, except that any batch holding the `bad` image raises, as a model bug
+    triggered by one input would (a shape the kernels reject, a NaN check)."""
+
+    def __init__(self, engine: OfaEngine, bad: np.ndarray | None) -> None:
+        self._engine = engine
+        self._bad = bad
+        self.attempts: list[int] = []
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+        self.attempts.append(len(pixels))
+        if self._bad is None or any(p is self._bad for p in pixels):
+            raise ValueError("expected a finite input")
+        return self._engine.caption_pixels(pixels)
+
+
+def test_a_model_error_on_one_image_fails_that_image_alone(shapes_engine: OfaEngine) -> None:
+    pixels = prepared(shapes_engine, 8)
+    expected = [c.text for c in shapes_engine.caption_pixels(pixels)]
+    fake = FakeFaultyEngine(shapes_engine, bad=pixels[5])
+    batcher = Batcher(lambda: fake, max_batch=8, max_wait_ms=2000)  # type: ignore[arg-type,return-value]
+    try:
+        futures = batcher.submit(pixels)
+        errors = [f.exception(timeout=300) for f in futures]
+    finally:
+        batcher.close()
+    error = errors[5]
+    assert isinstance(error, CapworksError) and error.code is Code.MODEL_ERROR
+    assert error.message == "ValueError: expected a finite input"
+    assert [f.result().text for i, f in enumerate(futures) if i != 5] == expected[:5] + expected[6:]
+    assert fake.attempts == [8, 4, 4, 2, 2, 1, 1]
+
+
+def test_a_model_that_fails_on_every_image_hands_its_exception_to_every_job(
+    shapes_engine: OfaEngine,
+) -> None:
+    fake = FakeFaultyEngine(shapes_engine, bad=None)
+    batcher = Batcher(lambda: fake, max_batch=4, max_wait_ms=2000)  # type: ignore[arg-type,return-value]
+    try:
+        errors = [f.exception(timeout=300) for f in batcher.submit(prepared(shapes_engine, 4))]
+    finally:
+        batcher.close()
+    # Not the images' fault: no image is dead-lettered for it; their jobs are retried whole.
+    assert all(type(e) is ValueError for e in errors)

@@ -2,9 +2,14 @@
 and a batch runs when it is full or when its oldest image has waited `max_wait_ms`.
 
 So single-image jobs from upload events still fill GPU batches. One model thread loads the
-model and runs every batch; job threads submit prepared images and wait on futures. A CUDA
-out-of-memory error halves the batch and tries again; an image that fails alone gets its own
-error.
+model and runs every batch; job threads submit prepared images and wait on futures. A batch that
+raises is halved and each half tried again, down to single images, so one image the model fails
+on cannot fail the images (of other jobs, too) that shared its batch:
+- CUDA out of memory: an image that still fails alone gets `out_of_memory` (transient).
+- any other exception: when some images of the batch were captioned, each image that fails alone
+  gets `model_error` (permanent) with the exception's type and message; when every image fails
+  alone, the fault is the model's, not theirs, and every image gets the exception itself (its job
+  is retried as a whole, as for any other job-wide failure).
 
 Only the model thread runs torch: torch's OpenMP team belongs to the thread that starts it, and
 once a second thread has a team (say, the one that loaded the model), libgomp sees more OpenMP
@@ -110,30 +115,43 @@ class Batcher:
                 return
 
     def _run_batch(self, batch: list[_Item]) -> None:
+        results = self._caption_isolating(batch)
+        captioned = sum(isinstance(r, Caption) for r in results)
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, Caption):
+                item.future.set_result(result)
+            elif captioned and not isinstance(result, CapworksError):
+                error = CapworksError(Code.MODEL_ERROR, f"{type(result).__name__}: {result}"[:2000])
+                error.__cause__ = result
+                item.future.set_exception(error)
+            else:
+                item.future.set_exception(result)
+
+    def _caption_isolating(self, batch: list[_Item]) -> list[Caption | BaseException]:
+        """Captions for the batch, halving it on failure until each failure is one image's."""
         log.info("batch of %d images", len(batch))
         try:
             with metrics.BATCH_SECONDS.time():
                 captions = self._captioner.caption_pixels([i.pixels for i in batch])
             if len(captions) != len(batch):
                 raise RuntimeError(f"{len(captions)} captions for a batch of {len(batch)} images")
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             if len(batch) == 1:
-                batch[0].future.set_exception(
-                    CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image")
-                )
-                return
+                return [CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image")]
             log.warning("CUDA out of memory on %d images: halving the batch", len(batch))
             metrics.OOM_SPLITS.inc()
-            half = len(batch) // 2
-            self._run_batch(batch[:half])
-            self._run_batch(batch[half:])
-            return
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting job, which records it
-            for item in batch:
-                item.future.set_exception(exc)
-            return
+            return self._halves(batch)
+        except Exception as exc:  # noqa: BLE001 - isolated to its image, or handed to every job
+            if len(batch) == 1:
+                return [exc]
+            log.warning("the model failed on %d images (%r): halving the batch", len(batch), exc)
+            metrics.ERROR_SPLITS.inc()
+            return self._halves(batch)
         self.batch_sizes[len(batch)] += 1
         metrics.BATCH_IMAGES.observe(len(batch))
-        for item, caption in zip(batch, captions, strict=True):
-            item.future.set_result(caption)
+        return list(captions)
+
+    def _halves(self, batch: list[_Item]) -> list[Caption | BaseException]:
+        half = len(batch) // 2
+        return self._caption_isolating(batch[:half]) + self._caption_isolating(batch[half:])

@@ -38,6 +38,9 @@ BATCH_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 OOM_SPLITS = Counter("capworks_oom_splits_total", "Batches halved after CUDA out of memory")
+ERROR_SPLITS = Counter(
+    "capworks_error_splits_total", "Batches halved to find the image the model failed on"
+)
 JOB_SECONDS = Histogram(
     "capworks_job_seconds",
     "Wall time of one job, first fetch to commit",

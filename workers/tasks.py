@@ -19,21 +19,23 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready
 
-from schema.backoff import compute_backoff
 from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
 from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
 from schema.queue import CAPTION_TASK, make_celery
 from schema.settings import get_settings
-from schema.uris import ImageRef
-from workers import metrics
+from workers import metrics, policy
+from workers.engine import CaptionedImage
 from workers.job import run_job
+from workers.leases import LeaseStep
 from workers.outcome import Outcome
+from workers.policy import Before
 from workers.runtime import Runtime, get_runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
+app.steps["consumer"].add(LeaseStep)
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
@@ -114,102 +116,94 @@ def handle_message(
 
 
 def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
-    """Run a job unless it is done or poison; commit, schedule retries, mark it done."""
-    if rt.ledger.is_done(job.job_id):
+    """Carry out `policy.before_run`, run the job, carry out the decision after it."""
+    deaths = rt.ledger.unfinished_runs(job.job_id)
+    before = policy.before_run(rt.ledger.is_done(job.job_id), deaths, len(job.images), settings)
+    if before is Before.DROP_DUPLICATE:
         log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
         metrics.JOBS.labels("duplicate").inc()
         return {"duplicate": 1}
-    deaths = rt.ledger.unfinished_runs(job.job_id)
-    if deaths >= settings.poison_deliveries:
-        return isolate_poison(rt, job, deaths)
-    # A job that was running when its process died is a suspect: it runs alone, so that if it
-    # kills the process again, no innocent job running beside it is charged with the death.
-    with rt.slots.hold(exclusive=deaths > 0):
+    if before is Before.SPLIT:
+        return split(rt, job, deaths)
+    if before is Before.POISON:
+        return dead_letter_poison(rt, job, deaths)
+    with rt.slots.hold(exclusive=before is Before.RUN_ALONE):
         log.info("job %s: attempt %d starts, %d images", job.job_id, attempt, len(job.images))
         rt.ledger.count_run(job.job_id)
         try:
             result = run_job(job, rt)
         except Exception as exc:  # noqa: BLE001 - retried, then recorded per image; never lost
             return retry_whole_job(rt, job, exc, attempt)
-    exhausted = retry_transient(rt, job, result.transient, attempt) if result.transient else 0
+    after = policy.after_images_failed(result.transient, attempt, settings)
+    if after.dead_letters:
+        rt.save([Outcome(ref, err) for ref, err in after.dead_letters], job_id=job.job_id)
+    if after.retry:
+        for _, err in result.transient:
+            metrics.IMAGES.labels("retry", err.code.value).inc()
+        log.warning(
+            "job %s: %d images failed transiently (%s); retry %d in %.1f s",
+            job.job_id,
+            len(after.retry),
+            result.transient[0][1].code.value,
+            attempt + 1,
+            after.delay_s,
+        )
+        send_again(job, after, "r", attempt)
     rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("done").inc()
     return {
         "captioned": result.captioned,
-        "dead_lettered": result.dead_lettered + exhausted,
-        "retrying": len(result.transient) - exhausted,
+        "dead_lettered": result.dead_lettered + len(after.dead_letters),
+        "retrying": len(after.retry),
     }
 
 
+def send_again(job: Job, after: policy.After, kind: str, attempt: int) -> None:
+    """Publish the images to retry as a job with a derived id, after the decided delay."""
+    again = Job.new(after.retry, job.crawl_id, job_id=derived_job_id(job.job_id, kind, attempt))
+    caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=after.delay_s)
+
+
 def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict[str, int]:
-    """A job that failed as a whole (database outage, a bug) is sent again after a backoff;
-    at the attempt cap its images are dead-lettered with the traceback."""
-    trace = "".join(traceback.format_exception(exc))
-    if attempt >= settings.max_attempts:
+    """A job that failed as a whole (a bug, a model that fails on every image) is sent again
+    after a backoff; at the attempt cap its images are dead-lettered with the traceback."""
+    after = policy.after_job_failed(job.images, exc, attempt, settings)
+    if after.dead_letters:
         log.error("job %s failed %d times; dead-lettering its images: %r", job.job_id, attempt, exc)
-        error = CapworksError(Code.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
-        rt.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id, trace=trace)
+        trace = "".join(traceback.format_exception(exc))
+        outcomes: list[Outcome[CaptionedImage]] = [Outcome(r, e) for r, e in after.dead_letters]
+        rt.save(outcomes, job_id=job.job_id, trace=trace)
         rt.ledger.mark_done(job.job_id)
         metrics.JOBS.labels("failed").inc()
         return {"dead_lettered": len(job.images)}
-    delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
-    log.warning("job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, delay_s)
-    again = Job.new(job.images, job.crawl_id, job_id=derived_job_id(job.job_id, "a", attempt))
-    caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=delay_s)
+    log.warning(
+        "job %s failed (%r); attempt %d in %.1f s", job.job_id, exc, attempt + 1, after.delay_s
+    )
+    send_again(job, after, "a", attempt)
     rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("retried").inc()
     return {"retrying": len(job.images)}
 
 
-def retry_transient(
-    rt: Runtime, job: Job, failed: tuple[tuple[ImageRef, CapworksError], ...], attempt: int
-) -> int:
-    """Send the transiently failed images again after a backoff, or dead-letter them at the cap;
-    returns how many were dead-lettered."""
-    if attempt >= settings.max_attempts:
-        rt.save(
-            [
-                Outcome(
-                    ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}")
-                )
-                for ref, err in failed
-            ],
-            job_id=job.job_id,
-        )
-        return len(failed)
-    for _, err in failed:
-        metrics.IMAGES.labels("retry", err.code.value).inc()
-    delay_s = compute_backoff(attempt, settings.retry_base_s, settings.retry_cap_s)
-    retry_id = derived_job_id(job.job_id, "r", attempt)
-    retry = Job.new([ref for ref, _ in failed], job.crawl_id, job_id=retry_id)
-    log.warning(
-        "job %s: %d images failed transiently (%s); retry %d in %.1f s",
+def split(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
+    """A job whose worker died too often while it ran is split into single-image jobs, so one
+    bad image cannot keep killing workers."""
+    log.error(
+        "job %s was running when its worker died %d times: splitting its %d images",
         job.job_id,
-        len(failed),
-        failed[0][1].code.value,
-        attempt + 1,
-        delay_s,
+        deaths,
+        len(job.images),
     )
-    caption_job.apply_async(args=[retry.to_wire(), attempt + 1], countdown=delay_s)
-    return 0
+    for i, ref in enumerate(job.images):
+        single = Job.new([ref], job.crawl_id, job_id=derived_job_id(job.job_id, "s", i))
+        caption_job.apply_async(args=[single.to_wire()])
+    rt.ledger.mark_done(job.job_id)
+    metrics.JOBS.labels("split").inc()
+    return {"split": len(job.images)}
 
 
-def isolate_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
-    """A job whose worker died too often while it ran: split it, or dead-letter its single
-    image, so one bad image cannot keep killing workers."""
-    if len(job.images) > 1:
-        log.error(
-            "job %s was running when its worker died %d times: splitting its %d images",
-            job.job_id,
-            deaths,
-            len(job.images),
-        )
-        for i, ref in enumerate(job.images):
-            single = Job.new([ref], job.crawl_id, job_id=derived_job_id(job.job_id, "s", i))
-            caption_job.apply_async(args=[single.to_wire()])
-        rt.ledger.mark_done(job.job_id)
-        metrics.JOBS.labels("split").inc()
-        return {"split": len(job.images)}
+def dead_letter_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
+    """A single image whose worker died too often while captioning it is dead-lettered."""
     ref = job.images[0]
     log.error("image %s killed its worker %d times: dead-lettering it", ref.uri, deaths)
     error = CapworksError(Code.POISON, f"worker died {deaths} times while captioning it")
