@@ -57,8 +57,11 @@ class Settings(BaseSettings):
     # Queue (Celery on Redis)
     broker_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "capworks"
-    # Kombu re-delivers an unacknowledged job after this long: keep it well above the longest
-    # job (a 1,000-image job on a slow CPU) and above every retry countdown.
+    # Leases (workers/leases.py): a worker process renews the lease on the jobs it holds every
+    # lease_s / 4; a job whose holder died is back in the queue within lease_s plus one renewal.
+    lease_s: float = Field(default=20.0, ge=1.0)
+    # The last resort, for when no worker is alive to reap a dead one's leases: kombu itself
+    # re-delivers an unacknowledged job after this long.
     visibility_timeout_s: int = 3600
     restore_interval_s: int = 10
     job_images: int = Field(default=64, ge=1, le=1000)

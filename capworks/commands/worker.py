@@ -7,10 +7,11 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,7 +151,26 @@ def run_worker(args: argparse.Namespace) -> int:
     """Run and supervise the worker processes until SIGTERM or SIGINT."""
     devices, threads = plan_processes(args.gpus, args.cpu_procs)
     concurrency = args.concurrency or get_settings().prefetch_jobs
-    return supervise(devices, CeleryLauncher(concurrency, args.loglevel, threads))
+    launcher = CeleryLauncher(concurrency, args.loglevel, threads)
+    return supervise(devices, launcher, on_death=hand_back_jobs)
+
+
+def hand_back_jobs(pid: int) -> None:
+    """Give a dead child's held jobs back to the queue now, not when its lease expires."""
+    import redis
+
+    from workers.leases import hand_back, lease_key
+
+    try:
+        count = hand_back(
+            redis.Redis.from_url(get_settings().broker_url, socket_timeout=5),
+            lease_key(socket.gethostname(), pid),
+        )
+    except redis.RedisError as exc:
+        log.warning("could not hand back the jobs of process %d (%s): its lease expires", pid, exc)
+        return
+    if count:
+        log.warning("handed back the %d jobs process %d held", count, pid)
 
 
 def supervise(
@@ -159,8 +179,10 @@ def supervise(
     *,
     restart_delay_s: float = RESTART_DELAY_S,
     poll_s: float = POLL_S,
+    on_death: Callable[[int], None] | None = None,
 ) -> int:
-    """Run one process per GPU, restart each that dies, until SIGTERM or SIGINT.
+    """Run one process per GPU, restart each that dies, until SIGTERM or SIGINT; `on_death`
+    gets the pid of each process that died (to hand its jobs back at once).
 
     The signal handler only notes the request; this loop does the stopping, so a process
     started while the signal arrived is recorded first and stopped with the others.
@@ -189,6 +211,8 @@ def supervise(
                         child.gpu, launcher.start(child.gpu, i), time.monotonic(), child.delay_s
                     )
             elif (code := child.proc.poll()) is not None:
+                if on_death is not None:
+                    on_death(child.proc.pid)
                 child.delay_s = child.next_delay(now, restart_delay_s)
                 restart_at[i] = now + child.delay_s
                 log.warning(

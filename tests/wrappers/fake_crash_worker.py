@@ -1,7 +1,7 @@
 """A real Celery worker whose fetcher kills the process on any image whose URI ends in
 "kills-worker.png": a stand-in for an image that crashes a worker (a native decoder bug, an
-OOM kill), which cannot be produced on purpose here. Images under a "slow/" prefix take 2 s to
-fetch, so that innocent jobs are mid-run when the process dies. It plugs in through the
+OOM kill), which cannot be produced on purpose here. Images under a "slow/" prefix take 2 s
+(or CAPWORKS_TEST_SLOW_S) to fetch, so that innocent jobs are mid-run when the process dies. It plugs in through the
 runtime's fetcher seam; everything else is the production worker."""
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from workers.fetch import StoreFetcher
 from workers.tasks import app
 
 
+SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
+
+
 class FakeCrashingFetcher:
     """The production fetcher, except for the crashing and slow images described above."""
 
@@ -29,7 +32,7 @@ class FakeCrashingFetcher:
             time.sleep(0.5)  # let the jobs held beside it start
             os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
         if "/slow/" in ref.uri:
-            time.sleep(2.0)
+            time.sleep(SLOW_S)
         return self._real.fetch(ref)
 
 

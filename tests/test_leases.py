@@ -1,0 +1,195 @@
+"""Leases on the real Redis and real Celery worker processes, with the default lease and
+visibility settings unless a test says otherwise: a killed worker's jobs come back within 30 s,
+at once when its supervisor sees it die, and a job whose worker lives is never delivered again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import REPO, png_bytes, s3_client
+from pipeline_support import REDIS_URL, Pipeline, captions, failures, own_queue
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from workers.leases import LeaseKeeper, hand_back, lease_key
+
+WRAPPERS = Path(__file__).parent / "wrappers"
+DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": "3600", "CAPWORKS_LEASE_S": "20"}
+
+
+@pytest.fixture()
+def client() -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis unavailable: {exc}")
+    index = f"test-index-{uuid.uuid4().hex[:8]}"
+    yield r
+    r.delete(index)
+    for key in r.scan_iter("capworks:lease:test-*"):
+        r.delete(key)
+
+
+def scores(r: redis.Redis, index: str) -> dict[str, float]:
+    return {t.decode(): s for t, s in r.zrange(index, 0, -1, withscores=True)}
+
+
+def test_only_messages_no_live_lease_holds_are_reaped_after_the_lease(client: redis.Redis) -> None:
+    index = f"test-index-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    client.zadd(index, {"orphan": now - 30, "held": now - 30, "young": now - 5})
+    holder = LeaseKeeper(client, lease_key("test-host", 1), 20, index)
+    holder.renew(["held", "acked"], now)
+    reaper = LeaseKeeper(client, lease_key("test-host", 2), 20, index)
+    assert reaper.reap(now) == ["orphan"]
+    # The renewal moved the held message's score to now; the acknowledged one was not added.
+    assert scores(client, index) == {"orphan": 0, "held": now, "young": now - 5}
+    client.delete(index)
+
+
+def test_a_lease_not_renewed_expires_and_its_messages_are_reaped(client: redis.Redis) -> None:
+    index = f"test-index-{uuid.uuid4().hex[:8]}"
+    client.zadd(index, {"job": time.time() - 5})
+    holder = LeaseKeeper(client, lease_key("test-host", 3), 1.5, index)
+    holder.renew(["job"])
+    assert holder.reap() == []
+    time.sleep(2)  # the holder died: no renewal
+    assert LeaseKeeper(client, lease_key("test-host", 4), 1.5, index).reap() == ["job"]
+    client.delete(index)
+
+
+def test_handing_back_a_dead_processes_lease_skips_what_it_acknowledged(
+    client: redis.Redis,
+) -> None:
+    index = f"test-index-{uuid.uuid4().hex[:8]}"
+    client.zadd(index, {"running": time.time(), "other": time.time()})
+    key = lease_key("test-host", 5)
+    LeaseKeeper(client, key, 20, index).renew(["running", "acked"])
+    client.zrem(index, "acked")  # acknowledged after the last renewal
+    assert hand_back(client, key, index) == 2
+    # "acked" left the index when it was acknowledged: it is not put back.
+    assert scores(client, index) == {"running": 0, "other": pytest.approx(time.time(), abs=5)}
+    assert not client.exists(key)
+    client.delete(index)
+
+
+def slow_bucket(endpoint: str, bucket: str, count: int, seed: int) -> list[str]:
+    s3 = s3_client(endpoint)
+    s3.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    uris = []
+    for i, (img, _) in enumerate(sample_scenes(count, seed)):
+        s3.put_object(Bucket=bucket, Key=f"slow/{i:03d}.png", Body=png_bytes(img))  # type: ignore[attr-defined]
+        uris.append(f"s3://{bucket}/slow/{i:03d}.png")
+    return uris
+
+
+def held_tags(p: Pipeline, pid: int) -> set[str]:
+    import socket
+
+    return {t.decode() for t in p.redis().smembers(lease_key(socket.gethostname(), pid))}
+
+
+def wait_until(condition: object, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def unacked(p: Pipeline) -> set[str]:
+    return {t.decode() for t in p.redis().hkeys("unacked")}
+
+
+@pytest.mark.slow
+def test_a_killed_workers_jobs_are_back_within_30_s_with_default_settings(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(DEFAULTS, CAPWORKS_JOB_IMAGES="4")
+        uris = slow_bucket(p.s3_endpoint, "killed", 40, seed=71)
+        victim = p.start_worker("victim", WRAPPERS / "fake_crash_worker.py")
+        p.start_worker("survivor", WRAPPERS / "fake_crash_worker.py")
+        assert p.cli("enqueue", "s3://killed/", "--no-progress").returncode == 0
+        wait_until(lambda: len(held_tags(p, victim.pid)) >= 2, 120, "the victim to hold jobs")
+        tags = held_tags(p, victim.pid)
+        victim.kill()  # SIGKILL: no shutdown, no acknowledgement, no hand-back
+        recovered_s = wait_until(lambda: not (tags & unacked(p)), 60, "the jobs to come back")
+        wait_until(lambda: len(captions(p.db_url)) == len(uris), 180, "every caption")
+        assert recovered_s <= 30, f"the dead worker's jobs came back after {recovered_s:.1f} s"
+        assert failures(p.db_url) == {}
+        assert "handed back" not in p.log_text("survivor")
+
+
+@pytest.mark.slow
+def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(DEFAULTS, CAPWORKS_JOB_IMAGES="4", CAPWORKS_TEST_SLOW_S="4")
+        uris = slow_bucket(p.s3_endpoint, "supervised-leases", 24, seed=72)
+        log = (tmp_path / "supervisor.log").open("ab")
+        # The supervisor runs the crash wrapper's worker: the same `capworks worker`, whose
+        # children fetch slowly (the Launcher would start plain Celery otherwise).
+        supervisor = subprocess.Popen(
+            [sys.executable, str(WRAPPERS / "supervised_crash_worker.py")],
+            env={**p.env, "CUDA_VISIBLE_DEVICES": ""},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            assert p.cli("enqueue", "s3://supervised-leases/", "--no-progress").returncode == 0
+            child = wait_for_child(supervisor.pid)
+            wait_until(lambda: len(held_tags(p, child)) >= 2, 120, "the child to hold jobs")
+            tags = held_tags(p, child)
+            os.kill(child, signal.SIGKILL)
+            back_s = wait_until(lambda: not (tags & unacked(p)), 60, "the jobs to come back")
+            wait_until(lambda: len(captions(p.db_url)) == len(uris), 180, "every caption")
+        finally:
+            supervisor.send_signal(signal.SIGTERM)
+            supervisor.wait(timeout=60)
+        text = (tmp_path / "supervisor.log").read_text(errors="replace")
+        assert f"handed back the {len(tags)} jobs process {child} held" in text
+        # The lease alone would take up to 25 s; the hand-back waits only for the restarted
+        # child to load its model and sweep.
+        assert back_s < 15, f"handed-back jobs came back after {back_s:.1f} s"
+
+
+def wait_for_child(pid: int, timeout_s: float = 60) -> int:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        children = path.read_text().split() if path.exists() else []
+        if children:
+            return int(children[0])
+        time.sleep(0.2)
+    raise AssertionError("the supervisor started no child")
+
+
+@pytest.mark.slow
+def test_a_job_running_three_times_its_lease_is_never_delivered_again(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        # A short lease keeps the test short: 4 s, and a job that takes 14 s.
+        p.extra_env.update(DEFAULTS, CAPWORKS_LEASE_S="4", CAPWORKS_TEST_SLOW_S="14")
+        p.extra_env["CAPWORKS_VISIBILITY_TIMEOUT_S"] = "4"  # no last resort to hide behind
+        uris = slow_bucket(p.s3_endpoint, "long-job", 1, seed=73)
+        p.start_worker("a", WRAPPERS / "fake_crash_worker.py")
+        p.start_worker("b", WRAPPERS / "fake_crash_worker.py")
+        assert p.cli("enqueue", "s3://long-job/", "--no-progress").returncode == 0
+        wait_until(lambda: len(captions(p.db_url)) == len(uris), 120, "the caption")
+        logs = p.log_text("a") + p.log_text("b")
+        assert logs.count("attempt 1 starts") == 1, logs
+        assert "redelivered copy" not in logs
