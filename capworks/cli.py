@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="print one JSON object")
     stat.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     stat.add_argument("--interval", type=duration_s, default=2.0, help="--watch period: 2s, 1m")
+    stat.add_argument(
+        "--serve-metrics",
+        type=port_number,
+        metavar="PORT",
+        help="serve queue depth, dead letters and workers as Prometheus metrics on PORT "
+        "(CAPWORKS_METRICS_HOST) until stopped",
+    )
     health = sub.add_parser("health", help="exit 0 when healthy, 1 with the reasons when not")
     health.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     health.add_argument("--host", help="require a fresh worker heartbeat from this host")
@@ -182,6 +189,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type for TCP ports 0..65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
     return value
 
 
@@ -274,7 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if args.command == "status":
                 return status.run_status(
-                    status.StatusRequest(farm, args.json, args.watch, args.interval)
+                    status.StatusRequest(
+                        farm,
+                        args.json,
+                        args.watch,
+                        args.interval,
+                        args.serve_metrics,
+                        settings.metrics_host,
+                    )
                 )
             host = socket.gethostname() if args.worker else args.host
             return status.run_health(status.HealthRequest(farm, host, not args.no_database))

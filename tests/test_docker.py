@@ -90,7 +90,8 @@ def test_redis_keeps_jobs_and_each_worker_has_its_own_gpu(compose: dict[str, Any
 
 
 def metric_families() -> dict[str, set[str]]:
-    """Each metric family of workers/metrics.py and the sample names it can expose."""
+    """Each metric family of workers/metrics.py and of the farm collector
+    (capworks/farm_metrics.py), with the sample names it can expose."""
     from prometheus_client.metrics import MetricWrapperBase
 
     from workers import metrics
@@ -101,12 +102,15 @@ def metric_families() -> dict[str, set[str]]:
         "gauge": ("",),
         "summary": ("_sum", "_count", "_created", ""),
     }
-    return {
+    from capworks.farm_metrics import FAMILIES
+
+    workers = {
         family.name: {family.name + s for s in suffixes[family.type]}
         for value in vars(metrics).values()
         if isinstance(value, MetricWrapperBase)
         for family in value.describe()
     }
+    return {**workers, **{name: {name} for name in FAMILIES}}  # the farm's are gauges
 
 
 def grafana_expressions() -> list[str]:
@@ -135,7 +139,8 @@ def test_prometheus_scrapes_every_worker(compose: dict[str, Any]) -> None:
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]}  # fmt: skip
     workers = [n for n, s in compose["services"].items() if s.get("image") == "capworks-worker"]
-    assert targets == {f"{w}:9750" for w in workers}
+    assert targets == {f"{w}:9750" for w in workers} | {"farm-metrics:9760"}
+    assert compose["services"]["farm-metrics"]["command"] == ["status", "--serve-metrics", "9760"]
 
 
 def test_images_get_what_they_copy_and_nothing_else_and_pin_torch() -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -30,6 +31,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from capworks.farm import EXACT_JOBS, images_in_message, read_queue
+from capworks.farm_metrics import FAMILIES
 from schema.checkpoint import CheckpointConfig
 from schema.db import connect
 from schema.errors import Code, ImageError
@@ -280,3 +282,49 @@ def test_images_are_estimated_from_both_ends_of_a_long_queue(queue: str) -> None
     assert images_in_message(b"not a message") == 0
     assert images_in_message(json.dumps({"body": "bm90IGpzb24="})) == 0
     assert EXACT_JOBS >= 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_metrics_exports_queue_dead_letters_and_workers(queue: str, pg_url: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fill_database(pg_url)
+    publish(queue, 64, 10)
+    r = redis.Redis.from_url(REDIS_URL)
+    beat(r, device="cuda:0", model="m", queue=queue, jobs_in_flight=1, started_at=time.time())
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "status", "--serve-metrics", str(port),
+         "--db", pg_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **cli_env(queue), "CAPWORKS_METRICS_HOST": "127.0.0.1"},
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        assert f"127.0.0.1:{port}/metrics" in server.stdout.readline()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+        assert samples[("capworks_queue_jobs", (("state", "waiting"),))] == 2
+        assert samples[("capworks_queue_images", (("state", "waiting"),))] == 74
+        assert samples[("capworks_workers", (("state", "ok"),))] == 1
+        assert samples[("capworks_captioned_last_hour", ())] == 3
+        assert samples[("capworks_dead_letters", (("code", "truncated"),))] == 1
+        assert samples[("capworks_farm_up", (("part", "redis"),))] == 1
+        assert samples[("capworks_farm_up", (("part", "database"),))] == 1
+        # What the dashboard test checks against is what a scrape holds.
+        assert {name for name, _labels in samples} == set(FAMILIES)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0

@@ -4,11 +4,14 @@ health check, with the reasons)."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -16,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
+from capworks.farm_metrics import FarmCollector
 from schema.db import connect
 from schema.errors import CapworksError
 from schema.heartbeat import read_heartbeats
@@ -45,6 +49,8 @@ class StatusRequest:
     as_json: bool = False
     watch: bool = False
     interval_s: float = 2.0
+    serve_metrics_port: int | None = None  # serve farm metrics here instead of printing
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ def run_status(request: StatusRequest) -> int:
     """Print the farm's status once, or refresh it in place until interrupted (--watch)."""
     farm = request.farm
     client, db = open_farm(farm)
+    if request.serve_metrics_port is not None:
+        return serve_metrics(client, db, farm, request.metrics_host, request.serve_metrics_port)
     if not request.watch:
         status = gather(client, db, farm.queue, farm.stale_after_s)
         if request.as_json:
@@ -139,6 +147,24 @@ def _read_or_error(client: Any, db: Engine, farm: FarmAddress) -> FarmStatus | d
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return {"error": f"cannot read the farm: {reason}"}
     return status
+
+
+def serve_metrics(client: Any, db: Engine, farm: FarmAddress, host: str, port: int) -> int:
+    """Serve the farm's metrics at http://host:port/metrics until SIGTERM or SIGINT."""
+    registry = CollectorRegistry()
+    registry.register(FarmCollector(client, db, farm.queue, farm.stale_after_s))
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise FarmUnreachable(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"farm metrics at http://{host}:{server.server_port}/metrics", flush=True)
+    stop.wait()
+    server.shutdown()
+    thread.join(timeout=10)
+    return 0
 
 
 def render(status: FarmStatus) -> Group:
