@@ -70,10 +70,13 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise ImageError(Code.UNDECODABLE, "not a recognisable image") from exc
+        code, what = identify_non_image(data)
+        raise ImageError(code, what) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(Code.TOO_LARGE_PIXELS, str(exc)) from exc
     except (OSError, SyntaxError, ValueError) as exc:  # a header Pillow recognised but cannot read
+        if _riff_cut_short(data):  # libwebp refuses a cut-off WebP at open, not at load
+            raise ImageError(Code.TRUNCATED, f"WebP file is truncated: {exc}") from exc
         raise ImageError(Code.UNDECODABLE, f"bad header: {exc}") from exc
     if img.format not in SUPPORTED_FORMATS:
         raise ImageError(Code.UNSUPPORTED_FORMAT, f"format {img.format} is not supported")
@@ -87,7 +90,7 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
         img.draft("RGB", (draft_px, draft_px))
     try:
         img.load()
-        rgb = ImageOps.exif_transpose(img).convert("RGB")
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
     except OSError as exc:
         raise ImageError(_read_error_code(exc), str(exc)) from exc
     except (SyntaxError, ValueError) as exc:
@@ -97,6 +100,56 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
     else:  # pragma: no cover - exif_transpose keeps or swaps the size
         upright = rgb.size
     return DecodedImage(rgb, *upright)
+
+
+# Leading bytes of what is often stored under an image's name but is not one Pillow reads.
+_NOT_IMAGES: tuple[tuple[bytes, Code, str], ...] = (
+    (b"%PDF-", Code.UNSUPPORTED_FORMAT, "a PDF document; only raster images are supported"),
+    (b"<svg", Code.UNSUPPORTED_FORMAT, "an SVG (vector) image; only raster images are supported"),
+    (b"<!doctype html", Code.UNDECODABLE, "an HTML document, not an image"),
+    (b"<html", Code.UNDECODABLE, "an HTML document, not an image"),
+    (b"PK\x03\x04", Code.UNDECODABLE, "a ZIP archive, not an image"),
+)
+
+
+def identify_non_image(data: bytes) -> tuple[Code, str]:
+    """The code and reason for bytes Pillow does not recognise: SVG, PDF and HEIC/AVIF are
+    image formats capworks does not read; HTML (an error page), archives and text are not images."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<?xml") and b"<svg" in head:
+        head = head[head.index(b"<svg") :]
+    for magic, code, what in _NOT_IMAGES:
+        if head.startswith(magic.lower()):
+            return code, what
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"avif", b"avis"):
+        return Code.UNSUPPORTED_FORMAT, f"a {data[8:12].decode()} (HEIF/AVIF) image"
+    if _is_text(data[:1024]):
+        return Code.UNDECODABLE, "text, not an image"
+    return Code.UNDECODABLE, "not a recognisable image"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\t\r\n" for ch in text)
+
+
+def _riff_cut_short(data: bytes) -> bool:
+    """A RIFF (WebP) file shorter than its header says."""
+    declared = int.from_bytes(data[4:8], "little") + 8
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP" and declared > len(data)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as ModelScope converts it, except 16- and 32-bit greyscale: Pillow clips those to
+    8 bits (a 16-bit grey picture would come out white), so they are scaled down first."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.uint32)
+        shift = 8 if img.mode.startswith("I;16") or int(wide.max(initial=0)) <= 0xFFFF else 24
+        img = Image.fromarray((wide >> shift).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def _read_error_code(exc: Exception) -> Code:
