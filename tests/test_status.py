@@ -2,9 +2,9 @@
 
 Jobs are published through the real Celery publisher, and one is held the way a worker holds
 it (received through kombu's Redis transport, not acknowledged, so it sits in `unacked`).
-Heartbeats are written by calling `schema.heartbeat.beat` directly, from a thread standing in
-for a worker's batch loop: the worker itself does not beat yet, so this tests the status and
-health side of the contract, not the worker's.
+Most heartbeats are written by calling `schema.heartbeat.beat` directly, from a thread standing
+in for a worker's batch loop (so a hung one can be made); the last test runs a real worker,
+whose model thread beats.
 """
 
 from __future__ import annotations
@@ -328,3 +328,26 @@ def test_serve_metrics_exports_queue_dead_letters_and_workers(queue: str, pg_url
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=20) == 0
+
+
+@pytest.mark.slow
+def test_a_real_workers_model_thread_beats_and_health_follows_it(
+    pg_url: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    from pipeline_support import own_queue
+
+    with own_queue(pg_url, tmp_path) as p:
+        worker = p.start_worker("beating")
+        env = {k: v for k, v in p.env.items() if k.startswith("CAPWORKS_")}
+        deadline = time.monotonic() + 180
+        while run_cli("health", "--worker", "--db", pg_url, env=env).returncode != 0:
+            assert worker.poll() is None, p.log_text("beating")
+            assert time.monotonic() < deadline, "the worker never beat"
+            time.sleep(1)
+        status = json.loads(run_cli("status", "--json", "--db", pg_url, env=env).stdout)
+        (seen,) = status["workers"]
+        assert seen["heartbeat"]["pid"] == worker.pid
+        assert seen["heartbeat"]["model"] == "shapes"
+        p.stop_workers()  # a clean stop removes the heartbeat
+        gone = run_cli("health", "--worker", "--db", pg_url, env=env)
+        assert gone.returncode == 1, gone.stdout + gone.stderr

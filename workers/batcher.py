@@ -37,6 +37,7 @@ from workers import metrics
 from workers.engine import Caption
 
 log = logging.getLogger(__name__)
+BEAT_EVERY_S = 5.0  # the model thread's heartbeat, after batches and while idle
 
 
 class Captioner(Protocol):
@@ -58,8 +59,16 @@ class _Item:
 class Batcher:
     """Collects images from many submitters into batches for one captioner."""
 
-    def __init__(self, load: Callable[[], Captioner], max_batch: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        load: Callable[[], Captioner],
+        max_batch: int,
+        max_wait_ms: float,
+        on_beat: Callable[[int], None] | None = None,
+    ) -> None:
         self._load = load
+        self._on_beat = on_beat
+        self._last_beat_s = 0.0
         self._loaded: Future[Captioner] = Future()
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000
@@ -95,7 +104,11 @@ class Batcher:
             return
         self._loaded.set_result(self._captioner)
         while True:
-            first = self._queue.get()
+            self._beat()
+            try:
+                first = self._queue.get(timeout=BEAT_EVERY_S)
+            except queue.Empty:
+                continue
             if first is None:
                 return
             batch = [first]
@@ -113,6 +126,18 @@ class Batcher:
             self._run_batch(batch)
             if stop:
                 return
+
+    def _beat(self) -> None:
+        """Tell whoever watches (the heartbeat) that the model thread is alive, at most every
+        `BEAT_EVERY_S`: a model thread hung in a batch stops beating."""
+        now = time.monotonic()
+        if self._on_beat is None or now - self._last_beat_s < BEAT_EVERY_S:
+            return
+        self._last_beat_s = now
+        try:
+            self._on_beat(self._queue.qsize())
+        except Exception as exc:  # noqa: BLE001 - a missed beat must not stop the model thread
+            log.warning("heartbeat not written: %r", exc)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         results = self._caption_isolating(batch)
@@ -135,7 +160,7 @@ class Batcher:
                 captions = self._captioner.caption_pixels([i.pixels for i in batch])
             if len(captions) != len(batch):
                 raise RuntimeError(f"{len(captions)} captions for a batch of {len(batch)} images")
-        except torch.cuda.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) == 1:
                 return [CapworksError(Code.OUT_OF_MEMORY, "CUDA out of memory on a single image")]

@@ -15,6 +15,7 @@ from typing import TypeVar
 import redis
 import torch
 
+from schema import heartbeat
 from schema.backoff import compute_backoff
 from schema.checkpoint import CheckpointConfig, resolve_checkpoint
 from schema.db import connect
@@ -71,13 +72,18 @@ def build_path(
     fetcher: Fetcher | None = None,
     captioner: Callable[[], Captioner] | None = None,
     decoder: Decoder | None = None,
+    on_beat: Callable[[int], None] | None = None,
 ) -> ImagePath:
     """The image path with its batcher, once the model is loaded; each seam defaults to the
     real part (`StoreFetcher` on the configured S3, `ExactDecoder`, `OfaEngine` on the
-    configured device). Both modes build theirs here."""
+    configured device). Both modes build theirs here; `on_beat` is the model thread's
+    heartbeat (images waiting)."""
     # The batcher's thread loads the model and is the only one to run it (see batcher.py).
     batcher = Batcher(
-        captioner or load_engine(config, settings), settings.batch_size, settings.max_batch_wait_ms
+        captioner or load_engine(config, settings),
+        settings.batch_size,
+        settings.max_batch_wait_ms,
+        on_beat,
     )
     try:
         batcher.captioner  # noqa: B018 - wait for the model; raises what loading raised
@@ -118,19 +124,42 @@ class Runtime:
     ) -> Runtime:
         """Load the model and open every connection (seams as in `build_path`)."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
-        path = build_path(settings, config, fetcher=fetcher, captioner=captioner, decoder=decoder)
+        slots = RunSlots()
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        started_at = time.time()
+
+        def on_beat(images_waiting: int) -> None:
+            heartbeat.beat(
+                client,
+                device=str(getattr(path.batcher.captioner, "device", settings.device)),
+                model=config.model_id,
+                queue=settings.queue_name,
+                jobs_in_flight=slots.running,
+                images_waiting=images_waiting,
+                started_at=started_at,
+                ttl_s=settings.heartbeat_ttl_s,
+            )
+
+        path = build_path(
+            settings, config, fetcher=fetcher, captioner=captioner, decoder=decoder, on_beat=on_beat
+        )
         return cls(
             settings=settings,
             config=config,
             path=path,
             writer=ResultWriter(connect(settings.database_url), config),
-            ledger=RunLedger(redis.Redis.from_url(settings.broker_url)),
+            ledger=RunLedger(client),
+            slots=slots,
         )
 
     def close(self) -> None:
-        """Stop the model thread and the image path's threads."""
+        """Stop the model thread and the image path's threads, and drop the heartbeat."""
         self.path.batcher.close()
         self.path.close()
+        try:
+            heartbeat.forget(self.ledger.redis, self.settings.queue_name)
+        except redis.RedisError as exc:
+            log.warning("heartbeat not removed (%s); it expires by itself", exc)
 
     def save(
         self,
@@ -181,6 +210,11 @@ def configure(build: Callable[[Settings], Runtime]) -> None:
     with its own seams here before the worker starts."""
     global _build
     _build = build
+
+
+def built_runtime() -> Runtime | None:
+    """The process's runtime if it has been built (for shutdown)."""
+    return _runtime
 
 
 def get_runtime(settings: Settings) -> Runtime:

@@ -19,6 +19,12 @@ class RunSlots:
         self._waiting_exclusive = 0
         self._job_ids: set[str] = set()
 
+    @property
+    def running(self) -> int:
+        """How many jobs hold a slot now."""
+        with self._cond:
+            return self._shared + int(self._exclusive)
+
     @contextmanager
     def one_copy(self, job_id: str) -> Iterator[None]:
         """Wait while another copy of this job runs in this process, then hold the job id."""

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import setup_logging, worker_init, worker_ready
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 
 from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
@@ -30,7 +30,7 @@ from workers.job import run_job
 from workers.leases import LeaseStep
 from workers.outcome import Outcome
 from workers.policy import Before
-from workers.runtime import Runtime, get_runtime
+from workers.runtime import Runtime, built_runtime, get_runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -67,6 +67,14 @@ def load_before_taking_jobs(**_: Any) -> None:
 def serve_metrics(**_: Any) -> None:
     """Serve this process's Prometheus metrics once the worker is up."""
     metrics.serve(settings.metrics_host, settings.metrics_port)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def close_runtime(**_: Any) -> None:
+    """After the warm shutdown's jobs are done: stop the model thread, drop the heartbeat."""
+    rt = built_runtime()
+    if rt is not None:
+        rt.close()
 
 
 @app.task(name=CAPTION_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
