@@ -1,8 +1,8 @@
 """A real Celery worker whose fetcher kills the process on any image whose URI ends in
 "kills-worker.png": a stand-in for an image that crashes a worker (a native decoder bug, an
 OOM kill), which cannot be produced on purpose here. Images under a "slow/" prefix take 2 s
-(or CAPWORKS_TEST_SLOW_S) to fetch, so that innocent jobs are mid-run when the process dies. It plugs in through the
-runtime's fetcher seam; everything else is the production worker."""
+(or CAPWORKS_TEST_SLOW_S) to fetch, so that innocent jobs are mid-run when the process dies.
+It plugs in through the runtime's fetcher seam; everything else is the production worker."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from schema.uris import ImageRef
 from workers import runtime
 from workers.fetch import StoreFetcher
 from workers.tasks import app
-
 
 SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
 
