@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,9 +62,30 @@ def matmul_gflops(seconds: float = 2.0) -> float:
     return 2 * MATMUL_N**3 / best / 1e9
 
 
+def _fused_conv_flop(x: Any, second: Any, third: Any, *args: Any, out_shape: Any, **kw: Any) -> int:
+    """2 x output elements x multiply-adds per output element; `_convolution_pointwise` takes
+    (x, weight, bias, ...) and its `.binary` overload (x, other, weight, bias, ...)."""
+    weight = third if third is not None and len(third) == 4 else second
+    return int(2 * math.prod(out_shape) * math.prod(weight[1:]))
+
+
+def _sdpa_cpu_flop(q: Any, k: Any, v: Any, *args: Any, out_shape: Any, **kw: Any) -> int:
+    """q @ k^T and probabilities @ v."""
+    batch, heads, queries, dim = q
+    return int(2 * batch * heads * queries * k[-2] * (dim + v[-1]))
+
+
+# Operators FlopCounterMode has no formula for (it looks formulas up by overload packet):
+# oneDNN's fused convolutions and the CPU flash-attention kernel.
+EXTRA_FLOP_FORMULAS: dict[Any, Any] = {
+    torch.ops.mkldnn._convolution_pointwise: _fused_conv_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
+}
+
+
 def count_gflop(fn: Callable[[], object]) -> float:
-    """GFLOP of the matrix products and convolutions `fn` runs (torch's FlopCounterMode)."""
-    with FlopCounterMode(display=False) as counter:
+    """GFLOP of the matrix products, attention and convolutions `fn` runs (FlopCounterMode)."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         fn()
     return float(counter.get_total_flops()) / 1e9
 
