@@ -16,6 +16,7 @@ import pytest
 import redis
 from conftest import png_bytes
 from PIL import Image
+from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -33,6 +34,12 @@ from workers.job import run_job
 from workers.outcome import Outcome, map_good
 from workers.preprocess import ExactDecoder, ImageLimits, Normalization
 from workers.runtime import Runtime
+
+STAGES = ("capworks_fetch_seconds", "capworks_decode_seconds", "capworks_batch_wait_seconds")
+
+
+def count(histogram: str) -> float:
+    return REGISTRY.get_sample_value(f"{histogram}_count") or 0.0
 
 
 class MemoryFetcher:
@@ -103,11 +110,18 @@ def test_every_image_gets_its_own_outcome_in_order_and_good_ones_match_the_raw_e
     fetcher = MemoryFetcher(objects, down=frozenset({"mem://down.png"}))
     path = image_path(fetcher, tiny_engine, tiny_engine, room=8)
     uris = ["mem://a.png", "mem://missing.png", "mem://broken.jpg", "mem://b.jpg", "mem://down.png"]
+    before = {name: count(name) for name in STAGES}
     try:
         outcomes = path.caption([ImageRef(u) for u in uris])
     finally:
         path.batcher.close()
         path.close()
+    # Every image was fetched; the three that arrived were decoded; two waited for a batch.
+    assert {name: count(name) - before[name] for name in STAGES} == {
+        "capworks_fetch_seconds": 5,
+        "capworks_decode_seconds": 3,
+        "capworks_batch_wait_seconds": 2,
+    }
     assert [o.ref.uri for o in outcomes] == uris
     codes = [o.error.code if o.error else None for o in outcomes]
     assert codes == [None, Code.NOT_FOUND, Code.UNDECODABLE, None, Code.STORAGE_UNAVAILABLE]

@@ -140,7 +140,13 @@ class Batcher:
             log.warning("heartbeat not written: %r", exc)
 
     def _run_batch(self, batch: list[_Item]) -> None:
+        started = time.monotonic()
+        for item in batch:
+            metrics.BATCH_WAIT_SECONDS.observe(started - item.enqueued_s)
         results = self._caption_isolating(batch)
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            metrics.GPU_MEMORY_BYTES.labels("in_use").set(torch.cuda.memory_allocated())
+            metrics.GPU_MEMORY_BYTES.labels("peak").set(torch.cuda.max_memory_allocated())
         captioned = sum(isinstance(r, Caption) for r in results)
         for item, result in zip(batch, results, strict=True):
             if isinstance(result, Caption):

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from schema.errors import CapworksError, StorageError
 from schema.uris import ImageRef
+from workers import metrics
 from workers.batcher import Batcher
 from workers.engine import Caption, CaptionedImage
 from workers.fetch import Fetcher
@@ -79,11 +80,12 @@ class ImagePath:
     def _fetch_and_decode(self, ref: ImageRef, done: Future[Outcome[CaptionedImage]]) -> None:
         try:
             try:
-                data = self.fetcher.fetch(ref)
+                with metrics.FETCH_SECONDS.time():
+                    data = self.fetcher.fetch(ref)
             except StorageError as exc:
                 done.set_result(Outcome(ref, exc))
                 return
-            prepared = self._decode_pool.submit(decode_safely, self.decoder, data).result()
+            prepared = self._decode_pool.submit(self._decode, data).result()
             del data  # the encoded bytes are not needed past decoding
             if isinstance(prepared, CapworksError):
                 done.set_result(Outcome(ref, prepared))
@@ -94,6 +96,10 @@ class ImagePath:
             log.exception("image path failed unexpectedly on %s", ref.uri)
             if not done.done():
                 done.set_exception(exc)
+
+    def _decode(self, data: bytes) -> PreparedImage | CapworksError:
+        with metrics.DECODE_SECONDS.time():
+            return decode_safely(self.decoder, data)
 
 
 def _settle(

@@ -52,6 +52,30 @@ WRITE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 WAITING_IMAGES = Gauge("capworks_batcher_waiting_images", "Images waiting for a model batch")
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+FETCH_SECONDS = Histogram(
+    "capworks_fetch_seconds",
+    "Time to fetch one image's bytes (failures included)",
+    buckets=STAGE_BUCKETS,
+)
+DECODE_SECONDS = Histogram(
+    "capworks_decode_seconds",
+    "Time to decode, check and resize one image (failures included)",
+    buckets=STAGE_BUCKETS,
+)
+BATCH_WAIT_SECONDS = Histogram(
+    "capworks_batch_wait_seconds",
+    "Time one decoded image waited for its model batch to start",
+    buckets=STAGE_BUCKETS,
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "capworks_model_load_seconds", "Time this process took to load its model"
+)
+GPU_MEMORY_BYTES = Gauge(
+    "capworks_gpu_memory_bytes",
+    "CUDA memory held by tensors after the last batch (in_use) and its peak since start (peak)",
+    ["kind"],
+)
 
 
 def serve(host: str, port: int) -> bool:

@@ -60,7 +60,10 @@ def load_engine(config: CheckpointConfig, settings: Settings) -> Callable[[], Of
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         log.info("model thread runs %d torch threads", torch.get_num_threads())
-        return OfaEngine.from_settings(config, settings)
+        started = time.monotonic()
+        engine = OfaEngine.from_settings(config, settings)
+        metrics.MODEL_LOAD_SECONDS.set(time.monotonic() - started)
+        return engine
 
     return load
 
