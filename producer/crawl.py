@@ -155,7 +155,12 @@ def run_crawl(
             stats.listed += len(page)
             stats.skipped += len(page) - len(keep)
             jobs = [
-                Job.new(keep[n : n + job_images], crawl_id, job_id=f"{run_id}-{number:06d}")
+                Job.new(
+                    keep[n : n + job_images],
+                    crawl_id,
+                    job_id=f"{run_id}-{number:06d}",
+                    model=identity,
+                )
                 for number, n in enumerate(range(0, len(keep), job_images), start=stats.jobs)
             ]
             if jobs:

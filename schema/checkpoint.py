@@ -88,7 +88,14 @@ def read_config(model_dir: Path, model_id: str, revision: str = "") -> Checkpoin
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CheckpointError(f"{model_dir} is not an OFA checkpoint: missing {', '.join(missing)}")
-    cfg = json.loads((model_dir / "configuration.json").read_text())
+    return _from_configuration(model_dir, model_id, revision)
+
+
+def _from_configuration(model_dir: Path, model_id: str, revision: str) -> CheckpointConfig:
+    try:
+        cfg = json.loads((model_dir / "configuration.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}/configuration.json cannot be read: {exc}") from exc
     model = cfg.get("model", {})
     known = GenerationSettings.__dataclass_fields__
     beam = {k: v for k, v in model.get("beam_search", {}).items() if k in known}
@@ -119,6 +126,36 @@ def resolve_checkpoint(model: str, revision: str | None, checkpoint_dir: Path) -
             )
         return read_config(built, model_id=model, revision=revision or "")
     return read_config(download_from_hub(model, revision), model_id=model, revision=revision or "")
+
+
+def resolve_identity(
+    model: str, revision: str | None, checkpoint_dir: Path
+) -> tuple[str, str, str]:
+    """The caption identity of `model` from its `configuration.json` alone: a producer host needs
+    no weights (a hub id downloads that one file, not the checkpoint)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        folder, model_id = path.resolve(), str(path.resolve())
+    elif model in OFFLINE_NAMES:
+        folder, model_id = checkpoint_dir / model, model
+        if not (folder / "configuration.json").is_file():
+            raise CheckpointError(
+                f"checkpoint {model!r} is not built yet: run `capworks checkpoint build {model}`"
+            )
+    else:
+        folder, model_id = download_configuration(model, revision), model
+    return _from_configuration(folder, model_id, revision or "").identity
+
+
+def download_configuration(model_id: str, revision: str | None) -> Path:
+    """The folder holding a hub checkpoint's `configuration.json`, downloaded alone."""
+    from modelscope.hub.file_download import model_file_download  # slow import, only when needed
+
+    try:
+        return Path(model_file_download(model_id, "configuration.json", revision=revision)).parent
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot fetch {model_id}'s configuration.json: {reason}") from exc
 
 
 def download_from_hub(model_id: str, revision: str | None) -> Path:

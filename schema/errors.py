@@ -32,6 +32,7 @@ class Code(enum.Enum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     INTERNAL_ERROR = "internal_error"
     MODEL_ERROR = "model_error"
+    WRONG_MODEL = "wrong_model"
 
 
 TRANSIENT_CODES = frozenset(

@@ -58,22 +58,36 @@ class Job:
     job_id: str
     images: tuple[ImageRef, ...]
     crawl_id: str | None = None
+    # The caption identity (model id, revision, generation settings hash) the producer deduped
+    # against; a worker serving another identity does not caption the job under its own.
+    model: tuple[str, str, str] | None = None
 
     @classmethod
     def new(
-        cls, images: Sequence[ImageRef], crawl_id: str | None = None, job_id: str | None = None
+        cls,
+        images: Sequence[ImageRef],
+        crawl_id: str | None = None,
+        job_id: str | None = None,
+        model: tuple[str, str, str] | None = None,
     ) -> Job:
         """A job with a fresh id unless one is given (crawls use deterministic ids)."""
-        return cls(job_id or new_job_id(), tuple(images), crawl_id)
+        return cls(job_id or new_job_id(), tuple(images), crawl_id, model)
+
+    def derived(self, images: Sequence[ImageRef], job_id: str) -> Job:
+        """A job made from this one (a retry, a split): same crawl, same model identity."""
+        return Job(job_id, tuple(images), self.crawl_id, self.model)
 
     def to_wire(self) -> dict[str, Any]:
         """The compact JSON-able message body."""
-        return {
+        body: dict[str, Any] = {
             "v": JOB_VERSION,
             "id": self.job_id,
             "crawl": self.crawl_id,
             "images": [[r.uri, r.etag, r.size_bytes, r.version_id] for r in self.images],
         }
+        if self.model is not None:
+            body["model"] = list(self.model)
+        return body
 
     @classmethod
     def from_wire(cls, body: Any, rejected: list[RejectedImage] | None = None) -> Job:
@@ -106,7 +120,18 @@ class Job:
                 rejected.append(RejectedImage(index, item, exc.message))
         if not refs:  # every entry was rejected (with `rejected` None the first one raised)
             raise MalformedJob(f"no usable image entry; first: {(rejected or [])[0].reason}")
-        return cls(job_id, tuple(refs), crawl)
+        return cls(job_id, tuple(refs), crawl, _model_from_wire(body.get("model")))
+
+
+def _model_from_wire(model: Any) -> tuple[str, str, str] | None:
+    """A job's caption identity: absent (any model may caption it) or three strings."""
+    if model is None:
+        return None
+    if not (isinstance(model, list) and len(model) == 3 and all(isinstance(m, str) for m in model)):
+        raise MalformedJob("model must be [model id, revision, settings hash]")
+    for name, value in zip(("model id", "revision", "settings hash"), model, strict=True):
+        _check_text(name, value, MAX_KEY_CHARS)
+    return (model[0], model[1], model[2])
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,10 @@ def test_job_round_trips_through_its_compact_wire_format() -> None:
     job = Job.new(refs, crawl_id="c1")
     again = Job.from_wire(json.loads(json.dumps(job.to_wire())))
     assert again == job
+    for_model = Job.new(refs, model=("damo/ofa", "v1.0.1", "0123abcd"))
+    assert Job.from_wire(json.loads(json.dumps(for_model.to_wire()))) == for_model
+    retry = for_model.derived(refs[:1], "x.r1-abc")
+    assert (retry.model, retry.crawl_id, retry.images) == (for_model.model, None, (refs[0],))
 
 
 def test_a_queued_64_image_job_costs_redis_under_200_bytes_per_image() -> None:
@@ -89,6 +93,8 @@ def test_a_queued_64_image_job_costs_redis_under_200_bytes_per_image() -> None:
         {"v": 1, "id": "x", "images": [["s3://b/k", None, -1, None]]},
         {"v": 1, "id": "x", "images": [["", None, None, None]]},
         {"v": 1, "id": "x", "images": [{"uri": "s3://b/k"}]},
+        {"v": 1, "id": "x", "images": [["s3://b/k", None, None, None]], "model": "shapes"},
+        {"v": 1, "id": "x", "images": [["s3://b/k", None, None, None]], "model": ["a", 1, "h"]},
     ],
 )
 def test_malformed_job_is_rejected_with_a_reason(body: object) -> None:

@@ -20,6 +20,11 @@ def test_a_committed_jobs_copy_is_dropped_whatever_else_is_true() -> None:
     assert before_run(True, 5, 4, SETTINGS) is Before.DROP_DUPLICATE
 
 
+def test_a_job_for_another_model_is_dead_lettered_before_anything_else_but_a_done_mark() -> None:
+    assert before_run(False, 3, 4, SETTINGS, wrong_model=True) is Before.WRONG_MODEL
+    assert before_run(True, 0, 4, SETTINGS, wrong_model=True) is Before.DROP_DUPLICATE
+
+
 def test_a_job_that_killed_its_worker_too_often_is_split_or_poison() -> None:
     assert before_run(False, 3, 4, SETTINGS) is Before.SPLIT
     assert before_run(False, 3, 1, SETTINGS) is Before.POISON

@@ -2,7 +2,10 @@
 what to do with a job before it runs, and with its outcome after. The Celery task shell
 (`workers.tasks`) only carries the decision out.
 
-Before a run: a committed job's copy is dropped; a job whose worker died `poison_deliveries`
+Before a run: a committed job's copy is dropped; a job for another caption identity (model,
+revision, generation settings) than this worker's is dead-lettered as `wrong_model` (handing it
+back could loop for ever on a farm where no worker serves that identity; a dead letter is seen,
+and replayed once the right workers run); a job whose worker died `poison_deliveries`
 times while it ran is split into single images, or, a single image, dead-lettered as poison; a
 job that was running when its worker died once runs alone (exclusive), so that if it kills the
 process again no innocent job beside it is charged with the death.
@@ -29,16 +32,22 @@ class Before(enum.Enum):
     """What to do with a job that has just arrived."""
 
     DROP_DUPLICATE = "duplicate"
+    WRONG_MODEL = "wrong_model"
     SPLIT = "split"
     POISON = "poison"
     RUN_ALONE = "run_alone"
     RUN = "run"
 
 
-def before_run(done: bool, deaths: int, images: int, settings: Settings) -> Before:
-    """Decide from the job's done mark, its unfinished runs and its size."""
+def before_run(
+    done: bool, deaths: int, images: int, settings: Settings, wrong_model: bool = False
+) -> Before:
+    """Decide from the job's done mark, whether it is for another model, its unfinished runs
+    and its size."""
     if done:
         return Before.DROP_DUPLICATE
+    if wrong_model:
+        return Before.WRONG_MODEL
     if deaths >= settings.poison_deliveries:
         return Before.SPLIT if images > 1 else Before.POISON
     return Before.RUN_ALONE if deaths > 0 else Before.RUN

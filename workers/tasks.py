@@ -126,11 +126,15 @@ def handle_message(
 def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
     """Carry out `policy.before_run`, run the job, carry out the decision after it."""
     deaths = rt.ledger.unfinished_runs(job.job_id)
-    before = policy.before_run(rt.ledger.is_done(job.job_id), deaths, len(job.images), settings)
+    wrong_model = job.model is not None and job.model != rt.config.identity
+    done = rt.ledger.is_done(job.job_id)
+    before = policy.before_run(done, deaths, len(job.images), settings, wrong_model)
     if before is Before.DROP_DUPLICATE:
         log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
         metrics.JOBS.labels("duplicate").inc()
         return {"duplicate": 1}
+    if before is Before.WRONG_MODEL:
+        return dead_letter_wrong_model(rt, job)
     if before is Before.SPLIT:
         return split(rt, job, deaths)
     if before is Before.POISON:
@@ -168,7 +172,7 @@ def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
 
 def send_again(job: Job, after: policy.After, kind: str, attempt: int) -> None:
     """Publish the images to retry as a job with a derived id, after the decided delay."""
-    again = Job.new(after.retry, job.crawl_id, job_id=derived_job_id(job.job_id, kind, attempt))
+    again = job.derived(after.retry, derived_job_id(job.job_id, kind, attempt))
     caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=after.delay_s)
 
 
@@ -203,11 +207,26 @@ def split(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
         len(job.images),
     )
     for i, ref in enumerate(job.images):
-        single = Job.new([ref], job.crawl_id, job_id=derived_job_id(job.job_id, "s", i))
+        single = job.derived([ref], derived_job_id(job.job_id, "s", i))
         caption_job.apply_async(args=[single.to_wire()])
     rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("split").inc()
     return {"split": len(job.images)}
+
+
+def dead_letter_wrong_model(rt: Runtime, job: Job) -> dict[str, int]:
+    """A job the producer made for another caption identity is not captioned under this one."""
+    assert job.model is not None
+    wanted = "{} revision {!r} settings {}".format(*job.model)
+    served = "{} revision {!r} settings {}".format(*rt.config.identity)
+    log.error(
+        "job %s is for %s; this worker serves %s: dead-lettering it", job.job_id, wanted, served
+    )
+    error = CapworksError(Code.WRONG_MODEL, f"job is for {wanted}; the worker serves {served}")
+    rt.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id)
+    rt.ledger.mark_done(job.job_id)
+    metrics.JOBS.labels("wrong_model").inc()
+    return {"dead_lettered": len(job.images)}
 
 
 def dead_letter_poison(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:

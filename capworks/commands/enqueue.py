@@ -22,7 +22,7 @@ from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from producer.enqueue import crawl_lock, make_publisher
 from producer.sources import InputError, count_uri_file
 from schema.broker_check import check_broker
-from schema.checkpoint import resolve_checkpoint
+from schema.checkpoint import resolve_identity
 from schema.db import connect
 from schema.settings import get_settings
 from schema.storage import make_s3_client
@@ -39,7 +39,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
     for warning in check_broker(publisher.redis, settings.allow_evicting_broker):
         log.warning("%s", warning)
     db = connect(args.db)
-    identity = resolve_checkpoint(args.model, args.revision, settings.checkpoint_dir).identity
+    identity = resolve_identity(args.model, args.revision, settings.checkpoint_dir)
     s3 = make_s3_client(settings) if any(is_s3(s) for s in args.sources) else None
     filters = Filters(
         frozenset(s.lower() for s in args.suffix),
