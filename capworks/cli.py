@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--no-database", action="store_true", help="do not check the database")
 
+    ev_ = sub.add_parser("eval", help="score captions against reference captions (COCO metrics)")
+    ev_.add_argument("references", help="COCO captions .json, or .jsonl/.csv of uri,caption rows")
+    add_model_options(ev_, settings.model)
+    ev_.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    ev_.add_argument("--settings-hash", help="generation settings of the captions to score")
+    ev_.add_argument("--caption", action="store_true", help="caption the images first")
+    ev_.add_argument("--images-root", help="folder, s3:// prefix or URL of relative image names")
+    ev_.add_argument(
+        "--worst", type=positive_int, default=10, metavar="N", help="list the N lowest CIDEr-D"
+    )
+    ev_.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"])
+    ev_.add_argument("--json", action="store_true", help="print one JSON object")
+    ev_.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
@@ -236,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `capworks` console script."""
     args = build_parser().parse_args(argv)
     # Only the commands that load a model pay for importing transformers (~4 s) to quiet it.
-    configure_logging(args.verbose, quiet_transformers=args.command in MODEL_COMMANDS)
+    loads_model = args.command in MODEL_COMMANDS or getattr(args, "caption", False) is True
+    configure_logging(args.verbose, quiet_transformers=loads_model)
     try:
         if args.command == "caption":
             from capworks.commands.caption import run_caption
@@ -303,6 +318,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             host = socket.gethostname() if args.worker else args.host
             return status.run_health(status.HealthRequest(farm, host, not args.no_database))
+        if args.command == "eval":
+            from pathlib import Path
+
+            from capworks.commands.eval import CaptionOptions, EvalRequest, run_eval
+
+            run = CaptionOptions(args.batch_size, args.device, args.dtype, args.generator)
+            return run_eval(
+                EvalRequest(
+                    Path(args.references),
+                    args.db,
+                    args.model,
+                    args.revision,
+                    settings_hash=args.settings_hash,
+                    images_root=args.images_root,
+                    caption=run if args.caption else None,
+                    worst=args.worst,
+                    as_json=args.json,
+                    tokenizer=args.tokenizer,
+                    show_progress=not args.no_progress,
+                )
+            )
         if args.command == "demo":
             from capworks.commands.demo import run_demo
 

@@ -17,3 +17,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "${PIP[@]}" -e ".[dev]"
     touch "$stamp"
 fi
+# `capworks eval`: pycocoevalcap's PTB tokenizer and METEOR are Java programs. Debian's headless
+# JRE is about 49 MB and 15 s to install; without Java, eval tokenizes in Python and skips METEOR.
+apt_as_root() { if [ "$(id -u)" = 0 ]; then apt-get "$@"; else sudo -n apt-get "$@"; fi; }
+if ! command -v java >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    jre=(install -y -qq --no-install-recommends default-jre-headless)
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install.sh: no java and no apt-get: capworks eval will skip METEOR" >&2
+    elif ! { apt_as_root "${jre[@]}" || { apt_as_root update -qq && apt_as_root "${jre[@]}"; }; } \
+        >/dev/null 2>&1; then
+        echo "install.sh: could not install a JRE: capworks eval will skip METEOR" >&2
+    fi
+fi
