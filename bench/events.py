@@ -166,13 +166,13 @@ def batch_time_s(model: str) -> float:
 
 
 @contextmanager
-def worker(queue: str, db_url: str, s3_endpoint: str, folder: Path) -> Iterator[None]:
+def worker(queue: str, db_url: str, s3_endpoint: str, folder: Path, model: str) -> Iterator[None]:
     env = {
         **os.environ,
         "CAPWORKS_DATABASE_URL": db_url,
         "CAPWORKS_BROKER_URL": REDIS_URL,
         "CAPWORKS_QUEUE_NAME": queue,
-        "CAPWORKS_MODEL": "shapes",
+        "CAPWORKS_MODEL": model,
         "CAPWORKS_DEVICE": "cpu",
         "CAPWORKS_BATCH_SIZE": str(BATCH),
         "CAPWORKS_S3_ENDPOINT_URL": s3_endpoint,
@@ -257,8 +257,9 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=200)
     parser.add_argument("--rate", type=float, default=5.0, help="uploads per second")
     parser.add_argument("--skip-filer", action="store_true")
+    parser.add_argument("--model", default="shapes", help="offline checkpoint the worker runs")
     args = parser.parse_args()
-    ensure_checkpoint("shapes", get_settings().checkpoint_dir)
+    ensure_checkpoint(args.model, get_settings().checkpoint_dir)
     weed = shutil.which("weed", path=str(Path(sys.executable).parent))
     with scratch_database() as db_url, tempfile.TemporaryDirectory() as tmp:
         connect(db_url).dispose()
@@ -268,7 +269,7 @@ def main() -> None:
         base = rates["sink + send_task per job"]
         for name, value in rates.items():
             print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
-        batch_s = batch_time_s("shapes")
+        batch_s = batch_time_s(args.model)
         wait_ms = get_settings().max_batch_wait_ms
         goal_s = wait_ms / 1000 + batch_s + 0.1
         server = SeaweedServer(Path(tmp), 1800)
@@ -278,7 +279,7 @@ def main() -> None:
         try:
             queue = f"bench-hook-{uuid.uuid4().hex[:8]}"
             with (
-                worker(queue, db_url, endpoint, Path(tmp)),
+                worker(queue, db_url, endpoint, Path(tmp), args.model),
                 webhook(make_sink(queue, db_url)) as hook,
             ):
                 results["webhook"] = latencies(
@@ -301,7 +302,7 @@ def main() -> None:
                 thread.start()
                 ready.wait(30)
                 try:
-                    with worker(queue, db_url, endpoint, Path(tmp)):
+                    with worker(queue, db_url, endpoint, Path(tmp), args.model):
                         results["filer stream"] = latencies(
                             s3,
                             db_url,
@@ -321,7 +322,7 @@ def main() -> None:
                 r.delete(key)
     print()
     print(
-        f"one batch of {BATCH} (shapes, CPU): {batch_s * 1000:.0f} ms; "
+        f"one batch of {BATCH} ({args.model}, CPU): {batch_s * 1000:.0f} ms; "
         f"max batch wait {wait_ms} ms; "
         f"goal p50 <= {goal_s * 1000:.0f} ms"
     )
