@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -52,7 +53,7 @@ from producer.events.filer import FilerFollower, FilerPosition
 from producer.events.records import ObjectCreated
 from producer.events.sink import EventSink, one_by_one
 from producer.events.webhook import WebhookAuth, WebhookServer
-from schema.checkpoint import resolve_checkpoint
+from schema.checkpoint import resolve_checkpoint, resolve_identity
 from schema.db import connect
 from schema.queue import make_celery
 from schema.settings import Settings, get_settings
@@ -63,14 +64,17 @@ TOKEN = "bench-token"
 BATCH = 8
 
 
-def make_sink(queue: str, db_url: str, bulk: bool = True) -> EventSink:
+def make_sink(
+    queue: str, db_url: str, bulk: bool = True, identity: tuple[str, str, str] | None = None
+) -> EventSink:
     settings = Settings(broker_url=REDIS_URL, queue_name=queue)
     broker = redis.Redis.from_url(REDIS_URL)
     if bulk:
         send = BulkSender(make_celery(settings), broker, queue).send
     else:
         send = one_by_one(make_publisher(settings))
-    return EventSink(send, broker, ("bench", "", uuid.uuid4().hex), connect(db_url))
+    identity = identity or ("bench", "", uuid.uuid4().hex)  # a fresh one: nothing deduped yet
+    return EventSink(send, broker, identity, connect(db_url))
 
 
 @contextmanager
@@ -259,6 +263,7 @@ def main() -> None:
     parser.add_argument("--skip-filer", action="store_true")
     parser.add_argument("--model", default="shapes", help="offline checkpoint the worker runs")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)  # the model libraries' import chatter off
     ensure_checkpoint(args.model, get_settings().checkpoint_dir)
     weed = shutil.which("weed", path=str(Path(sys.executable).parent))
     with scratch_database() as db_url, tempfile.TemporaryDirectory() as tmp:
@@ -268,8 +273,10 @@ def main() -> None:
         print("|---|---|---|")
         base = rates["sink + send_task per job"]
         for name, value in rates.items():
-            print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
+            print(f"| {name} | {value:,.0f} | {value / base:.2f} |", flush=True)
         batch_s = batch_time_s(args.model)
+        print(f"\none batch of {BATCH} ({args.model}, CPU): {batch_s * 1000:.0f} ms", flush=True)
+        identity = resolve_identity(args.model, None, get_settings().checkpoint_dir)
         wait_ms = get_settings().max_batch_wait_ms
         goal_s = wait_ms / 1000 + batch_s + 0.1
         server = SeaweedServer(Path(tmp), 1800)
@@ -280,7 +287,7 @@ def main() -> None:
             queue = f"bench-hook-{uuid.uuid4().hex[:8]}"
             with (
                 worker(queue, db_url, endpoint, Path(tmp), args.model),
-                webhook(make_sink(queue, db_url)) as hook,
+                webhook(make_sink(queue, db_url, identity=identity)) as hook,
             ):
                 results["webhook"] = latencies(
                     s3,
@@ -293,7 +300,7 @@ def main() -> None:
                 )
             if weed and not args.skip_filer:
                 queue = f"bench-filer-{uuid.uuid4().hex[:8]}"
-                sink = make_sink(queue, db_url)
+                sink = make_sink(queue, db_url, identity=identity)
                 stop, ready = threading.Event(), threading.Event()
                 follower = FilerFollower(
                     weed, server.filer, sink, FilerPosition(sink.db, server.filer, "/buckets/")

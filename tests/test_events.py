@@ -43,9 +43,10 @@ from producer.events.filer import FilerFollower, FilerPosition
 from producer.events.sink import EventSink
 from producer.events.sqs import SqsConsumer
 from producer.events.webhook import InsecureWebhook, WebhookAuth, WebhookServer, sign
+from schema.checkpoint import resolve_identity
 from schema.db import connect
 from schema.queue import make_celery
-from schema.settings import Settings
+from schema.settings import Settings, get_settings
 from schema.tables import BadMessage
 
 pytestmark = pytest.mark.slow
@@ -55,12 +56,13 @@ IDENTITY = ("shapes-test", "", "settings-hash")
 AWKWARD = ["red flower.jpg", "a+b.png", "100%.jpeg", "ünïcödé/猫.png", "mixed + ü %2B.webp"]
 
 
-def make_sink(p: Pipeline) -> EventSink:
-    """The sink `capworks events` builds, on the test's own queue and database."""
+def make_sink(p: Pipeline, identity: tuple[str, str, str] = IDENTITY) -> EventSink:
+    """The sink `capworks events` builds, on the test's own queue and database (jobs carry
+    `identity`: a worker serving another model would dead-letter them)."""
     settings = Settings(broker_url=REDIS_URL, queue_name=p.queue)
     broker = redis.Redis.from_url(REDIS_URL)
     sender = BulkSender(make_celery(settings), broker, p.queue)
-    return EventSink(sender.send, broker, IDENTITY, connect(p.db_url))
+    return EventSink(sender.send, broker, identity, connect(p.db_url))
 
 
 @contextmanager
@@ -443,7 +445,8 @@ def test_filer_stream_uploads_are_captioned_unlisted_and_a_restart_misses_and_re
     weed = shutil.which("weed", path=str(Path(sys.executable).parent))
     assert weed is not None
     with own_queue(pg_url, tmp_path, own_s3_server.endpoint) as p:
-        sink = make_sink(p)
+        model = p.env["CAPWORKS_MODEL"]
+        sink = make_sink(p, resolve_identity(model, None, get_settings().checkpoint_dir))
 
         def follow() -> tuple[threading.Event, threading.Thread]:
             stop, ready = threading.Event(), threading.Event()

@@ -21,7 +21,7 @@ from producer.events.sink import EventSink
 from producer.events.sqs import SqsConsumer, wait_for_queue
 from producer.events.webhook import WebhookAuth, WebhookServer, require_auth
 from schema.broker_check import check_broker
-from schema.checkpoint import resolve_checkpoint
+from schema.checkpoint import resolve_identity
 from schema.db import connect
 from schema.queue import make_celery
 from schema.settings import Settings, get_settings
@@ -59,7 +59,7 @@ def run_events(
         require_auth(auth, options.host, options.insecure)  # before anything is started
     stop = stop or _stop_on_signals()
     db = connect(options.db_url)
-    identity = resolve_checkpoint(options.model, options.revision, settings.checkpoint_dir).identity
+    identity = resolve_identity(options.model, options.revision, settings.checkpoint_dir)
     broker = redis.Redis.from_url(settings.broker_url)
     for warning in check_broker(broker, settings.allow_evicting_broker):
         log.warning("%s", warning)

@@ -114,7 +114,7 @@ class EventSink:
             pipe.set(key, CLAIM, nx=True, ex=self._claim_ttl_s, get=True)
         before = dict(zip(first, pipe.execute(), strict=True))
         claimed = [k for k, old in before.items() if old is None]
-        jobs = [Job.new([events[first[k]].ref()]) for k in claimed]
+        jobs = [Job.new([events[first[k]].ref()], model=self._identity) for k in claimed]
         try:
             self._send(jobs)
         except BaseException:
