@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worst", type=positive_int, default=10, metavar="N", help="list the N lowest CIDEr-D"
     )
     ev_.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"])
+    ev_.add_argument("--no-meteor", action="store_true", help="skip METEOR (~10 s of Java start)")
     ev_.add_argument("--json", action="store_true", help="print one JSON object")
     ev_.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -336,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     worst=args.worst,
                     as_json=args.json,
                     tokenizer=args.tokenizer,
+                    meteor=False if args.no_meteor else None,
                     show_progress=not args.no_progress,
                 )
             )

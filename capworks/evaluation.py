@@ -108,7 +108,7 @@ def _ptb_lines(sentences: list[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in drop) for line in kept]
 
 
-def choose_tokenizer(tokenizer: TokenizerName) -> str:
+def choose_tokenizer(tokenizer: TokenizerName) -> Literal["ptb", "simple"]:
     """`auto` is `ptb` when Java is there, else `simple`; asking for `ptb` without Java fails."""
     if tokenizer == "auto":
         return "ptb" if java_available() else "simple"

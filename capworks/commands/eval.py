@@ -20,7 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import Engine, func, select
 
-from capworks.evaluation import EvaluationError, Scores, TokenizerName, score_captions
+from capworks.evaluation import (
+    EvaluationError,
+    Scores,
+    TokenizerName,
+    choose_tokenizer,
+    score_captions,
+)
 from capworks.references import References, load_references
 from schema.tables import Caption, Image
 from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
@@ -54,6 +60,7 @@ class EvalRequest:
     worst: int = 10
     as_json: bool = False
     tokenizer: TokenizerName = "auto"
+    meteor: bool | None = None  # None: when Java is there (it takes ~10 s to load its tables)
     show_progress: bool = True
 
 
@@ -70,6 +77,7 @@ def run_eval(request: EvalRequest) -> int:
     """Score the model's captions of the reference images; print a table or one JSON object."""
     from schema.db import connect
 
+    tokenizer = choose_tokenizer(request.tokenizer)  # before any work: `ptb` needs Java
     refs = load_references(request.references, request.images_root)
     db = connect(request.db_url)
     if request.caption is not None:
@@ -84,7 +92,7 @@ def run_eval(request: EvalRequest) -> int:
         )
     status = Console(stderr=True).status("scoring", spinner="dots")
     with status if request.show_progress else contextlib.nullcontext():
-        scores = score_captions(refs, hyps.captions, request.tokenizer)
+        scores = score_captions(refs, hyps.captions, tokenizer, request.meteor)
     report = eval_report(refs, hyps, scores, request)
     if request.as_json:
         sys.stdout.write(json.dumps(report) + "\n")
@@ -230,9 +238,15 @@ def eval_report(
             }
             for uri, value in worst[: request.worst]
         ],
-        "notes": [SPICE_NOTE]
-        + ([] if "METEOR" in scores.metrics else ["METEOR is not computed: no java on PATH"]),
+        "notes": [SPICE_NOTE] + ([] if "METEOR" in scores.metrics else [meteor_note(request)]),
     }
+
+
+def meteor_note(request: EvalRequest) -> str:
+    """Why the report has no METEOR."""
+    if request.meteor is False:
+        return "METEOR is not computed: --no-meteor"
+    return "METEOR is not computed: no java on PATH"
 
 
 def print_report(report: dict[str, Any]) -> None:
