@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +81,16 @@ class Pipeline:
         wrapper: Path | None = None,
         concurrency: int = 4,
         metrics_port: int = 0,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """A Celery worker process, run directly (the supervisor is not part of these tests)."""
+        """A Celery worker process, run directly (the supervisor is not part of these tests);
+        `prefix` is a command it runs under (such as `setpriv ...`)."""
         log = (self.tmp / f"{name}.log").open("ab")
         hostname = f"{name}-{uuid.uuid4().hex[:6]}@%h"
         cmd = celery_worker_argv(self.queue, concurrency, hostname)
         if wrapper is not None:  # the same worker, started through a test wrapper script
             cmd[1:6] = [str(wrapper), "worker"]
+        cmd = [*prefix, *cmd]
         env = {
             **self.env,
             "CUDA_VISIBLE_DEVICES": "",

@@ -62,7 +62,8 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
         raise ImageError(Code.EMPTY, "zero bytes")
     if len(data) > limits.max_bytes:
         raise ImageError(
-            Code.TOO_LARGE_BYTES, f"{len(data)} bytes is over the limit of {limits.max_bytes}"
+            Code.TOO_LARGE_BYTES,
+            f"at least {len(data)} bytes, over the limit of {limits.max_bytes}",
         )
     try:
         with warnings.catch_warnings():
