@@ -56,7 +56,11 @@ class PositionInfo:
 
 class FastEncoder:
     """Inference forward of an `OFAEncoder`, equal to `encoder(input_ids, patch_images, masks)`
-    with every patch mask set."""
+    with every patch mask set.
+
+    The folded ResNet weights and the position biases are taken from the model when first
+    needed and kept: build a new encoder (a new generator) after changing the model's weights.
+    """
 
     def __init__(self, encoder: Any, channels_last: bool = True) -> None:
         if getattr(encoder, "use_ofasys", False):
