@@ -88,7 +88,8 @@ def run_eval(request: EvalRequest) -> int:
         model_id, revision, digest = hyps.identity
         raise EvaluationError(
             f"none of the {len(refs)} reference images has a caption by {model_id!r} "
-            f"(revision {revision!r}, settings {digest}); caption them first or pass --caption"
+            f"(revision {revision!r}, settings {digest}); images are matched by URI (see "
+            "--images-root); caption them first or pass --caption"
         )
     status = Console(stderr=True).status("scoring", spinner="dots")
     with status if request.show_progress else contextlib.nullcontext():
@@ -253,10 +254,9 @@ def print_report(report: dict[str, Any]) -> None:
     """The metrics table, the worst images by CIDEr-D, and what was not scored."""
     console = Console()
     model = report["model"]
-    title = f"capworks eval: {model['model_id']}" + (
-        f" @ {model['revision']}" if model["revision"] else ""
-    )
-    table = Table("metric", "score", title=title)
+    revision = f" @ {model['revision']}" if model["revision"] else ""
+    console.print(f"[bold]capworks eval[/bold]: {model['model_id']}{revision}")
+    table = Table("metric", "score")
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
     console.print(table)
