@@ -54,7 +54,7 @@ def image_uri(name: str, root: str) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV starts with a BOM
     except UnicodeDecodeError as exc:
         raise ReferenceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 

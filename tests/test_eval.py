@@ -226,6 +226,9 @@ def test_coco_json_jsonl_and_csv_references_read_alike(tmp_path: Path) -> None:
     expected = {str(tmp_path / Path(u).name): caps for u, caps in REFERENCES.items()}
     for path in paths.values():
         assert load_references(path) == expected, path.name
+    bom = tmp_path / "excel.csv"  # a spreadsheet's CSV export starts with a byte-order mark
+    bom.write_text(paths["csv"].read_text(), encoding="utf-8-sig")
+    assert load_references(bom) == expected
     under_s3 = load_references(paths["csv"], images_root="s3://bucket/set/")
     assert list(under_s3) == [f"s3://bucket/set/{Path(u).name}" for u in REFERENCES]
 
