@@ -132,6 +132,16 @@ def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_dir: Path) -> Iterator[object]:
+    from schema.checkpoint import read_config
+    from workers.engine import OfaEngine
+
+    engine = OfaEngine.load(read_config(tiny_dir, "tiny-random"), device="cpu", batch_size=4)
+    yield engine
+    engine.close()
+
+
 def png_bytes(img: object, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)  # type: ignore[attr-defined]

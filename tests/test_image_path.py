@@ -8,7 +8,7 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import read_config
 from schema.errors import Code, StorageError
 from schema.jobs import Job
 from schema.settings import Settings
@@ -75,13 +74,6 @@ class CountingCaptioner:
         with self.lock:
             self.captioned += len(captions)
         return captions
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_dir: Path) -> Iterator[OfaEngine]:
-    engine = OfaEngine.load(read_config(tiny_dir, "tiny-random"), device="cpu", batch_size=4)
-    yield engine
-    engine.close()
 
 
 def jpeg_bytes(img: Image.Image, size: tuple[int, int] = (0, 0)) -> bytes:

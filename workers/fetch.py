@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -16,11 +17,21 @@ NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """Bytes that are not what the reference described (an object overwritten since it was
+    listed), with the reference of what was read: the caption belongs to these bytes."""
+
+    data: bytes
+    ref: ImageRef
+
+
 class Fetcher(Protocol):
     """Where the image path gets bytes from; the seam a test or a guarded fetcher plugs into."""
 
-    def fetch(self, ref: ImageRef) -> bytes:
-        """The encoded bytes of the image, or `StorageError` with a code."""
+    def fetch(self, ref: ImageRef) -> bytes | Fetched:
+        """The encoded bytes of the image (`Fetched` when they are another version than `ref`
+        names), or `StorageError` with a code."""
         ...
 
 
@@ -33,13 +44,13 @@ class StoreFetcher:
         self._max_bytes = max_bytes
         self._http_timeout_s = http_timeout_s
 
-    def fetch(self, ref: ImageRef) -> bytes:
+    def fetch(self, ref: ImageRef) -> bytes | Fetched:
         """The bytes of the object `ref` names, or `StorageError` with a code."""
         uri = ref.uri
         if is_s3(uri):
             # The URI is the image's identity in the database, so it, not the message's
             # bucket and key fields, says which object is read.
-            return self._fetch_s3(uri, parse_s3(uri))
+            return self._fetch_s3(ref, parse_s3(uri))
         if is_http(uri):
             return self._fetch_http(uri)
         return self._fetch_file(uri)
@@ -56,14 +67,23 @@ class StoreFetcher:
         except IsADirectoryError as exc:
             raise StorageError(Code.BAD_URI, f"is a directory: {path}") from exc
 
-    def _fetch_s3(self, uri: str, loc: S3Location) -> bytes:
+    def _fetch_s3(self, ref: ImageRef, loc: S3Location) -> bytes | Fetched:
+        """A listed version is read by its id; otherwise the current object, and when its ETag
+        is not the listed one (overwritten since), it is captioned as what it now is."""
+        uri = ref.uri
+        pin = {"VersionId": ref.version_id} if ref.version_id else {}
         try:
-            obj = self._s3.get_object(Bucket=loc.bucket, Key=loc.key)
+            obj = self._s3.get_object(Bucket=loc.bucket, Key=loc.key, **pin)
             body = obj["Body"]
             try:
-                return body.read(self._max_bytes + 1)  # type: ignore[no-any-return]
+                data: bytes = body.read(self._max_bytes + 1)
             finally:
                 body.close()
+            etag = str(obj.get("ETag", "")).strip('"') or None
+            if ref.etag and etag and etag != ref.etag and not ref.version_id:
+                now = replace(ref, etag=etag, size_bytes=obj.get("ContentLength", ref.size_bytes))
+                return Fetched(data, now)
+            return data
         except ClientError as exc:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))

@@ -23,7 +23,7 @@ from schema.uris import ImageRef
 from workers import metrics
 from workers.batcher import Batcher
 from workers.engine import Caption, CaptionedImage
-from workers.fetch import Fetcher
+from workers.fetch import Fetched, Fetcher
 from workers.outcome import Outcome
 from workers.preprocess import Decoder, PreparedImage, decode_safely
 
@@ -81,12 +81,16 @@ class ImagePath:
         try:
             try:
                 with metrics.FETCH_SECONDS.time():
-                    data = self.fetcher.fetch(ref)
+                    got = self.fetcher.fetch(ref)
             except StorageError as exc:
                 done.set_result(Outcome(ref, exc))
                 return
+            if isinstance(got, Fetched):  # another version than listed: caption what was read
+                ref, data = got.ref, got.data
+            else:
+                data = got
             prepared = self._decode_pool.submit(self._decode, data).result()
-            del data  # the encoded bytes are not needed past decoding
+            del data, got  # the encoded bytes are not needed past decoding
             if isinstance(prepared, CapworksError):
                 done.set_result(Outcome(ref, prepared))
                 return

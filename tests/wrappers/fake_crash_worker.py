@@ -14,7 +14,7 @@ from schema.settings import Settings
 from schema.storage import make_s3_client
 from schema.uris import ImageRef
 from workers import runtime
-from workers.fetch import StoreFetcher
+from workers.fetch import Fetched, StoreFetcher
 from workers.tasks import app
 
 SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
@@ -26,7 +26,7 @@ class FakeCrashingFetcher:
     def __init__(self, real: StoreFetcher) -> None:
         self._real = real
 
-    def fetch(self, ref: ImageRef) -> bytes:
+    def fetch(self, ref: ImageRef) -> bytes | Fetched:
         if ref.uri.endswith("kills-worker.png"):
             time.sleep(0.5)  # let the jobs held beside it start
             os._exit(137)  # like the kernel's OOM killer: no cleanup, no acknowledgement
