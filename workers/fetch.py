@@ -8,7 +8,7 @@ import urllib.request
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from schema.errors import Code, StorageError
 from schema.uris import ImageRef, S3Location, is_http, is_s3, local_path, parse_s3
@@ -93,6 +93,8 @@ class StoreFetcher:
             if code in DENIED_CODES or status == 403:
                 raise StorageError(Code.ACCESS_DENIED, f"access denied: {uri}") from exc
             raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {code} {status}") from exc
+        except ParamValidationError as exc:  # a bucket name S3 cannot have: no retry helps
+            raise StorageError(Code.BAD_URI, f"{uri}: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc
 

@@ -24,14 +24,16 @@ from badinput.support import (
     read_outcomes,
     unprivileged,
 )
-from schema.jobs import MalformedJob, escaped, parse_message
+from schema.jobs import Job, MalformedJob, escaped, parse_message
 from schema.queue import CAPTION_TASK, make_celery
 from schema.settings import Settings
-from schema.uris import file_uri, s3_uri
+from schema.uris import ImageRef, file_uri, s3_uri
 
 pytestmark = pytest.mark.slow
 BUCKET = "badinput"
 MALFORMED_MESSAGES = 30
+# Well formed, but no S3 can have the bucket: a bad URI at once, not retried as unavailable.
+BAD_BUCKET_URI = "s3://bad bucket!/photo.jpg"
 
 
 def malformed_messages(count: int) -> list[tuple[list[Any], dict[str, Any], str]]:
@@ -101,16 +103,18 @@ def test_every_bad_input_kind_ends_as_the_table_says_in_one_worker_run(
     app = make_celery(Settings(broker_url=p.env["CAPWORKS_BROKER_URL"], queue_name=p.queue))
     for args, kwargs, _ in messages:
         app.send_task(CAPTION_TASK, args=args, kwargs=kwargs, queue=p.queue)
+    unfetchable = Job.new([ImageRef(BAD_BUCKET_URI, bucket="bad bucket!", key="photo.jpg")], "x")
+    app.send_task(CAPTION_TASK, args=[unfetchable.to_wire()], queue=p.queue)
 
     worker = p.start_worker(prefix=unprivileged())
     wait_until(
         lambda: (
-            sum(count_rows(p.db_url)[t] for t in ("captions", "failures")) >= len(CASES)
+            sum(count_rows(p.db_url)[t] for t in ("captions", "failures")) >= len(CASES) + 1
             and len(bad_message_reasons(p.db_url)) >= len(messages)
             and p.queue_length() == 0
         ),
         300,
-        f"{len(CASES)} outcomes, {len(messages)} bad messages and an empty queue",
+        f"{len(CASES) + 1} outcomes, {len(messages)} bad messages and an empty queue",
         lambda: p.log_text()[-4000:],
     )
     took_s = time.monotonic() - started
@@ -119,7 +123,8 @@ def test_every_bad_input_kind_ends_as_the_table_says_in_one_worker_run(
     print(outcome_table(uri_of, seen))
     assert worker.poll() is None, p.log_text()[-4000:]  # the worker is alive: it never died
     assert mismatches(uri_of, seen, same_bytes_captions) == []
-    assert set(seen) == set(uri_of.values())
+    assert set(seen) == {*uri_of.values(), BAD_BUCKET_URI}
+    assert seen[BAD_BUCKET_URI].code == "bad_uri", seen[BAD_BUCKET_URI]
     assert sorted(bad_message_reasons(p.db_url)) == sorted(reason for *_, reason in messages)
     log = p.log_text()
     assert "Traceback" not in log and "WorkerLostError" not in log, log[-4000:]
