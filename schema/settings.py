@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "capworks"
     # Leases (workers/leases.py): a worker process renews the lease on the jobs it holds every
-    # lease_s / 4; a job whose holder died is back in the queue within lease_s plus one renewal.
+    # lease_s / 4 (at most 5 s); a job whose holder died is back within lease_s plus one renewal.
     lease_s: float = Field(default=20.0, ge=1.0)
     # The last resort, for when no worker is alive to reap a dead one's leases: kombu itself
     # re-delivers an unacknowledged job after this long.

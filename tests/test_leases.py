@@ -148,7 +148,7 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
 ) -> None:
     with own_queue(pg_url, tmp_path, s3_endpoint) as p:
         # A long lease: only the hand-back can bring the jobs back before it ends.
-        p.extra_env.update(DEFAULTS, CAPWORKS_JOB_IMAGES="4", CAPWORKS_TEST_SLOW_S="4")
+        p.extra_env.update(DEFAULTS, CAPWORKS_JOB_IMAGES="4", CAPWORKS_TEST_SLOW_S="8")
         p.extra_env["CAPWORKS_LEASE_S"] = "60"
         uris = slow_bucket(p.s3_endpoint, "supervised-leases", 8, seed=72)
         log = (tmp_path / "supervisor.log").open("ab")

@@ -8,8 +8,8 @@ waited that long). Raising the visibility timeout's floor was never the fix: a s
 long job to a second worker while the first still runs it.
 
 So each worker process holds a lease on every message it holds (running, prefetched, or waiting
-for a retry's countdown), renewed every `lease_s / 4` from its consumer's event loop: the
-messages' index scores are moved to now (so kombu never finds a live worker's message old,
+for a retry's countdown), renewed every `lease_s / 4` (at most 5 s) from its consumer's event
+loop: the messages' index scores are moved to now (so kombu never finds a live worker's message old,
 however long the job runs), and a Redis set of their delivery tags, expiring `lease_s` after the
 last renewal, names them for the process's supervisor. On the same tick the process reaps: a
 message whose score is older than `lease_s` and that no live lease names has lost its worker;
@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 LEASE_KEY = "capworks:lease:{host}:{pid}"
 LEASE_PATTERN = "capworks:lease:*"
 UNACKED_INDEX = "unacked_index"  # kombu's default `unacked_index_key`
+
+
+MAX_RENEW_EVERY_S = 5.0
+
+
+def renew_every_s(lease_s: float) -> float:
+    """How often a process renews: four times a lease, and at least every 5 s, so that a
+    supervisor handing back a dead child's jobs finds them named."""
+    return min(lease_s / 4, MAX_RENEW_EVERY_S)
 
 
 def lease_key(host: str, pid: int) -> str:
@@ -105,7 +114,7 @@ def _text(value: bytes | str) -> str:
 
 
 class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """The consumer bootstep that renews this process's lease and reaps, every `lease_s / 4`."""
+    """The consumer bootstep that renews this process's lease and reaps (`renew_every_s`)."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
@@ -123,10 +132,11 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = get_settings()
         channel = c.task_consumer.channel
         key = lease_key(socket.gethostname(), os.getpid())
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.lease_s / 4)
+        every_s = renew_every_s(settings.lease_s)
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=every_s)
         self._keeper = LeaseKeeper(client, key, settings.lease_s, channel.unacked_index_key)
         self.tick(c)
-        self._tref = c.timer.call_repeatedly(settings.lease_s / 4, self.tick, (c,))
+        self._tref = c.timer.call_repeatedly(every_s, self.tick, (c,))
 
     def tick(self, c: Any) -> None:
         """Renew the lease with the tags this process holds, reap, and restore what was reaped."""

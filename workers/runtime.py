@@ -131,10 +131,13 @@ class Runtime:
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
         started_at = time.time()
 
+        built: list[ImagePath] = []  # the first beat comes before build_path returns
+
         def on_beat(images_waiting: int) -> None:
+            captioner = built[0].batcher.captioner if built else None
             heartbeat.beat(
                 client,
-                device=str(getattr(path.batcher.captioner, "device", settings.device)),
+                device=str(getattr(captioner, "device", settings.device)),
                 model=config.model_id,
                 queue=settings.queue_name,
                 jobs_in_flight=slots.running,
@@ -146,6 +149,7 @@ class Runtime:
         path = build_path(
             settings, config, fetcher=fetcher, captioner=captioner, decoder=decoder, on_beat=on_beat
         )
+        built.append(path)
         return cls(
             settings=settings,
             config=config,
