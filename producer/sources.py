@@ -39,8 +39,12 @@ def iter_refs(inputs: Iterable[str], s3_client: Any | None) -> Iterator[ImageRef
 
 
 def local_ref(path: Path) -> ImageRef:
-    """A local file's reference; its "ETag" is size and modification time, so an edit shows."""
-    st = path.stat()
+    """A local file's reference; its "ETag" is size and modification time, so an edit shows.
+    A file gone since its folder was listed gets a bare reference: its fetch says `not_found`."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return ImageRef(uri=file_uri(path))
     return ImageRef(
         uri=file_uri(path),
         etag=f"{st.st_size:x}-{st.st_mtime_ns:x}",
