@@ -25,3 +25,14 @@ def test_a_uri_list_with_bytes_that_are_not_utf8_is_read_to_the_end(tmp_path: Pa
     assert uris == ["s3://b/a.jpg", "s3://b/caf\udce9.jpg", "s3://b/z.jpg"]
     assert uris[1].encode("utf-8", "surrogateescape") == b"s3://b/caf\xe9.jpg"
     assert count_uri_file(listing) == 3
+
+
+def test_a_file_gone_since_its_folder_was_listed_gets_a_bare_reference(tmp_path: Path) -> None:
+    from producer.sources import local_ref
+
+    ref = local_ref(tmp_path / "gone.png")
+    assert (ref.uri, ref.etag, ref.size_bytes) == (
+        str((tmp_path / "gone.png").resolve()),
+        None,
+        None,
+    )
