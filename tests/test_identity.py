@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import png_bytes, run_cli
+from conftest import png_bytes, require_service, run_cli
 from sqlalchemy import create_engine, select
 from test_image_path import MemoryFetcher
 
@@ -26,6 +26,13 @@ from workers.runtime import Runtime
 from workers.tasks import handle_message
 
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
+
+
+def require_redis() -> None:
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.RedisError as exc:
+        require_service("Redis", str(exc))
 
 
 def test_the_identity_needs_only_configuration_json(tiny_dir: Path, tmp_path: Path) -> None:
@@ -45,10 +52,7 @@ def test_the_identity_needs_only_configuration_json(tiny_dir: Path, tmp_path: Pa
 def test_capworks_enqueue_runs_on_a_host_without_the_weights(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis unavailable: {exc}")
+    require_redis()
     only_config = tmp_path / "model"
     only_config.mkdir()
     shutil.copy(tiny_dir / "configuration.json", only_config)
@@ -75,10 +79,7 @@ def test_capworks_enqueue_runs_on_a_host_without_the_weights(
 def test_a_job_for_another_model_is_dead_lettered_as_wrong_model(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL).ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis unavailable: {exc}")
+    require_redis()
     db_url = f"sqlite:///{tmp_path / 'identity.db'}"
     objects = {
         f"s3://mem/{i}.png": png_bytes(img) for i, (img, _) in enumerate(sample_scenes(2, 82))
