@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from event_samples import eventbridge, records, s3_record, sns_wrapped, s3_test_event
+from event_samples import eventbridge, records, s3_record, s3_test_event, sns_wrapped
 
 from producer.events.filer import change_from_json, iter_json_objects
 from producer.events.records import MalformedEvent, ObjectCreated, parse_body
