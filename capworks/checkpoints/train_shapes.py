@@ -113,11 +113,11 @@ def train_shapes(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if on_step is not None:
-                on_step(step, float(loss))
+                on_step(step, loss.item())
             if (step + 1) % 50 == 0:
                 recalibrate_batchnorm(model, prompt, batches, count=3, seed=10_000 + step)
                 valid_exact = teacher_forced_exact(model, prompt, valid, tok.pad_token_id)
-                log.info("step %d loss %.4f valid exact %.3f", step + 1, float(loss), valid_exact)
+                log.info("step %d loss %.4f valid exact %.3f", step + 1, loss.item(), valid_exact)
                 perfect_checks = perfect_checks + 1 if valid_exact == 1.0 else 0
                 if perfect_checks >= 2:
                     break
@@ -132,7 +132,7 @@ def train_shapes(
     metrics = {
         "steps": step + 1,
         "train_seconds": round(time.monotonic() - started, 1),
-        "final_loss": round(float(loss), 5),
+        "final_loss": round(loss.item(), 5),
         "valid_teacher_forced_exact": valid_exact,
         "batch": batch,
         "lr": lr,
