@@ -164,6 +164,20 @@ def test_show_prints_the_dead_letter_with_its_replay(pg: Pipeline) -> None:
     assert missing.stderr.strip() == "capworks: error: no dead letter for s3://photos/never.jpg"
 
 
+def test_list_in_80_columns_keeps_every_code_whole_and_every_uri_end(pg: Pipeline) -> None:
+    deep = "s3://photos/" + "/".join(["a-rather-long-folder-name"] * 4) + "/the-file-name.jpg"
+    fail(connect(pg.db_url), (deep, Code.TOO_LARGE_PIXELS), (GONE, Code.NOT_FOUND))
+    pg.extra_env["COLUMNS"] = "80"
+    listed = dlq(pg, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert all(len(line) <= 80 for line in listed.stdout.splitlines())
+    assert "too_large_pixels" in listed.stdout and "not_found" in listed.stdout
+    uri_column = "".join(
+        line.split("│")[1].strip() for line in listed.stdout.splitlines() if line.startswith("│")
+    )
+    assert deep in uri_column and GONE in uri_column
+
+
 def test_purge_deletes_what_the_filters_select(pg: Pipeline) -> None:
     db = connect(pg.db_url)
     old = "s3://photos/old/d.jpg"

@@ -91,11 +91,22 @@ def list_rows(db: Engine, selection: Selection, limit: int, as_json: bool) -> in
         for r in rows:
             print(json.dumps(as_dict(r)))
         return 0
-    table = Table("uri", "code", "attempts", "last seen", "message", title="dead letters")
+    # In a narrow terminal a code is never cut and a URI wraps rather than losing its end (the
+    # file name); the message gives way first.
+    table = Table(title="dead letters")
+    table.add_column("uri", overflow="fold", ratio=2)
+    table.add_column("code", no_wrap=True)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("last seen (UTC)", no_wrap=True)
+    table.add_column("message", overflow="ellipsis", ratio=1)
     for r in rows:
         d = as_dict(r)
         table.add_row(
-            d["uri"], d["code"], str(d["attempts"]), d["last_seen"][:19], d["message"][:60]
+            d["uri"],
+            d["code"],
+            str(d["attempts"]),
+            d["last_seen"][:16].replace("T", " "),
+            d["message"],
         )
     Console().print(table)
     print(f"{total} dead letters" + (f" (showing {len(rows)})" if total > len(rows) else ""))
