@@ -255,9 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.verbose, quiet_transformers=loads_model)
     try:
         if args.command == "caption":
-            from capworks.commands.caption import run_caption
+            from capworks.commands.caption import CaptionRequest, run_caption
 
-            return run_caption(args)
+            return run_caption(
+                CaptionRequest(
+                    tuple(args.inputs),
+                    args.db,
+                    args.model,
+                    args.revision,
+                    args.device,
+                    args.dtype,
+                    args.generator,
+                    args.batch_size,
+                    args.json,
+                    args.no_progress,
+                )
+            )
         if args.command == "enqueue":
             from capworks.commands.enqueue import run_enqueue
 
@@ -344,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from capworks.commands.demo import run_demo
 
-            return run_demo(args)
+            return run_demo(args.dir, args.count)
         from capworks.checkpoints.build import ensure_checkpoint
 
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,35 +48,53 @@ class RateColumn(TextColumn):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
+        if not speed and task.finished and task.finished_time:  # too quick for rich's sampling
+            speed = task.completed / task.finished_time
         return Text(f"{speed:.2f} img/s" if speed else "- img/s", style="progress.data.speed")
 
 
-def run_caption(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What `capworks caption` was asked to do."""
+
+    inputs: tuple[str, ...]
+    db: str
+    model: str
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    generator: str = "fast"
+    batch_size: int = 8
+    json: bool = False
+    no_progress: bool = False
+
+
+def run_caption(request: CaptionRequest) -> int:
     """Caption every image under the inputs into the database and print the results."""
     settings = get_settings()
-    for item in args.inputs:
+    for item in request.inputs:
         if not is_s3(item) and not is_http(item) and not Path(item).exists():
             raise InputError(f"no such file or directory: {item}")
-    db = connect(args.db)
-    config = resolve_model(args.model, args.revision, settings)
-    s3 = make_s3_client(settings) if any(is_s3(i) for i in args.inputs) else None
-    refs = list(iter_refs(args.inputs, s3))
+    db = connect(request.db)
+    config = resolve_model(request.model, request.revision, settings)
+    s3 = make_s3_client(settings) if any(is_s3(i) for i in request.inputs) else None
+    refs = list(iter_refs(request.inputs, s3))
     run_settings = settings.model_copy(
         update={
-            "device": args.device,
-            "dtype": args.dtype,
-            "generator": args.generator,
-            "batch_size": args.batch_size,
+            "device": request.device,
+            "dtype": request.dtype,
+            "generator": request.generator,
+            "batch_size": request.batch_size,
         }
     )
     fetcher = StoreFetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
     path = build_path(run_settings, config, fetcher=fetcher)
     try:
-        outcomes = caption_with_progress(refs, path, ResultWriter(db, config), args)
+        outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
     finally:
         path.batcher.close()
         path.close()
-    print_results(outcomes, as_json=args.json)
+    print_results(outcomes, as_json=request.json)
     return 0
 
 
@@ -90,7 +108,7 @@ def resolve_model(model: str, revision: str | None, settings: Settings) -> Check
 
 
 def caption_with_progress(
-    refs: list[ImageRef], path: ImagePath, writer: ResultWriter, args: argparse.Namespace
+    refs: list[ImageRef], path: ImagePath, writer: ResultWriter, request: CaptionRequest
 ) -> list[Outcome[CaptionedImage]]:
     """Run the image path with a progress bar (rate and ETA) on stderr."""
     columns = (
@@ -104,13 +122,13 @@ def caption_with_progress(
         TimeRemainingColumn(),
     )
     console = Console(stderr=True)
-    with Progress(*columns, console=console, disable=args.no_progress) as progress:
+    with Progress(*columns, console=console, disable=request.no_progress) as progress:
         task = progress.add_task("captioning", total=len(refs))
         return caption_refs(
             refs,
             path,
             writer,
-            chunk_size=args.batch_size * 4,
+            chunk_size=request.batch_size * 4,
             on_chunk=lambda chunk: progress.advance(task, len(chunk)),
         )
 
@@ -137,14 +155,15 @@ def print_results(outcomes: list[Outcome[CaptionedImage]], as_json: bool) -> Non
         for o in outcomes:
             sys.stdout.write(json.dumps(outcome_dict(o)) + "\n")
         return
-    table = Table("image", "caption", "score", title="capworks captions")
+    table = Table("image", "caption", "tags", "score", title="capworks captions")
     for o in outcomes[:TABLE_ROWS]:
         d = outcome_dict(o)
         name = d["uri"] if len(d["uri"]) <= 60 else "…" + d["uri"][-59:]
         if "caption" in d:
-            table.add_row(name, d["caption"], f"{d['score']:.3f}")
+            tags = ", ".join(list(d["tags"])[:4])
+            table.add_row(name, d["caption"], tags, f"{d['score']:.3f}")
         else:
-            table.add_row(name, f"[red]{d['error']}[/red]: {d['message'][:60]}", "-")
+            table.add_row(name, f"[red]{d['error']}[/red]: {d['message'][:60]}", "", "-")
     console = Console()
     console.print(table)
     failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))

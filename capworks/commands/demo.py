@@ -6,11 +6,9 @@ folder, captions them into a SQLite file and prints the results as a table.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from capworks.cli import build_parser
 
 DEMO_SEED = 2026
 
@@ -22,17 +20,14 @@ def write_samples(folder: Path, count: int) -> None:
         img.save(folder / f"{i:03d} {caption}.png")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Caption generated images with the shapes model into `<dir>/captions.db`."""
-    from capworks.commands.caption import run_caption
+def run_demo(folder: str, count: int) -> int:
+    """Caption `count` generated images with the shapes model into `<folder>/captions.db`."""
+    from capworks.commands.caption import CaptionRequest, run_caption
 
-    root = Path(args.dir)
+    root = Path(folder)
     images = root / "images"
-    write_samples(images, args.count)
+    write_samples(images, count)
     db = f"sqlite:///{(root / 'captions.db').resolve()}"
-    caption_args = build_parser().parse_args(
-        ["caption", str(images), "--model", "shapes", "--db", db, "--batch-size", "8"]
-    )
-    status = run_caption(caption_args)
+    status = run_caption(CaptionRequest((str(images),), db, "shapes", batch_size=8))
     print(f"captions saved in {root / 'captions.db'}; file names carry the true captions")
     return status
