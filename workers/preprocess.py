@@ -23,6 +23,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from schema.errors import Code, ImageError
 
 log = logging.getLogger(__name__)
+# Pillow warns about inputs it handles anyway (a palette image's transparency, EXIF it cannot
+# parse); the image is decoded or fails with a code, and the user can do nothing about the
+# warning. Filters set once here are process-wide and thread-safe, unlike catch_warnings.
+warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 
 
