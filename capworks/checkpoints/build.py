@@ -123,9 +123,34 @@ def perturb_norms(model: Any, seed: int) -> None:
 
 
 def _build_shapes(out: Path) -> dict[str, Any]:
-    from capworks.checkpoints.train_shapes import PATCH_PX, train_shapes
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    model, metrics = train_shapes()
+    from capworks.checkpoints.train_shapes import MAX_STEPS, PATCH_PX, train_shapes
+
+    columns = (
+        TextColumn("training shapes"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}, held-out exact {task.fields[exact]:.0%}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        bar = progress.add_task("train", total=MAX_STEPS, loss=0.0, exact=0.0)
+        model, metrics = train_shapes(
+            on_step=lambda step, loss, exact: progress.update(
+                bar, completed=step + 1, loss=loss, exact=exact
+            )
+        )
     write_checkpoint(model, out, PATCH_PX)
     exact = held_out_exact(out)
     metrics.update(name="shapes", held_out_images=HELD_OUT_COUNT, held_out_exact=exact)
