@@ -200,7 +200,7 @@ def test_uploads_announced_to_the_webhook_command_are_captioned_once_by_a_real_w
     p = pipeline
     uploads = upload(
         p.s3_endpoint,
-        "uploads",
+        "webhook-uploads",
         [f"{k.rsplit('.', 1)[0]}.png" for k in AWKWARD] + ["plain.png"],
         seed=7,
     )
@@ -221,14 +221,14 @@ def test_uploads_announced_to_the_webhook_command_are_captioned_once_by_a_real_w
             lambda: _answers(url), 60, "the webhook", lambda: (p.tmp / "events.log").read_text()
         )
         recs = [
-            s3_record("uploads", uri.split("/", 3)[3], etag=etag)
+            s3_record("webhook-uploads", uri.split("/", 3)[3], etag=etag)
             for uri, (_, etag) in uploads.items()
         ]
-        deleted = s3_record("uploads", "plain.png", name="ObjectRemoved:Delete")
-        missing = s3_record("uploads", "deleted before it was fetched.png")
+        deleted = s3_record("webhook-uploads", "plain.png", name="ObjectRemoved:Delete")
+        missing = s3_record("webhook-uploads", "deleted before it was fetched.png")
         assert post(url, records(*recs, deleted, missing), bearer())[0] == 200
         assert post(url, records(recs[0], recs[1]), bearer())[1]["duplicates"] == 2  # redelivered
-        assert post(url, s3_test_event("uploads"), bearer())[1]["ignored"] == 1
+        assert post(url, s3_test_event("webhook-uploads"), bearer())[1]["ignored"] == 1
         assert post(url, b"{broken", bearer())[0] == 400
         p.start_worker()
         wait_until(
