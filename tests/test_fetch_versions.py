@@ -47,7 +47,6 @@ def test_an_object_overwritten_after_listing_is_stored_under_its_new_etag(
     try:
         outcomes = path.caption([listed[k] for k in ("changed.png", "kept.png", "deleted.png")])
     finally:
-        path.batcher.close()
         path.close()
     assert [o.error.code if o.error else None for o in outcomes] == [None, None, Code.NOT_FOUND]
     db_url = f"sqlite:///{tmp_path / 'versions.db'}"

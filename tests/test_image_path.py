@@ -106,7 +106,6 @@ def test_every_image_gets_its_own_outcome_in_order_and_good_ones_match_the_raw_e
     try:
         outcomes = path.caption([ImageRef(u) for u in uris])
     finally:
-        path.batcher.close()
         path.close()
     # Every image was fetched; the three that arrived were decoded; two waited for a batch.
     assert {name: count(name) - before[name] for name in STAGES} == {
@@ -141,7 +140,6 @@ def test_images_in_flight_never_exceed_the_budget(tiny_engine: OfaEngine) -> Non
     try:
         outcomes = path.caption([ImageRef(u) for u in blobs])
     finally:
-        path.batcher.close()
         path.close()
     assert all(o.error is None for o in outcomes) and counting.captioned == 24
     # Fetching is far faster than the model: without the budget all 24 would be in flight.

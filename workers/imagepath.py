@@ -62,7 +62,9 @@ class ImagePath:
         return [f.result() for f in started]
 
     def close(self) -> None:
-        """Stop the fetch and decode threads (the batcher is its owner's to close)."""
+        """Finish the batcher's queued batches and stop its model thread, then stop the fetch
+        and decode threads."""
+        self.batcher.close()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 

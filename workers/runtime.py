@@ -161,7 +161,6 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the model thread and the image path's threads, and drop the heartbeat."""
-        self.path.batcher.close()
         self.path.close()
         try:
             heartbeat.forget(self.ledger.redis, self.settings.queue_name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,23 +81,42 @@ def run_caption(request: CaptionRequest) -> int:
     config = resolve_model(request.model, request.revision, settings)
     s3 = make_s3_client(settings) if any(is_s3(i) for i in request.inputs) else None
     refs = list(iter_refs(request.inputs, s3))
+    model = ModelOptions(request.device, request.dtype, request.generator, request.batch_size)
+    with one_shot_path(settings, config, s3, model) as path:
+        outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
+    print_results(outcomes, as_json=request.json)
+    return 0
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a one-shot command runs the model."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    generator: str = "fast"
+    batch_size: int = 8
+
+
+@contextmanager
+def one_shot_path(
+    settings: Settings, config: CheckpointConfig, s3: Any, model: ModelOptions
+) -> Iterator[ImagePath]:
+    """The image path with its batcher in this process (one-shot commands), closed afterwards."""
     run_settings = settings.model_copy(
         update={
-            "device": request.device,
-            "dtype": request.dtype,
-            "generator": request.generator,
-            "batch_size": request.batch_size,
+            "device": model.device,
+            "dtype": model.dtype,
+            "generator": model.generator,
+            "batch_size": model.batch_size,
         }
     )
     fetcher = StoreFetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
     path = build_path(run_settings, config, fetcher=fetcher)
     try:
-        outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
+        yield path
     finally:
-        path.batcher.close()
         path.close()
-    print_results(outcomes, as_json=request.json)
-    return 0
 
 
 def resolve_model(model: str, revision: str | None, settings: Settings) -> CheckpointConfig:

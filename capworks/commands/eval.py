@@ -153,28 +153,17 @@ def caption_references(
     uris: Sequence[str], db: Engine, request: EvalRequest, options: CaptionOptions
 ) -> Hypotheses:
     """Caption the reference images through the `capworks caption` path, storing the captions."""
-    from capworks.commands.caption import RateColumn, resolve_model
+    from capworks.commands.caption import ModelOptions, RateColumn, one_shot_path, resolve_model
     from schema.settings import get_settings
     from schema.storage import make_s3_client
     from workers.engine import CaptionedImage
-    from workers.fetch import StoreFetcher
     from workers.persist import ResultWriter
     from workers.pipeline import caption_refs
-    from workers.runtime import build_path
 
     settings = get_settings()
     config = resolve_model(request.model, request.revision, settings)
-    run_settings = settings.model_copy(
-        update={
-            "device": options.device,
-            "dtype": options.dtype,
-            "generator": options.generator,
-            "batch_size": options.batch_size,
-        }
-    )
     s3 = make_s3_client(settings) if any(is_s3(u) for u in uris) else None
-    fetcher = StoreFetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
-    path = build_path(run_settings, config, fetcher=fetcher)
+    model = ModelOptions(options.device, options.dtype, options.generator, options.batch_size)
     columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), RateColumn())
     progress = Progress(
         *columns,
@@ -182,19 +171,15 @@ def caption_references(
         console=Console(stderr=True),
         disable=not request.show_progress,
     )
-    try:
-        with progress:
-            task = progress.add_task("captioning", total=len(uris))
-            outcomes = caption_refs(
-                [image_ref(u) for u in uris],
-                path,
-                ResultWriter(db, config),
-                chunk_size=options.batch_size * 4,
-                on_chunk=lambda chunk: progress.advance(task, len(chunk)),
-            )
-    finally:
-        path.batcher.close()
-        path.close()
+    with one_shot_path(settings, config, s3, model) as path, progress:
+        task = progress.add_task("captioning", total=len(uris))
+        outcomes = caption_refs(
+            [image_ref(u) for u in uris],
+            path,
+            ResultWriter(db, config),
+            chunk_size=options.batch_size * 4,
+            on_chunk=lambda chunk: progress.advance(task, len(chunk)),
+        )
     hyps = Hypotheses(config.identity, {})
     for o in outcomes:
         if isinstance(o.result, CaptionedImage):
