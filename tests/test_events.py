@@ -246,7 +246,9 @@ def test_uploads_announced_to_the_webhook_command_are_captioned_once_by_a_real_w
         assert consumer.wait(timeout=30) == 0
     rows = count_rows(p.db_url)
     assert (rows["images"], rows["captions"]) == (len(uploads) + 1, len(uploads))
-    assert failures(p.db_url) == {"s3://uploads/deleted before it was fetched.png": "not_found"}
+    assert failures(p.db_url) == {
+        "s3://webhook-uploads/deleted before it was fetched.png": "not_found"
+    }
     assert_mostly_true(captions(p.db_url), {uri: c for uri, (c, _) in uploads.items()}, floor=0.8)
     assert len(bad_rows(p.db_url)) == 1
 
