@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schema.redact import register_secrets, url_password
+
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
 
 
@@ -30,13 +32,17 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=8, ge=1)
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
-    # Storage
+    # Storage. URLs stay plain strings (every library takes them so); a password inside one is
+    # masked wherever capworks prints, logs or stores it (`schema.redact`). PostgreSQL TLS goes
+    # in the URL: `?sslmode=verify-full&sslrootcert=/path/ca.pem`.
     database_url: str = "sqlite:///capworks.db"
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_addressing_style: str = "auto"
     s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # A CA bundle for an https S3 endpoint signed by a private CA (boto3's `verify=`).
+    s3_ca_bundle: Path | None = None
     http_timeout_s: float = 30.0
 
     # Image validation (defaults from the model card's service limits)
@@ -56,6 +62,11 @@ class Settings(BaseSettings):
 
     # Queue (Celery on Redis)
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # TLS to Redis (`rediss://` URLs): the CA that signed the server's certificate (the system's
+    # when unset; the hostname is checked either way), and a client certificate if it asks for one.
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
     queue_name: str = "capworks"
     # Leases (workers/leases.py): a worker process renews the lease on the jobs it holds every
     # lease_s / 4 (at most 5 s); a job whose holder died is back within lease_s plus one renewal.
@@ -102,6 +113,15 @@ class Settings(BaseSettings):
     heartbeat_stale_s: float = Field(default=60.0, gt=0)
     heartbeat_ttl_s: int = Field(default=120, ge=1)
 
+    def secret_values(self) -> list[str | None]:
+        """Every secret these settings hold, for `schema.redact` to mask."""
+        hidden = (self.s3_secret_access_key, self.events_token, self.events_hmac_secret)
+        return [
+            *(s.get_secret_value() for s in hidden if s is not None),
+            url_password(self.database_url),
+            url_password(self.broker_url),
+        ]
+
     @property
     def checkpoint_dir(self) -> Path:
         """Folder of checkpoints built offline by `capworks checkpoint build`."""
@@ -110,5 +130,8 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read from the environment on first use."""
-    return Settings()
+    """The process-wide settings, read from the environment on first use; their secrets are
+    masked in everything `schema.redact` sees from then on."""
+    settings = Settings()
+    register_secrets(settings.secret_values())
+    return settings

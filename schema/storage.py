@@ -25,6 +25,12 @@ def make_s3_client(settings: Settings) -> Any:
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key,
+        aws_secret_access_key=(
+            settings.s3_secret_access_key.get_secret_value()
+            if settings.s3_secret_access_key
+            else None
+        ),
+        # A private CA's bundle for an https endpoint; None keeps botocore's own.
+        verify=str(settings.s3_ca_bundle) if settings.s3_ca_bundle else None,
         config=config,
     )

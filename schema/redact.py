@@ -1,0 +1,105 @@
+"""Secrets out of everything capworks prints, logs, stores or publishes: one `redact` function.
+
+What it masks: the password in a URL's userinfo (`redis://:pw@host`, `postgresql://u:pw@db`),
+presigned-URL signatures and credentials (`X-Amz-Signature`, `X-Amz-Credential`,
+`X-Amz-Security-Token`, `Signature`, `AWSAccessKeyId`), bearer tokens, and every secret value
+registered from the settings (`register_secrets`), wherever it appears. Logging goes through
+`RedactingFilter` (`install_log_redaction`), error messages bound for the `failures` and
+`bad_messages` tables, Celery's `argsrepr` (what Flower shows) and CLI output through `redact`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+MASK = "***"
+# A secret shorter than this is not searched for as a bare value: masking every "1" or "test"
+# in a log would hide more than it protects. URL passwords and tokens are masked by shape anyway.
+MIN_SECRET_CHARS = 6
+
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/\s?#]*):(?P<pw>[^@\s/]*)@"
+)
+_QUERY_SECRET = re.compile(
+    r"(?P<name>(?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|sig)=)"
+    r"(?P<value>[^&\s\"'#<>]+)",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(?P<name>\bBearer\s+)(?P<value>[^\s\"',;]+)", re.IGNORECASE)
+
+_lock = threading.Lock()
+_secrets: frozenset[str] = frozenset()
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Mask these values (and their URL-decoded forms) wherever `redact` sees them from now on."""
+    global _secrets
+    found = set()
+    for value in values:
+        if value and len(value) >= MIN_SECRET_CHARS:
+            found.update({value, unquote(value)})
+    with _lock:
+        _secrets = _secrets | frozenset(v for v in found if len(v) >= MIN_SECRET_CHARS)
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in a URL's userinfo, URL-decoded; None when it has none."""
+    if not url:
+        return None
+    match = _USERINFO.search(url)
+    return unquote(match["pw"]) if match and match["pw"] else None
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords, presigned signatures, bearer tokens and registered secrets
+    replaced by `***`."""
+    if not text:
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["pw"] else m[0], text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['name']}{MASK}", text)
+    text = _BEARER.sub(lambda m: f"{m['name']}{MASK}", text)
+    for secret in sorted(_secrets, key=len, reverse=True):  # a longer one may contain a shorter
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """An image URI as capworks stores and shows it: an http(s) URL redacted (a presigned URL
+    loses its signature, which expires anyway); any other URI as it is, since an object key may
+    spell anything, `sig=` included."""
+    if uri[:8].lower().startswith(("http://", "https://")):
+        return redact(uri)
+    return uri
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (arguments merged in) and traceback through `redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keeps the record, with its text redacted."""
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string: keep what logging would show
+            message = str(record.msg)
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Put one `RedactingFilter` on every handler of `logger` (the root logger by default):
+    a handler filter sees the records of every child logger, a logger filter only its own."""
+    target = logger or logging.getLogger()
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
