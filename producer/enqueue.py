@@ -12,12 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import Connection, Engine, func, select
 
 from producer.crawl import Publisher
 from schema.jobs import Job
-from schema.queue import CAPTION_TASK, make_celery
+from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
 from schema.settings import Settings, get_settings
 from schema.uris import ImageRef, is_s3, parse_s3
 
@@ -35,11 +34,9 @@ def make_publisher(settings: Settings) -> Publisher:
     app = make_celery(settings)
 
     def send(body: dict[str, Any]) -> None:
-        app.send_task(CAPTION_TASK, args=[body], queue=settings.queue_name)
+        app.send_task(CAPTION_TASK, args=[body], queue=settings.queue_name, **task_reprs(body))
 
-    return Publisher(
-        send, redis.Redis.from_url(settings.broker_url), settings.queue_name, settings.job_images
-    )
+    return Publisher(send, make_redis(settings), settings.queue_name, settings.job_images)
 
 
 def enqueue(

@@ -9,7 +9,7 @@ not persist (no AOF, no RDB snapshots) loses the queue on a restart: a warning, 
 
 Producers and workers call it once at start-up:
 
-    warnings = check_broker(redis.Redis.from_url(settings.broker_url),
+    warnings = check_broker(make_redis(settings),
                             settings.allow_evicting_broker)
 """
 

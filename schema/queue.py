@@ -3,15 +3,59 @@
 Delivery policy (see README, "Delivery and retries"): late acknowledgement, requeue when a
 worker process dies, one prefetched job per worker thread, events on for Flower, and a
 visibility timeout far above the longest job.
+
+Every Redis client capworks opens (broker, leases, ledger, heartbeats, claims, status) comes from
+`make_redis`, so a `rediss://` broker URL and its CA file hold for all of them and for Celery.
 """
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
+import redis
 from celery import Celery
 
+from schema.redact import redact
 from schema.settings import Settings
 
 CAPTION_TASK = "capworks.caption_job"
+
+
+def redis_tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS keyword arguments for a `rediss://` broker URL (none for `redis://`):
+    the certificate is always verified, against `redis_ca_file` when set."""
+    if not settings.broker_url.startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    files = {
+        "ssl_ca_certs": settings.redis_ca_file,
+        "ssl_certfile": settings.redis_cert_file,
+        "ssl_keyfile": settings.redis_key_file,
+    }
+    options.update({name: str(path) for name, path in files.items() if path is not None})
+    return options
+
+
+def make_redis(settings: Settings, socket_timeout_s: float | None = None) -> redis.Redis:
+    """A client of the broker's Redis, with its password and TLS settings."""
+    return redis.Redis.from_url(
+        settings.broker_url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        **redis_tls_options(settings),
+    )
+
+
+def task_reprs(body: dict[str, Any], *more: object) -> dict[str, str]:
+    """`argsrepr` and `kwargsrepr` for a job message: what Flower and task events show instead
+    of the arguments themselves (the job id, its size and first URI, redacted: a presigned
+    URL's signature never reaches an event or a dashboard)."""
+    images = body.get("images") or []
+    first = images[0][0] if images and isinstance(images[0], list | tuple) and images[0] else ""
+    tail = "".join(f", {m!r}" for m in more)
+    summary = f"[job {body.get('id')}: {len(images)} images, {first}{tail}]"
+    return {"argsrepr": redact(summary)[:1024], "kwargsrepr": "{}"}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,5 +85,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        # kombu passes these to redis-py's SSL connection; None for `redis://`.
+        broker_use_ssl=redis_tls_options(settings) or None,
     )
     return app

@@ -125,15 +125,14 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, c: Any) -> None:
         """Start renewing once the task consumer exists."""
-        import redis
-
+        from schema.queue import make_redis
         from schema.settings import get_settings
 
         settings = get_settings()
         channel = c.task_consumer.channel
         key = lease_key(socket.gethostname(), os.getpid())
         every_s = renew_every_s(settings.lease_s)
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=every_s)
+        client = make_redis(settings, socket_timeout_s=every_s)
         self._keeper = LeaseKeeper(client, key, settings.lease_s, channel.unacked_index_key)
         self.tick(c)
         self._tref = c.timer.call_repeatedly(every_s, self.tick, (c,))

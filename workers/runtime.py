@@ -20,6 +20,7 @@ from schema.backoff import compute_backoff
 from schema.checkpoint import CheckpointConfig, resolve_checkpoint
 from schema.db import connect
 from schema.errors import CapworksError
+from schema.queue import make_redis
 from schema.settings import Settings
 from schema.storage import make_s3_client
 from workers import metrics
@@ -128,7 +129,7 @@ class Runtime:
         """Load the model and open every connection (seams as in `build_path`)."""
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
         slots = RunSlots()
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        client = make_redis(settings, socket_timeout_s=5)
         started_at = time.time()
 
         built: list[ImagePath] = []  # the first beat comes before build_path returns

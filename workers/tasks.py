@@ -14,7 +14,6 @@ import traceback
 from functools import partial
 from typing import Any
 
-import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
@@ -22,7 +21,8 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
 from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
-from schema.queue import CAPTION_TASK, make_celery
+from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
+from schema.redact import install_log_redaction
 from schema.settings import get_settings
 from workers import metrics, policy
 from workers.engine import CaptionedImage
@@ -46,6 +46,7 @@ def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
         format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s",
         force=True,  # libraries imported earlier may have installed a handler of their own
     )
+    install_log_redaction()
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
@@ -54,7 +55,7 @@ def load_before_taking_jobs(**_: Any) -> None:
     checkpoint, an unreachable database, a broker that would evict queued jobs) exits instead
     of taking jobs and failing them."""
     try:
-        broker = redis.Redis.from_url(settings.broker_url)
+        broker = make_redis(settings)
         for warning in check_broker(broker, settings.allow_evicting_broker):
             log.warning("%s", warning)
         get_runtime(settings)
@@ -173,7 +174,10 @@ def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
 def send_again(job: Job, after: policy.After, kind: str, attempt: int) -> None:
     """Publish the images to retry as a job with a derived id, after the decided delay."""
     again = job.derived(after.retry, derived_job_id(job.job_id, kind, attempt))
-    caption_job.apply_async(args=[again.to_wire(), attempt + 1], countdown=after.delay_s)
+    body = again.to_wire()
+    caption_job.apply_async(
+        args=[body, attempt + 1], countdown=after.delay_s, **task_reprs(body, attempt + 1)
+    )
 
 
 def retry_whole_job(rt: Runtime, job: Job, exc: Exception, attempt: int) -> dict[str, int]:
@@ -208,7 +212,8 @@ def split(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
     )
     for i, ref in enumerate(job.images):
         single = job.derived([ref], derived_job_id(job.job_id, "s", i))
-        caption_job.apply_async(args=[single.to_wire()])
+        body = single.to_wire()
+        caption_job.apply_async(args=[body], **task_reprs(body))
     rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("split").inc()
     return {"split": len(job.images)}

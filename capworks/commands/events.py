@@ -13,7 +13,6 @@ from types import FrameType
 from typing import Literal
 
 import boto3
-import redis
 
 from producer.events.bulk import BulkSender
 from producer.events.filer import FilerFollower, FilerPosition
@@ -23,7 +22,7 @@ from producer.events.webhook import WebhookAuth, WebhookServer, require_auth
 from schema.broker_check import check_broker
 from schema.checkpoint import resolve_identity
 from schema.db import connect
-from schema.queue import make_celery
+from schema.queue import make_celery, make_redis
 from schema.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def run_events(
     stop = stop or _stop_on_signals()
     db = connect(options.db_url)
     identity = resolve_identity(options.model, options.revision, settings.checkpoint_dir)
-    broker = redis.Redis.from_url(settings.broker_url)
+    broker = make_redis(settings)
     for warning in check_broker(broker, settings.allow_evicting_broker):
         log.warning("%s", warning)
     sender = BulkSender(make_celery(settings), broker, settings.queue_name)

@@ -7,7 +7,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -39,6 +39,7 @@ class FarmAddress:
     db_url: str
     queue: str
     stale_after_s: float
+    redis_tls: dict[str, Any] = field(default_factory=dict)  # `schema.queue.redis_tls_options`
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,10 @@ class HealthRequest:
     check_database: bool = True
 
 
-def open_redis(url: str) -> Any:
+def open_redis(url: str, tls: dict[str, Any] | None = None) -> Any:
     """A Redis client that has answered a PING; `FarmUnreachable` otherwise."""
     client = redis.Redis.from_url(
-        url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+        url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S, **(tls or {})
     )
     try:
         client.ping()
@@ -97,7 +98,7 @@ def open_farm(farm: FarmAddress) -> tuple[Any, Engine]:
     """Redis and the database, both reached; one `FarmUnreachable` naming each that is not."""
     reasons, client, db = [], None, None
     try:
-        client = open_redis(farm.broker_url)
+        client = open_redis(farm.broker_url, farm.redis_tls)
     except FarmUnreachable as exc:
         reasons.append(str(exc))
     try:
@@ -230,7 +231,7 @@ def run_health(request: HealthRequest) -> int:
     farm = request.farm
     problems: list[str] = []
     try:
-        client = open_redis(farm.broker_url)
+        client = open_redis(farm.broker_url, farm.redis_tls)
     except FarmUnreachable as exc:
         client = None
         problems.append(str(exc))

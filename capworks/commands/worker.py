@@ -159,11 +159,12 @@ def hand_back_jobs(pid: int) -> None:
     """Give a dead child's held jobs back to the queue now, not when its lease expires."""
     import redis
 
+    from schema.queue import make_redis
     from workers.leases import hand_back, lease_key
 
     try:
         count = hand_back(
-            redis.Redis.from_url(get_settings().broker_url, socket_timeout=5),
+            make_redis(get_settings(), socket_timeout_s=5),
             lease_key(socket.gethostname(), pid),
         )
     except redis.RedisError as exc:

@@ -22,7 +22,7 @@ from celery import Celery
 from kombu.serialization import dumps
 
 from schema.jobs import Job
-from schema.queue import CAPTION_TASK
+from schema.queue import CAPTION_TASK, task_reprs
 
 PERSISTENT = 2
 
@@ -48,14 +48,14 @@ class BulkSender:
 
     def message(self, channel: Any, job: Job) -> dict[str, Any]:
         """The kombu envelope `send_task` would push for this job."""
+        body = job.to_wire()
         task = self._app.amqp.create_task_message(
             str(uuid.uuid4()),
             CAPTION_TASK,
-            [job.to_wire()],
+            [body],
             {},
-            # Celery's saferepr of the body is a third of the cost; the image says as much.
-            argsrepr=f"[job {job.job_id}: {job.images[0].uri if job.images else ''}]"[:1024],
-            kwargsrepr="{}",
+            # Celery's saferepr of the body is a third of the cost; the summary says as much.
+            **task_reprs(body),
         )
         content_type, encoding, body = dumps(task.body, serializer="json")  # type: ignore[no-untyped-call]
         properties = {**task.properties, "delivery_mode": PERSISTENT}
