@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
+from schema.redact import install_log_redaction, redact
 from schema.settings import get_settings
 
 log = logging.getLogger("capworks")
@@ -21,7 +22,8 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print `capworks: error: ...` and exit 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # argparse repeats the arguments it refused: a database URL with its password, say.
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,10 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             import socket
 
             from capworks.commands import status
+            from schema.queue import redis_tls_options
 
             settings = get_settings()
             farm = status.FarmAddress(
-                settings.broker_url, args.db, settings.queue_name, settings.heartbeat_stale_s
+                settings.broker_url,
+                args.db,
+                settings.queue_name,
+                settings.heartbeat_stale_s,
+                redis_tls_options(settings),
             )
             if args.command == "status":
                 return status.run_status(
@@ -363,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))
         return 0
     except (CapworksError, CheckpointError, ValueError) as exc:
-        print(f"capworks: error: {exc}", file=sys.stderr)
+        print(f"capworks: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("capworks: interrupted", file=sys.stderr)
@@ -374,6 +381,7 @@ def configure_logging(verbosity: int, quiet_transformers: bool = True) -> None:
     """Our loggers at WARNING (INFO with -v); the model libraries' chatter at ERROR."""
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     for noisy in ("modelscope", "modelscope_hub", "transformers", "fairseq", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not quiet_transformers:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalErr
 from schema.checkpoint import CheckpointConfig
 from schema.errors import CapworksError, Code
 from schema.jobs import escaped
+from schema.redact import redact, redact_uri
 from schema.tables import BadMessage, Failure, Image, utcnow
 from schema.tables import Caption as CaptionRow
 from workers.engine import CaptionedImage
@@ -65,7 +66,9 @@ class _Batch:
         cls, outcomes: Sequence[Outcome[CaptionedImage]], job_id: str | None, trace: str | None
     ) -> _Batch:
         now = utcnow()
-        last = {o.ref.uri: o for o in outcomes}
+        # A presigned URL is stored without its signature (`redact_uri`): the row names the
+        # object; the job message alone carries what fetches it.
+        last = {redact_uri(o.ref.uri): o for o in outcomes}
         batch = cls(now, [], [], [])
         for uri in sorted(last):
             ref, result = last[uri].ref, last[uri].result
@@ -98,9 +101,9 @@ class _Batch:
                     dict(
                         uri=uri,
                         code=result.code.value,
-                        message=result.message[:2000],
+                        message=redact(result.message)[:2000],
                         job_id=job_id,
-                        traceback=trace,
+                        traceback=redact(trace) if trace else trace,
                     )
                 )
         return batch
@@ -205,9 +208,9 @@ class ResultWriter:
         with _reachable(), self._engine.begin() as conn:
             conn.execute(
                 self._insert(BadMessage).values(
-                    job_key=escaped(job_key)[:256],
-                    reason=escaped(error.message),
-                    body=escaped(repr(body))[:10000],
+                    job_key=redact(escaped(job_key))[:256],
+                    reason=redact(escaped(error.message)),
+                    body=redact(escaped(repr(body)))[:10000],
                     received=utcnow(),
                 )
             )

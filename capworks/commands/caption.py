@@ -25,6 +25,7 @@ from rich.table import Table
 from producer.sources import InputError, iter_refs
 from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
 from schema.db import connect
+from schema.redact import redact, redact_uri
 from schema.settings import Settings, get_settings
 from schema.storage import make_s3_client
 from schema.uris import ImageRef, is_http, is_s3
@@ -159,7 +160,7 @@ def outcome_dict(o: Outcome[CaptionedImage]) -> dict[str, Any]:
     if isinstance(o.result, CaptionedImage):
         cap = o.result.caption
         return {
-            "uri": o.ref.uri,
+            "uri": redact_uri(o.ref.uri),
             "caption": cap.text,
             "score": round(cap.score, 4),
             "alternatives": [
@@ -167,7 +168,11 @@ def outcome_dict(o: Outcome[CaptionedImage]) -> dict[str, Any]:
             ],
             "tags": {tag: round(score, 4) for tag, score in cap.tags},
         }
-    return {"uri": o.ref.uri, "error": o.result.code.value, "message": o.result.message}
+    return {
+        "uri": redact_uri(o.ref.uri),
+        "error": o.result.code.value,
+        "message": redact(o.result.message),
+    }
 
 
 def print_results(outcomes: list[Outcome[CaptionedImage]], as_json: bool) -> None:
