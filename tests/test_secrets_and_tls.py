@@ -1,0 +1,288 @@
+"""No secret in anything a real run leaves behind, and the pipeline over Redis with TLS.
+
+A `redis-server` of this module's own on loopback ports (the shared one on 6379 is never
+touched): a password on both, TLS on the second with a CA made here by `openssl`. The local
+PostgreSQL trusts loopback connections, so the database password travels through every layer
+but is not checked by the server; SeaweedFS accepts any S3 credentials, likewise. The Redis
+password and the webhook's bearer token are checked: a run that did not use them fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import boto3
+import pytest
+import redis
+from botocore.config import Config
+from conftest import REPO, require_service
+from event_samples import records, s3_record
+from pipeline_support import (
+    Pipeline,
+    captions,
+    count_rows,
+    failures,
+    free_port,
+    make_bucket,
+    query,
+    wait_until,
+)
+from sqlalchemy import select
+
+from schema.tables import Base
+
+
+@dataclass(frozen=True)
+class SecureRedis:
+    """The module's Redis: `plain_url` (password) and `tls_url` (password and TLS)."""
+
+    password: str
+    plain_port: int
+    tls_port: int
+    ca_file: Path
+
+    @property
+    def plain_url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.plain_port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://:{self.password}@127.0.0.1:{self.tls_port}/0"
+
+    def client(self) -> Any:
+        return redis.Redis.from_url(self.plain_url)
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    if shutil.which("openssl") is None:
+        require_service("openssl", "not installed")
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "1", "-subj", "/CN=capworks test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", folder / "san.cnf"],
+    ]  # fmt: skip
+    for step in steps:
+        subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def secure_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRedis]:
+    """redis-server with `requirepass` on one loopback port and TLS on another; stopped after."""
+    if shutil.which("redis-server") is None:
+        require_service("redis-server", "not installed")
+    folder = tmp_path_factory.mktemp("secure-redis")
+    ca, cert, key = make_certificates(folder)
+    server = SecureRedis(f"redis-pw-{secrets.token_hex(8)}", free_port(), free_port(), ca)
+    cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(server.plain_port),
+           "--tls-port", str(server.tls_port), "--tls-cert-file", str(cert),
+           "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+           "--tls-auth-clients", "no", "--requirepass", server.password,
+           "--dir", str(folder), "--save", ""]  # fmt: skip
+    log = (folder / "redis.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: _answers(server), 20, "redis-server", lambda: (folder / "redis.log").read_text()
+        )
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _answers(server: SecureRedis) -> bool:
+    try:
+        return bool(server.client().ping())
+    except redis.RedisError:
+        return False
+
+
+def queue_left(server: SecureRedis, queue: str) -> int:
+    client = server.client()
+    return int(client.llen(queue)) + int(client.hlen("unacked"))
+
+
+def presign(endpoint: str, secret: str, bucket: str, key: str) -> str:
+    """A presigned GET URL (SigV4: X-Amz-Credential, X-Amz-Signature) signed with `secret`."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="capworks-test-key",
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )
+    return str(
+        client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
+        )
+    )
+
+
+def stored_text(db_url: str) -> str:
+    """Every row of every table, as text."""
+    return "\n".join(
+        repr(row)
+        for table in Base.metadata.sorted_tables
+        for row in query(db_url, lambda conn, t=table: conn.execute(select(t)).all())
+    )
+
+
+def queued_messages(server: SecureRedis, queue: str) -> list[tuple[dict[str, Any], str]]:
+    """(headers, decoded body) of each message waiting in the queue."""
+    found = []
+    for raw in server.client().lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        found.append((envelope["headers"], base64.b64decode(envelope["body"]).decode()))
+    return found
+
+
+def post(url: str, body: bytes, token: str) -> int:
+    request = urllib.request.Request(
+        url, body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_a_run_with_passwords_tokens_and_presigned_urls_leaves_no_secret_anywhere(
+    secure_redis: SecureRedis, pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    s3_secret, token = f"s3-secret-{secrets.token_hex(8)}", f"bearer-{secrets.token_hex(8)}"
+    db_password = f"db-pw-{secrets.token_hex(8)}"
+    db_url = pg_url.replace("postgres@", f"postgres:{db_password}@")
+    bucket = make_bucket(s3_endpoint, f"secrets-{secrets.token_hex(3)}", 6, seed=12)
+    name = next(iter(bucket.blobs)).split("/")[2]
+    keys = [uri.split("/", 3)[3] for uri in bucket.blobs]
+    good = [presign(s3_endpoint, s3_secret, name, k) for k in keys[:3]]
+    missing = [presign(s3_endpoint, s3_secret, name, f"gone {i}.png") for i in range(2)]
+    signed = [parse_qs(urlsplit(u).query) for u in good + missing]
+    hidden = [s3_secret, token, db_password, secure_redis.password]
+    hidden += [q[f][0] for q in signed for f in ("X-Amz-Signature", "X-Amz-Credential")]
+
+    p = Pipeline(db_url, s3_endpoint, tmp_path)
+    p.extra_env.update(
+        CAPWORKS_BROKER_URL=secure_redis.plain_url,
+        CAPWORKS_S3_ACCESS_KEY_ID="capworks-test-key",
+        CAPWORKS_S3_SECRET_ACCESS_KEY=s3_secret,
+        CAPWORKS_EVENTS_TOKEN=token,
+    )
+    uri_list = tmp_path / "uris.txt"
+    uri_list.write_text("\n".join([*list(bucket.blobs)[3:], *good, *missing]) + "\n")
+    outputs = []
+    port = free_port()
+    events_log = (tmp_path / "events.log").open("wb")
+    webhook = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "events", "--source", "webhook",
+         "--port", str(port)],
+        stdout=events_log, stderr=subprocess.STDOUT, env=p.env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        enqueued = p.cli("enqueue", f"@{uri_list}")
+        outputs.append(enqueued.stdout + enqueued.stderr)
+        assert enqueued.returncode == 0, enqueued.stderr
+        url = f"http://127.0.0.1:{port}/events"
+        event = records(s3_record(name, keys[0], etag='"0"'))
+        wait_until(lambda: post(url, b"{}", "wrong") == 401, 60, "the webhook", lambda: "")
+        assert post(url, event, token) == 200  # the token is what lets the event in
+        messages = queued_messages(secure_redis, p.queue)
+        assert len(messages) == 2  # the URI list's job and the event's
+        assert any(good[0] in body for _, body in messages)  # the job carries what fetches
+        for headers, _ in messages:
+            shown = f"{headers['argsrepr']} {headers['kwargsrepr']}"
+            assert "[job " in shown and not [s for s in hidden if s in shown], shown
+
+        metrics_port = free_port()
+        p.start_worker(metrics_port=metrics_port)
+        wait_until(
+            lambda: (
+                count_rows(db_url)["captions"] + count_rows(db_url)["failures"] >= 9
+                and queue_left(secure_redis, p.queue) == 0
+            ),
+            300,
+            "every image captioned or dead-lettered",
+            lambda: p.log_text()[-3000:],
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+            outputs.append(page.read().decode())
+        commands = [
+            ["dlq", "--db", db_url, "list"],
+            ["dlq", "--db", db_url, "show", next(iter(failures(db_url)))],
+            ["status", "--json", "--db", db_url],
+            ["search", "shape", "--db", db_url],
+            ["status", "--no-such-option", "--db", db_url],  # argparse repeats what it refused
+        ]
+        for args in commands:
+            done = p.cli(*args)
+            outputs.append(done.stdout + done.stderr)
+        assert "not_found" in outputs[-5] and "capworks_images_total" in outputs[1]
+    finally:
+        webhook.send_signal(signal.SIGTERM)
+        webhook.wait(timeout=30)
+        p.stop_workers()
+    got, dead = captions(db_url), failures(db_url)
+    assert len(got) == 7 and sorted(dead.values()) == ["not_found", "not_found"], (got, dead)
+    assert sum("X-Amz-Signature=***" in uri for uri in got) == 3  # stored without signatures
+    texts = {
+        "worker log": p.log_text(),
+        "webhook log": (tmp_path / "events.log").read_text(errors="replace"),
+        "database rows": stored_text(db_url),
+        "CLI output and metrics": "\n".join(outputs),
+    }
+    leaks = {(where, s) for where, text in texts.items() for s in hidden if s in text}
+    assert not leaks, leaks
+
+
+def test_a_crawl_runs_over_redis_with_tls_and_a_password(
+    secure_redis: SecureRedis, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'tls.db'}"
+    bucket = make_bucket(s3_endpoint, f"tls-{secrets.token_hex(3)}", 4, seed=13)
+    name = next(iter(bucket.blobs)).split("/")[2]
+    p = Pipeline(db_url, s3_endpoint, tmp_path)
+    p.extra_env.update(
+        CAPWORKS_BROKER_URL=secure_redis.tls_url,
+        CAPWORKS_REDIS_CA_FILE=str(secure_redis.ca_file),
+    )
+    try:
+        enqueued = p.cli("enqueue", f"s3://{name}/")
+        assert enqueued.returncode == 0, enqueued.stderr
+        p.start_worker()
+        wait_until(
+            lambda: count_rows(db_url)["captions"] >= 4 and queue_left(secure_redis, p.queue) == 0,
+            300,
+            "captions over TLS",
+            lambda: p.log_text()[-3000:],
+        )
+        status = p.cli("status", "--json", "--db", db_url)
+        assert status.returncode == 0, status.stderr
+    finally:
+        p.stop_workers()
+    assert set(captions(db_url)) == set(bucket.blobs)
+    p.extra_env.pop("CAPWORKS_REDIS_CA_FILE")
+    untrusted = p.cli("status", "--json", "--db", db_url)
+    assert untrusted.returncode != 0 and "certificate" in untrusted.stderr.lower()
