@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from producer.sources import InputError, iter_positions
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, escaped, new_job_id, unstorable
+from schema.redact import redact
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
 from schema.uris import ImageRef, is_http, is_s3
 
@@ -188,7 +189,7 @@ def _start(session: Session, old: Crawl | None, crawl_id: str, source: str) -> C
         session.flush()
     crawl = Crawl(
         id=crawl_id,
-        source=source,
+        source=redact(source),  # a presigned URL is kept without its signature
         state="running",
         listed=0,
         skipped=0,
@@ -258,7 +259,7 @@ def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[Ima
         if reason is None:
             keep.append(ref)
         else:
-            bad[escaped(ref.uri)[:10_000]] = reason
+            bad[redact(escaped(ref.uri))[:10_000]] = reason
     if bad:
         job_key = f"crawl:{crawl_id}"
         known = set(

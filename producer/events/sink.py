@@ -24,6 +24,7 @@ from sqlalchemy import Engine, insert, select
 from producer.crawl import Publisher
 from producer.events.records import BadRecord, ObjectCreated
 from schema.jobs import Job, escaped
+from schema.redact import redact
 from schema.tables import BadMessage, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def record_bad_records(db: Engine, job_key: str, bad: Sequence[BadRecord]) -> No
     if not bad:
         return
     key = escaped(job_key)[:256]
-    bodies = {escaped(b.body)[:MAX_BODY_CHARS]: b for b in bad}
+    bodies = {redact(escaped(b.body))[:MAX_BODY_CHARS]: b for b in bad}
     with db.begin() as conn:
         # A message received again (SQS redelivery, a sender's retry) adds no second row.
         known = set(
@@ -73,7 +74,12 @@ def record_bad_records(db: Engine, job_key: str, bad: Sequence[BadRecord]) -> No
             )
         )
         rows = [
-            {"job_key": key, "reason": escaped(b.reason), "body": body, "received": utcnow()}
+            {
+                "job_key": key,
+                "reason": redact(escaped(b.reason)),
+                "body": body,
+                "received": utcnow(),
+            }
             for body, b in bodies.items()
             if body not in known
         ]
