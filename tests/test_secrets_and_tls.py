@@ -28,7 +28,7 @@ import boto3
 import pytest
 import redis
 from botocore.config import Config
-from conftest import REPO, require_service
+from conftest import PG_ADMIN_URL, REPO, require_service
 from event_samples import records, s3_record
 from pipeline_support import (
     Pipeline,
@@ -40,8 +40,11 @@ from pipeline_support import (
     query,
     wait_until,
 )
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import OperationalError
 
+from schema.db import connect
+from schema.errors import CapworksError
 from schema.tables import Base
 
 
@@ -286,3 +289,23 @@ def test_a_crawl_runs_over_redis_with_tls_and_a_password(
     p.extra_env.pop("CAPWORKS_REDIS_CA_FILE")
     untrusted = p.cli("status", "--json", "--db", db_url)
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr.lower()
+
+
+def test_a_database_url_asking_for_verify_full_reaches_postgresql_as_it_is() -> None:
+    """The local PostgreSQL has `ssl = off`: a URL demanding TLS is refused by libpq itself,
+    which shows the setting travelled unchanged (on a server with TLS it would connect)."""
+    admin = create_engine(PG_ADMIN_URL)
+    try:
+        with admin.connect() as conn:
+            ssl_on = conn.execute(text("SHOW ssl")).scalar() == "on"
+    except OperationalError as exc:
+        require_service("PostgreSQL", str(exc.orig))
+    finally:
+        admin.dispose()
+    if ssl_on:
+        pytest.skip("this PostgreSQL has TLS on; the refusal below needs a server without it")
+    url = PG_ADMIN_URL.replace("postgres@", "postgres:db-pw-not-shown@")
+    with pytest.raises(CapworksError) as refused:
+        connect(f"{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
+    assert "SSL was required" in str(refused.value)
+    assert "db-pw-not-shown" not in str(refused.value)
