@@ -4,6 +4,11 @@ On the wire a job is compact JSON: `{"v": 1, "id": ..., "crawl": ..., "images": 
 size, version_id], ...]}`; bucket and key are derived from `s3://` URIs. One message carries many
 images because Celery costs about 1 ms per message: one message per image caps a crawl near
 1,000 images/s.
+
+Optional fields are added without a new version, so that workers of either side of a rolling
+upgrade read each other's messages (an unknown field is ignored; a known one must be well
+formed): `model` (the caption identity) and `uploaded` (when the job's objects were uploaded,
+Unix seconds, from a storage event; a crawl's jobs have none).
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class Job:
     # The caption identity (model id, revision, generation settings hash) the producer deduped
     # against; a worker serving another identity does not caption the job under its own.
     model: tuple[str, str, str] | None = None
+    # When the job's objects were uploaded (Unix time, seconds), as a storage event reported it;
+    # the worker observes upload -> caption latency from it. None for crawled images.
+    upload_time_s: float | None = None
 
     @classmethod
     def new(
@@ -69,13 +77,15 @@ class Job:
         crawl_id: str | None = None,
         job_id: str | None = None,
         model: tuple[str, str, str] | None = None,
+        upload_time_s: float | None = None,
     ) -> Job:
         """A job with a fresh id unless one is given (crawls use deterministic ids)."""
-        return cls(job_id or new_job_id(), tuple(images), crawl_id, model)
+        return cls(job_id or new_job_id(), tuple(images), crawl_id, model, upload_time_s)
 
     def derived(self, images: Sequence[ImageRef], job_id: str) -> Job:
-        """A job made from this one (a retry, a split): same crawl, same model identity."""
-        return Job(job_id, tuple(images), self.crawl_id, self.model)
+        """A job made from this one (a retry, a split): same crawl, model identity and upload
+        time (a retried image's latency runs from its upload to its final caption)."""
+        return Job(job_id, tuple(images), self.crawl_id, self.model, self.upload_time_s)
 
     def to_wire(self) -> dict[str, Any]:
         """The compact JSON-able message body."""
@@ -87,6 +97,8 @@ class Job:
         }
         if self.model is not None:
             body["model"] = list(self.model)
+        if self.upload_time_s is not None:
+            body["uploaded"] = self.upload_time_s
         return body
 
     @classmethod
@@ -120,7 +132,8 @@ class Job:
                 rejected.append(RejectedImage(index, item, exc.message))
         if not refs:  # every entry was rejected (with `rejected` None the first one raised)
             raise MalformedJob(f"no usable image entry; first: {(rejected or [])[0].reason}")
-        return cls(job_id, tuple(refs), crawl, _model_from_wire(body.get("model")))
+        model = _model_from_wire(body.get("model"))
+        return cls(job_id, tuple(refs), crawl, model, _upload_time_from_wire(body.get("uploaded")))
 
 
 def _model_from_wire(model: Any) -> tuple[str, str, str] | None:
@@ -132,6 +145,25 @@ def _model_from_wire(model: Any) -> tuple[str, str, str] | None:
     for name, value in zip(("model id", "revision", "settings hash"), model, strict=True):
         _check_text(name, value, MAX_KEY_CHARS)
     return (model[0], model[1], model[2])
+
+
+def _upload_time_from_wire(uploaded: Any) -> float | None:
+    """A job's upload time: absent, or a finite, non-negative number of Unix seconds.
+
+    A time in the future is kept: whether it is too far ahead depends on the receiving clock, and
+    validation gives every worker and every redelivery the same verdict (the worker's metric
+    leaves such a time out, `workers.metrics.upload_latency_s`).
+    """
+    if uploaded is None:
+        return None
+    # NaN and infinities fail the range check too (JSON from Python may carry them).
+    if (
+        not isinstance(uploaded, int | float)
+        or isinstance(uploaded, bool)
+        or not 0 <= uploaded < 2**63
+    ):
+        raise MalformedJob(f"uploaded {uploaded!r} is not a Unix time in seconds"[:500])
+    return float(uploaded)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ bodies = st.one_of(
             "id": st.one_of(any_text, scalars, st.just("j" * 200)),
             "images": st.one_of(st.lists(entries, max_size=6), scalars),
         },
-        optional={"crawl": st.one_of(any_text, scalars)},
+        optional={"crawl": st.one_of(any_text, scalars), "uploaded": scalars},
     ),
 )
 
@@ -72,6 +72,7 @@ def test_any_message_ends_as_a_job_of_storable_images_or_a_reason(
     assert 1 <= received.attempt <= 10_000
     assert len(job.job_id) <= MAX_JOB_ID_CHARS and unstorable(job.job_id) is None
     assert job.images
+    assert job.upload_time_s is None or 0 <= job.upload_time_s < 2**63
     for ref in job.images:
         assert len(ref.uri) <= MAX_URI_CHARS and unstorable(ref.uri) is None
         for text in (ref.etag, ref.version_id, ref.bucket, ref.key):
