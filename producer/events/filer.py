@@ -70,12 +70,10 @@ def change_from_json(doc: dict[str, Any], path_prefix: str = "/buckets/") -> Fil
         return FilerChange(ts_ns, None)
     attributes = entry.get("attributes") or {}
     size = attributes.get("fileSize")
-    return FilerChange(
-        ts_ns,
-        ObjectCreated(
-            bucket, key, _etag(entry), int(str(size)) if str(size or "").isdigit() else None
-        ),
-    )
+    sized = int(str(size)) if str(size or "").isdigit() else None
+    # The change's time is when the filer stored the entry: the upload time a job carries.
+    uploaded_s = ts_ns / 1_000_000_000 if ts_ns > 0 else None  # int / int: correctly rounded
+    return FilerChange(ts_ns, ObjectCreated(bucket, key, _etag(entry), sized, None, uploaded_s))
 
 
 def _etag(entry: dict[str, Any]) -> str | None:

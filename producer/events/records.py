@@ -5,12 +5,17 @@ Only object-created events for image-like keys become work; the AWS `s3:TestEven
 other keys are counted as ignored. Keys of `Records[]` are form-encoded ("red+flower.jpg") and
 are decoded; EventBridge keys arrive as they are. A record that names no bucket or key, or a key
 the database cannot hold, is bad: it is reported with the reason and its neighbours go on.
+
+The event's time (`eventTime` of a record, `time` of an EventBridge event) is kept as the upload
+time that jobs carry for the workers' upload -> caption latency; a missing or unreadable time
+leaves it out and the object is captioned all the same.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -39,6 +44,9 @@ class ObjectCreated:
     etag: str | None = None
     size_bytes: int | None = None
     version_id: str | None = None
+    # When it was uploaded (Unix seconds), where the event says; two deliveries of one object
+    # version are the same object whatever times they carry.
+    upload_time_s: float | None = field(default=None, compare=False)
 
     @property
     def uri(self) -> str:
@@ -142,6 +150,7 @@ def _s3_record(record: Any) -> Parsed:
         obj.get("size"),
         obj.get("versionId"),
         record,
+        event_time_s(record.get("eventTime")),
     )
 
 
@@ -154,10 +163,42 @@ def _eventbridge(doc: dict[str, Any]) -> Parsed:
     if not isinstance(bucket, str) or not bucket or not isinstance(key, str) or not key:
         return _bad("EventBridge event names no bucket or object key", doc)
     obj = detail["object"]
-    return _created(bucket, key, obj.get("etag"), obj.get("size"), obj.get("version-id"), doc)
+    return _created(
+        bucket,
+        key,
+        obj.get("etag"),
+        obj.get("size"),
+        obj.get("version-id"),
+        doc,
+        event_time_s(doc.get("time")),
+    )
 
 
-def _created(bucket: str, key: str, etag: Any, size: Any, version: Any, source: Any) -> Parsed:
+def event_time_s(value: Any) -> float | None:
+    """An event's ISO 8601 time ("2026-12-02T06:00:00.000Z") as Unix seconds; a time without a
+    zone is UTC (as S3 and EventBridge send it); None when missing, unreadable or before 1970
+    (a job's upload time is never negative)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = when.timestamp()
+    return seconds if seconds >= 0 else None
+
+
+def _created(
+    bucket: str,
+    key: str,
+    etag: Any,
+    size: Any,
+    version: Any,
+    source: Any,
+    upload_time_s: float | None = None,
+) -> Parsed:
     if not is_image_key(key):
         return Parsed(ignored=1)
     uri = s3_uri(bucket, key)
@@ -173,7 +214,14 @@ def _created(bucket: str, key: str, etag: Any, size: Any, version: Any, source: 
     sized = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
     return Parsed(
         created=[
-            ObjectCreated(bucket, key, (etag or "").strip('"') or None, sized, version or None)
+            ObjectCreated(
+                bucket,
+                key,
+                (etag or "").strip('"') or None,
+                sized,
+                version or None,
+                upload_time_s,
+            )
         ]
     )
 

@@ -120,7 +120,7 @@ class EventSink:
             pipe.set(key, CLAIM, nx=True, ex=self._claim_ttl_s, get=True)
         before = dict(zip(first, pipe.execute(), strict=True))
         claimed = [k for k, old in before.items() if old is None]
-        jobs = [Job.new([events[first[k]].ref()], model=self._identity) for k in claimed]
+        jobs = [self._job(events[first[k]]) for k in claimed]
         try:
             self._send(jobs)
         except BaseException:
@@ -142,6 +142,10 @@ class EventSink:
             else:
                 outcomes.append(Outcome.IN_FLIGHT)
         return outcomes
+
+    def _job(self, event: ObjectCreated) -> Job:
+        """The single-image job of one object: for this model, with its upload time."""
+        return Job.new([event.ref()], model=self._identity, upload_time_s=event.upload_time_s)
 
     def record_bad(self, job_key: str, bad: Sequence[BadRecord]) -> None:
         """Keep unusable records in `bad_messages`."""
