@@ -13,7 +13,7 @@ from schema.errors import CapworksError, Kind
 from schema.jobs import Job
 from schema.uris import ImageRef
 from workers.engine import CaptionedImage
-from workers.metrics import JOB_SECONDS
+from workers.metrics import JOB_SECONDS, observe_upload_latency
 from workers.outcome import Outcome
 from workers.runtime import Runtime
 
@@ -29,7 +29,8 @@ class JobResult:
 
 @JOB_SECONDS.time()
 def run_job(job: Job, rt: Runtime) -> JobResult:
-    """Caption every image of `job` and commit the final outcomes."""
+    """Caption every image of `job`, commit the final outcomes, and observe an event job's
+    upload -> caption latency for each caption committed."""
     final: list[Outcome[CaptionedImage]] = []
     transient: list[tuple[ImageRef, CapworksError]] = []
     for o in rt.path.caption(job.images):
@@ -38,4 +39,5 @@ def run_job(job: Job, rt: Runtime) -> JobResult:
         else:
             final.append(o)
     counts = rt.save(final)
+    observe_upload_latency(job.upload_time_s, counts.captioned)
     return JobResult(counts.captioned, counts.failed, tuple(transient))

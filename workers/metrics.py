@@ -8,6 +8,7 @@ in `_total`, durations are histograms in seconds.
 from __future__ import annotations
 
 import logging
+import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -76,6 +77,33 @@ GPU_MEMORY_BYTES = Gauge(
     "CUDA memory held by tensors after the last batch (in_use) and its peak since start (peak)",
     ["kind"],
 )
+
+UPLOAD_TO_CAPTION_SECONDS = Histogram(
+    "capworks_upload_to_caption_seconds",
+    "Time from an object's upload (its storage event's time) to its caption's commit; event"
+    " jobs only",
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+)
+# An upload time further ahead of this process's clock than this is not a clock's skew but a
+# wrong time (milliseconds sent as seconds, a clock years off): it is left out, not observed.
+MAX_CLOCK_SKEW_S = 300.0
+
+
+def upload_latency_s(upload_time_s: float | None, now_s: float) -> float | None:
+    """Seconds from upload to `now_s` (Unix times): a little clock skew counts as 0; no upload
+    time, or one more than `MAX_CLOCK_SKEW_S` in the future, gives None (nothing observed)."""
+    if upload_time_s is None or upload_time_s - now_s > MAX_CLOCK_SKEW_S:
+        return None
+    return max(now_s - upload_time_s, 0.0)
+
+
+def observe_upload_latency(upload_time_s: float | None, captioned: int) -> None:
+    """Observe upload -> caption latency once for each of `captioned` images just committed."""
+    latency_s = upload_latency_s(upload_time_s, time.time())
+    if latency_s is None:
+        return
+    for _ in range(captioned):
+        UPLOAD_TO_CAPTION_SECONDS.observe(latency_s)
 
 
 def serve(host: str, port: int) -> bool:
