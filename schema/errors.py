@@ -33,6 +33,9 @@ class Code(enum.Enum):
     INTERNAL_ERROR = "internal_error"
     MODEL_ERROR = "model_error"
     WRONG_MODEL = "wrong_model"
+    FORBIDDEN_ADDRESS = "forbidden_address"  # an http(s) fetch the guard refuses (workers/guard.py)
+    FORBIDDEN_PATH = "forbidden_path"  # a local file outside the configured roots
+    TOO_MANY_REDIRECTS = "too_many_redirects"
 
 
 TRANSIENT_CODES = frozenset(
