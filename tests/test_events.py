@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from pipeline_support import (
     own_queue,
     query,
     queued_images,
+    scrape,
     wait_until,
 )
 from sqlalchemy import select
@@ -486,3 +490,45 @@ def test_filer_stream_uploads_are_captioned_unlisted_and_a_restart_misses_and_re
         assert_mostly_true(
             captions(p.db_url), {u: c for u, (c, _) in {**first, **second}.items()}, floor=0.8
         )
+
+
+# --- upload -> caption latency ------------------------------------------------------------------
+
+
+def test_worker_observes_upload_to_caption_latency_of_each_event_image_and_none_of_crawled(
+    pipeline: Pipeline,
+) -> None:
+    p = pipeline
+    started_s = math.floor(time.time())  # EventBridge times have whole seconds
+    uploads = upload(p.s3_endpoint, "latency", ["one.png", "two words.png", "bridge.png"], seed=5)
+    crawled = upload(p.s3_endpoint, "latency-crawl", ["c1.png", "c2.png"], seed=6)
+    uploaded_at = datetime.now(UTC)
+    keys = {uri.split("/", 3)[3]: etag for uri, (_, etag) in uploads.items()}
+    recs = []
+    for key in ("one.png", "two words.png"):
+        rec = s3_record("latency", key, etag=keys[key])
+        rec["eventTime"] = uploaded_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        recs.append(rec)
+    bridge = json.loads(eventbridge("latency", "bridge.png", etag=keys["bridge.png"]))
+    bridge["time"] = uploaded_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    sink = make_sink(p, resolve_identity("shapes", None, get_settings().checkpoint_dir))
+    with webhook(sink, WebhookAuth(token=TOKEN)) as server:
+        assert post(server.url, records(*recs), bearer())[1]["published"] == 2
+        assert post(server.url, json.dumps(bridge).encode(), bearer())[1]["published"] == 1
+    assert p.cli("enqueue", "s3://latency-crawl/", "--no-progress").returncode == 0
+    metrics_port = free_port()
+    p.start_worker(metrics_port=metrics_port)
+    wait_until(
+        lambda: count_rows(p.db_url)["captions"] >= 5 and p.queue_length() == 0,
+        300,
+        "five captions",
+        lambda: p.log_text()[-3000:],
+    )
+    metrics = scrape(metrics_port)
+    elapsed_s = time.time() - started_s
+    captioned = ("capworks_images_total", frozenset({("outcome", "captioned"), ("code", "")}))
+    assert metrics[captioned] == len(uploads) + len(crawled)  # the crawl's were captioned here
+    count = metrics[("capworks_upload_to_caption_seconds_count", frozenset())]
+    total_s = metrics[("capworks_upload_to_caption_seconds_sum", frozenset())]
+    assert count == len(uploads)  # event images only
+    assert 0 <= total_s <= count * elapsed_s, (total_s, elapsed_s)
