@@ -21,8 +21,12 @@ MASK = "***"
 # in a log would hide more than it protects. URL passwords and tokens are masked by shape anyway.
 MIN_SECRET_CHARS = 6
 
+# Every repeat is bounded: an unbounded scheme made a 5 MB run of letters (a malformed job's
+# padding) cost O(n^2), holding the GIL for hours. Schemes are short (RFC 3986 names none over
+# 30 characters); a userinfo over 1 KiB is not a credential anyone types.
 _USERINFO = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/\s?#]*):(?P<pw>[^@\s/]*)@"
+    r"(?<![A-Za-z0-9+.\-])(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]{0,31}://)"
+    r"(?P<user>[^:@/\s?#]{0,1024}):(?P<pw>[^@\s/]{0,1024})@"
 )
 _QUERY_SECRET = re.compile(
     r"(?P<name>(?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|sig)=)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,18 @@ PRESIGNED = (
     "&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLETOKEN"
     "&X-Amz-Signature=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 )
+
+
+def test_a_huge_text_without_secrets_is_redacted_in_linear_time() -> None:
+    # A malformed job padded with 5 MB of letters once froze a worker: an unbounded URL scheme
+    # pattern tried every start position to the end of the run (hours, holding the GIL).
+    text = "x" * 4_000_000 + " redis://:pw12345@h/0 " + "y:" * 500_000 + "@"
+    out: list[str] = []
+    worker = threading.Thread(target=lambda: out.append(redact(text)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert out, "redact did not finish in 120 s on 5 MB"
+    assert "pw12345" not in out[0] and out[0].startswith("x" * 4_000_000)
 
 
 def test_url_passwords_are_masked_and_the_rest_of_the_url_kept() -> None:
