@@ -33,10 +33,14 @@ class Child:
     started_s: float
     delay_s: float = RESTART_DELAY_S
 
-    def next_delay(self, now_s: float, base_s: float = RESTART_DELAY_S) -> float:
-        """The base delay after a process that ran a while; doubling, up to a minute, after one
-        that died young (a worker that cannot load its model should not spin)."""
-        if now_s - self.started_s >= STABLE_S:
+    def next_delay(
+        self, now_s: float, base_s: float = RESTART_DELAY_S, code: int | None = None
+    ) -> float:
+        """The base delay after a process that ran a while or was SIGKILLed (the OOM killer, an
+        operator, a reclaimed spot host: nothing a wait would cure); doubling, up to a minute,
+        after one that exited or crashed young (a worker that cannot load its model should not
+        spin)."""
+        if now_s - self.started_s >= STABLE_S or code == -signal.SIGKILL:
             return base_s
         return min(self.delay_s * 2, MAX_RESTART_DELAY_S)
 
@@ -214,7 +218,7 @@ def supervise(
             elif (code := child.proc.poll()) is not None:
                 if on_death is not None:
                     on_death(child.proc.pid)
-                child.delay_s = child.next_delay(now, restart_delay_s)
+                child.delay_s = child.next_delay(now, restart_delay_s, code)
                 restart_at[i] = now + child.delay_s
                 log.warning(
                     "worker for %s exited with %s; restarting in %.0f s",
