@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     cap.add_argument("--json", action="store_true", help="print results as JSON lines")
     cap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cap.add_argument(
+        "--allow-address",
+        action="append",
+        type=cidr,
+        default=[],
+        metavar="CIDR",
+        help="let http(s) inputs reach this network too (repeatable; e.g. 127.0.0.0/8)",
+    )
 
     enq = sub.add_parser("enqueue", help="crawl sources and enqueue jobs for the workers")
     enq.add_argument(
@@ -238,6 +247,14 @@ def duration_s(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration like 30s, 2h or 7d: {text!r}") from None
 
 
+def cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An argparse type for a network such as 10.0.0.0/8 or ::1/128 (a bare address is /32)."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a network like 10.0.0.0/8: {exc}") from None
+
+
 def rate_per_s(text: str) -> float:
     """An argparse type for rates such as 50/s or 50."""
     try:
@@ -271,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.batch_size,
                     args.json,
                     args.no_progress,
+                    tuple(args.allow_address),
                 )
             )
         if args.command == "enqueue":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schema.redact import register_secrets, url_password
 
@@ -43,7 +45,16 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     # A CA bundle for an https S3 endpoint signed by a private CA (boto3's `verify=`).
     s3_ca_bundle: Path | None = None
+    # The whole of one http(s) image fetch (connect, redirects, body), not just the connect.
     http_timeout_s: float = 30.0
+    # The fetch guard (workers/guard.py) lets http(s) image URIs reach public addresses only, and
+    # the networks listed here (comma list of CIDRs; 127.0.0.0/8 for a server on this host). A
+    # cloud metadata address opens only when named exactly (169.254.169.254/32). The S3
+    # endpoint above is the operator's and is not guarded.
+    fetch_allow_cidrs: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = ()
+    # Folders local image paths may be read from (a list like PATH's, `:` between them). A
+    # worker with none refuses every local path; `capworks caption` adds the paths it is given.
+    file_roots: Annotated[tuple[Path, ...], NoDecode] = ()
 
     # Image validation (defaults from the model card's service limits)
     max_image_bytes: int = 10 * 1024 * 1024
@@ -112,6 +123,20 @@ class Settings(BaseSettings):
     # unhealthy (a hung model thread); its key expires heartbeat_ttl_s after the last beat.
     heartbeat_stale_s: float = Field(default=60.0, gt=0)
     heartbeat_ttl_s: int = Field(default=120, ge=1)
+
+    @field_validator("fetch_allow_cidrs", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _split_path_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part for part in value.split(os.pathsep) if part)
+        return value
 
     def secret_values(self) -> list[str | None]:
         """Every secret these settings hold, for `schema.redact` to mask."""

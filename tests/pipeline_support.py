@@ -61,6 +61,9 @@ class Pipeline:
             "CAPWORKS_BATCH_SIZE": "8",
             "PYTHONUNBUFFERED": "1",
             "CAPWORKS_METRICS_PORT": "0",  # a test that scrapes metrics gives each worker a port
+            # The tests' http servers listen on loopback, their local images lie under tmp.
+            "CAPWORKS_FETCH_ALLOW_CIDRS": "127.0.0.0/8",
+            "CAPWORKS_FILE_ROOTS": str(self.tmp),
             **self.extra_env,
         }
 

@@ -1,17 +1,21 @@
-"""Fetching image bytes: the `Fetcher` seam, and `StoreFetcher` for local files, S3 and http(s),
-with failures mapped to error codes."""
+"""Fetching image bytes: the `Fetcher` seam, and `StoreFetcher` for local files (under the file
+roots only), S3 and http(s) (through the address guard), with failures mapped to error codes."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from schema.errors import Code, StorageError
+from schema.settings import Settings
 from schema.uris import ImageRef, S3Location, is_http, is_s3, local_path, parse_s3
+from workers.fileroots import FileRoots
+from workers.guard import IPNetwork
+from workers.http_fetch import GuardedHttp
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})
@@ -37,12 +41,35 @@ class Fetcher(Protocol):
 
 class StoreFetcher:
     """Reads the bytes behind a reference; reads at most `max_bytes + 1` so a huge object costs
-    little (the decoder then refuses it as too large)."""
+    little (the decoder then refuses it as too large). The S3 endpoint is the operator's and is
+    not guarded; http(s) URIs go through `http`, local paths through `file_roots`."""
 
-    def __init__(self, s3_client: Any, max_bytes: int, http_timeout_s: float) -> None:
+    def __init__(
+        self, s3_client: Any, max_bytes: int, http: GuardedHttp, file_roots: FileRoots
+    ) -> None:
         self._s3 = s3_client
         self._max_bytes = max_bytes
-        self._http_timeout_s = http_timeout_s
+        self._http = http
+        self._file_roots = file_roots
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        s3_client: Any,
+        *,
+        file_roots: Iterable[Path] = (),
+        allow: Iterable[IPNetwork] = (),
+    ) -> StoreFetcher:
+        """The fetcher the settings describe, with a one-shot command's own roots and networks
+        added to theirs."""
+        http = GuardedHttp(
+            settings.max_image_bytes,
+            settings.http_timeout_s,
+            (*settings.fetch_allow_cidrs, *allow),
+        )
+        roots = FileRoots((*settings.file_roots, *file_roots))
+        return cls(s3_client, settings.max_image_bytes, http, roots)
 
     def fetch(self, ref: ImageRef) -> bytes | Fetched:
         """The bytes of the object `ref` names, or `StorageError` with a code."""
@@ -52,20 +79,11 @@ class StoreFetcher:
             # bucket and key fields, says which object is read.
             return self._fetch_s3(ref, parse_s3(uri))
         if is_http(uri):
-            return self._fetch_http(uri)
+            return self._http.get(uri)
         return self._fetch_file(uri)
 
     def _fetch_file(self, uri: str) -> bytes:
-        path = local_path(uri)
-        try:
-            with path.open("rb") as f:
-                return f.read(self._max_bytes + 1)
-        except FileNotFoundError as exc:
-            raise StorageError(Code.NOT_FOUND, f"no such file: {path}") from exc
-        except PermissionError as exc:
-            raise StorageError(Code.ACCESS_DENIED, f"permission denied: {path}") from exc
-        except IsADirectoryError as exc:
-            raise StorageError(Code.BAD_URI, f"is a directory: {path}") from exc
+        return self._file_roots.read(local_path(uri), self._max_bytes)
 
     def _fetch_s3(self, ref: ImageRef, loc: S3Location) -> bytes | Fetched:
         """A listed version is read by its id; otherwise the current object, and when its ETag
@@ -96,17 +114,4 @@ class StoreFetcher:
         except ParamValidationError as exc:  # a bucket name S3 cannot have: no retry helps
             raise StorageError(Code.BAD_URI, f"{uri}: {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc
-
-    def _fetch_http(self, uri: str) -> bytes:
-        try:
-            with urllib.request.urlopen(uri, timeout=self._http_timeout_s) as resp:
-                return resp.read(self._max_bytes + 1)  # type: ignore[no-any-return]
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404 or exc.code == 410:
-                raise StorageError(Code.NOT_FOUND, f"{uri}: HTTP {exc.code}") from exc
-            if exc.code in (401, 403):
-                raise StorageError(Code.ACCESS_DENIED, f"{uri}: HTTP {exc.code}") from exc
-            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc

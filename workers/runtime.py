@@ -95,10 +95,7 @@ def build_path(
         batcher.close()
         raise
     return ImagePath(
-        fetcher
-        or StoreFetcher(
-            make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s
-        ),
+        fetcher or StoreFetcher.from_settings(settings, make_s3_client(settings)),
         decoder or exact_decoder(config, settings),
         batcher,
         images_in_flight=images_in_flight(settings),

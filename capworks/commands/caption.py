@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from schema.storage import make_s3_client
 from schema.uris import ImageRef, is_http, is_s3
 from workers.engine import CaptionedImage
 from workers.fetch import StoreFetcher
+from workers.guard import IPNetwork
 from workers.imagepath import ImagePath
 from workers.outcome import Outcome
 from workers.persist import ResultWriter
@@ -70,6 +71,8 @@ class CaptionRequest:
     batch_size: int = 8
     json: bool = False
     no_progress: bool = False
+    # Networks http(s) inputs may reach besides public ones (`--allow-address`).
+    allow: tuple[IPNetwork, ...] = ()
 
 
 def run_caption(request: CaptionRequest) -> int:
@@ -83,7 +86,9 @@ def run_caption(request: CaptionRequest) -> int:
     s3 = make_s3_client(settings) if any(is_s3(i) for i in request.inputs) else None
     refs = list(iter_refs(request.inputs, s3))
     model = ModelOptions(request.device, request.dtype, request.generator, request.batch_size)
-    with one_shot_path(settings, config, s3, model) as path:
+    # A one-shot command reads the local paths it was given (and the configured roots), no more.
+    roots = [Path(i) for i in request.inputs if not is_s3(i) and not is_http(i)]
+    with one_shot_path(settings, config, s3, model, file_roots=roots, allow=request.allow) as path:
         outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
     print_results(outcomes, as_json=request.json)
     return 0
@@ -101,9 +106,17 @@ class ModelOptions:
 
 @contextmanager
 def one_shot_path(
-    settings: Settings, config: CheckpointConfig, s3: Any, model: ModelOptions
+    settings: Settings,
+    config: CheckpointConfig,
+    s3: Any,
+    model: ModelOptions,
+    *,
+    file_roots: Iterable[Path] = (),
+    allow: Iterable[IPNetwork] = (),
 ) -> Iterator[ImagePath]:
-    """The image path with its batcher in this process (one-shot commands), closed afterwards."""
+    """The image path with its batcher in this process (one-shot commands), closed afterwards;
+    local files are read from under `file_roots`, http(s) reaches `allow` besides public
+    addresses (both added to the settings')."""
     run_settings = settings.model_copy(
         update={
             "device": model.device,
@@ -112,7 +125,7 @@ def one_shot_path(
             "batch_size": model.batch_size,
         }
     )
-    fetcher = StoreFetcher(s3, settings.max_image_bytes, settings.http_timeout_s)
+    fetcher = StoreFetcher.from_settings(settings, s3, file_roots=file_roots, allow=allow)
     path = build_path(run_settings, config, fetcher=fetcher)
     try:
         yield path

@@ -171,7 +171,9 @@ def caption_references(
         console=Console(stderr=True),
         disable=not request.show_progress,
     )
-    with one_shot_path(settings, config, s3, model) as path, progress:
+    # The images the references file names are the paths this one-shot command was given.
+    roots = [local_path(u) for u in uris if not is_s3(u) and not is_http(u)]
+    with one_shot_path(settings, config, s3, model, file_roots=roots) as path, progress:
         task = progress.add_task("captioning", total=len(uris))
         outcomes = caption_refs(
             [image_ref(u) for u in uris],

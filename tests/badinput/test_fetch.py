@@ -6,6 +6,7 @@ import pytest
 
 from capworks.seaweed import s3_client
 from schema.errors import Code, StorageError
+from schema.settings import Settings
 from schema.uris import ImageRef
 from workers.fetch import StoreFetcher
 
@@ -13,7 +14,7 @@ from workers.fetch import StoreFetcher
 @pytest.mark.parametrize("bucket", ["bad name!", "ünïcödé", "a:b"])
 def test_a_bucket_name_s3_cannot_have_is_a_bad_uri_not_a_retry(bucket: str) -> None:
     closed_port = s3_client("http://127.0.0.1:9")  # nothing listens: a request would be refused
-    fetcher = StoreFetcher(closed_port, max_bytes=100, http_timeout_s=1)
+    fetcher = StoreFetcher.from_settings(Settings(max_image_bytes=100), closed_port)
     with pytest.raises(StorageError) as info:
         fetcher.fetch(ImageRef(f"s3://{bucket}/photo.jpg", bucket=bucket, key="photo.jpg"))
     assert info.value.code is Code.BAD_URI and "bucket name" in info.value.message.lower()

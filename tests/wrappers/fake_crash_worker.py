@@ -36,7 +36,7 @@ class FakeCrashingFetcher:
 
 
 def build(settings: Settings) -> runtime.Runtime:
-    real = StoreFetcher(make_s3_client(settings), settings.max_image_bytes, settings.http_timeout_s)
+    real = StoreFetcher.from_settings(settings, make_s3_client(settings))
     return runtime.Runtime.build(settings, fetcher=FakeCrashingFetcher(real))
 
 

@@ -1,0 +1,207 @@
+"""Guarded http(s) fetches: a host is resolved once, every address it resolves to is judged by
+`workers.guard`, the connection goes to a judged address, and the address actually connected to
+is judged again, so DNS cannot rebind between check and connect. Redirects are followed by hand
+(each hop judged anew, at most `MAX_REDIRECTS`); bodies are read raw (never decompressed) up to
+a byte limit, under one deadline for the whole fetch."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import httpcore
+import httpx
+
+from schema.errors import Code, StorageError
+from workers.guard import IPAddress, IPNetwork, host_refusal, literal_address, refusal
+
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class Resolver(Protocol):
+    """Host names to addresses: the seam where a test plugs in its own DNS."""
+
+    def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Every address `host` has (empty when it has none)."""
+        ...
+
+
+class SystemResolver:
+    """The operating system's resolver (`getaddrinfo`)."""
+
+    def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Every address `host` has, each once, in the resolver's order."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot resolve {host!r}: {exc}") from exc
+        return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def forbidden(host: str, why: str) -> StorageError:
+    """The permanent failure of a fetch the guard refuses."""
+    return StorageError(Code.FORBIDDEN_ADDRESS, f"refused to connect to {host!r}: {why}")
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's connector with the guard in front: it resolves the host itself, refuses it
+    when any address is refused, connects to a judged address (never to the name), and judges
+    the peer of the socket it got before any byte is sent. `connector` makes the connection
+    (httpcore's own by default; a test's stand-in records what it was asked)."""
+
+    def __init__(
+        self,
+        allow: Sequence[IPNetwork],
+        resolver: Resolver,
+        connector: httpcore.NetworkBackend,
+    ) -> None:
+        self._allow = allow
+        self._resolver = resolver
+        self._connector = connector
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        """A stream to a judged address of `host`, or `StorageError(FORBIDDEN_ADDRESS)`."""
+        why = host_refusal(host, self._allow)
+        if why is not None:
+            raise forbidden(host, why)
+        literal = literal_address(host)
+        addresses = [literal] if literal is not None else self._resolver.resolve(host, port)
+        if not addresses:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{host!r} has no address")
+        for address in addresses:  # one refused address refuses the name: no mixed answers
+            why = refusal(address, self._allow)
+            if why is not None:
+                raise forbidden(host, f"it resolves to {why}")
+        stream = self._connect_first(addresses, port, timeout, local_address, socket_options)
+        peer = stream.get_extra_info("server_addr")
+        why = "no peer address" if not peer else refusal(ipaddress.ip_address(peer[0]), self._allow)
+        if why is not None:
+            stream.close()
+            raise forbidden(host, f"connected to {why}")
+        return stream
+
+    def _connect_first(
+        self,
+        addresses: list[IPAddress],
+        port: int,
+        timeout: float | None,
+        local_address: str | None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+    ) -> httpcore.NetworkStream:
+        error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in addresses:
+            try:
+                return self._connector.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None  # addresses is never empty here
+        raise error
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's transport on a `PinnedBackend`, proxies never taken from the environment."""
+
+    def __init__(self, backend: PinnedBackend) -> None:
+        super().__init__(trust_env=False)
+        # httpx takes no network backend of its own, so its pool is rebuilt with ours
+        # (tests/test_ssrf.py fails if a connection ever bypasses it).
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), network_backend=backend
+        )
+
+
+class GuardedHttp:
+    """http(s) GETs that reach only the addresses the guard lets through: public ones, and
+    those in `allow`."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        deadline_s: float,
+        allow: Sequence[IPNetwork] = (),
+        *,
+        resolver: Resolver | None = None,
+        connector: httpcore.NetworkBackend | None = None,
+    ) -> None:
+        self._max_bytes = max_bytes
+        self._deadline_s = deadline_s
+        backend = PinnedBackend(
+            allow, resolver or SystemResolver(), connector or httpcore.SyncBackend()
+        )
+        self._client = httpx.Client(
+            transport=PinnedTransport(backend),
+            trust_env=False,
+            follow_redirects=False,
+            headers={"Accept-Encoding": "identity"},
+        )
+
+    def get(self, uri: str) -> bytes:
+        """At most `max_bytes + 1` bytes of the body at `uri`, exactly as sent (a gzip body is
+        not inflated), or `StorageError` with a code."""
+        deadline = time.monotonic() + self._deadline_s
+        url = uri
+        try:
+            for _hop in range(MAX_REDIRECTS + 1):
+                scheme = httpx.URL(url).scheme
+                if scheme not in ("http", "https"):
+                    raise forbidden(url, f"{scheme}: is not http or https")
+                timeout = self._remaining_s(deadline, uri)
+                with self._client.stream("GET", url, timeout=timeout) as resp:
+                    location = resp.headers.get("location")
+                    if resp.status_code in REDIRECT_STATUSES and location:
+                        url = str(resp.url.join(location))
+                        continue
+                    check_status(uri, resp.status_code)
+                    return self._read(resp, deadline, uri)
+        except httpx.TimeoutException as exc:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: timed out: {exc}") from exc
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise StorageError(Code.BAD_URI, f"{uri}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: {exc}") from exc
+        raise StorageError(Code.TOO_MANY_REDIRECTS, f"{uri}: more than {MAX_REDIRECTS} redirects")
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._client.close()
+
+    def _read(self, resp: httpx.Response, deadline: float, uri: str) -> bytes:
+        data = bytearray()
+        for chunk in resp.iter_raw():
+            data += chunk
+            if len(data) > self._max_bytes:  # the decoder refuses it as too large
+                return bytes(data[: self._max_bytes + 1])
+            self._remaining_s(deadline, uri)
+        return bytes(data)
+
+    def _remaining_s(self, deadline: float, uri: str) -> float:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise StorageError(
+                Code.STORAGE_UNAVAILABLE, f"{uri}: not fetched within {self._deadline_s:g} s"
+            )
+        return left_s
+
+
+def check_status(uri: str, status: int) -> None:
+    """Raise the failure an HTTP status other than success means."""
+    if status < 300:
+        return
+    if status in (404, 410):
+        raise StorageError(Code.NOT_FOUND, f"{uri}: HTTP {status}")
+    if status in (401, 403):
+        raise StorageError(Code.ACCESS_DENIED, f"{uri}: HTTP {status}")
+    raise StorageError(Code.STORAGE_UNAVAILABLE, f"{uri}: HTTP {status}")
