@@ -125,6 +125,7 @@ def test_caption_s3_prefix_on_seaweedfs(
             "cannot reach database",
         ),
         (["caption", ".", "--db", "notadb://x"], "bad database URL"),
+        (["caption", ".", "--allow-address", "10.0.0.1/8"], "not a network like 10.0.0.0/8"),
     ],
 )
 def test_bad_command_line_exits_nonzero_with_one_clear_line(args: list[str], message: str) -> None:

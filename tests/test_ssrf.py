@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import gzip
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpcore
 import pytest
+from conftest import png_bytes, run_cli
+from pipeline_support import captions, failures
 
+from capworks.checkpoints.shapes_world import sample_scenes
 from schema.errors import Code, StorageError
 from workers.guard import IPAddress, IPNetwork
 from workers.http_fetch import MAX_REDIRECTS, GuardedHttp
@@ -333,3 +338,28 @@ def test_proxies_in_the_environment_are_not_used(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
     with loopback_server(body(b"direct")) as srv:
         assert guarded(LOOPBACK).get(f"{srv.base}/a") == b"direct"
+
+
+@pytest.mark.slow
+def test_capworks_caption_dead_letters_a_forbidden_url_and_captions_the_rest(
+    tmp_path: Path, shapes_dir: Path
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    scenes = sample_scenes(3, seed=5)
+    for i, (img, _) in enumerate(scenes[:2]):
+        (folder / f"local{i}.png").write_bytes(png_bytes(img))
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    with loopback_server(body(png_bytes(scenes[2][0]))) as srv:
+        forbidden, named = f"{srv.base}/served.png", f"http://localhost:{srv.port}/named.png"
+        args = ["caption", str(folder), forbidden, named, "--model", "shapes", "--db", url]
+        refused = run_cli(*args, "--json", "--no-progress")
+        assert refused.returncode == 0, refused.stderr[-3000:]
+        assert srv.requests == []  # refused before connecting
+        allowed = run_cli(*args, "--allow-address", "127.0.0.0/8", "--no-progress")
+        assert allowed.returncode == 0, allowed.stderr[-3000:]
+    lines = {d["uri"]: d for d in map(json.loads, refused.stdout.splitlines())}
+    assert lines[forbidden]["error"] == lines[named]["error"] == "forbidden_address"
+    assert sum("caption" in d for d in lines.values()) == 2  # the folder's images
+    assert failures(url) == {}  # the second run, allowed, captioned both URLs
+    assert {forbidden, named} <= set(captions(url)) and len(srv.requests) == 2

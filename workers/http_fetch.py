@@ -99,16 +99,15 @@ class PinnedBackend(httpcore.NetworkBackend):
         local_address: str | None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
     ) -> httpcore.NetworkStream:
-        error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
-        for address in addresses:
+        for address in addresses[:-1]:
             try:
                 return self._connector.connect_tcp(
                     str(address), port, timeout, local_address, socket_options
                 )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        assert error is not None  # addresses is never empty here
-        raise error
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                continue  # the next judged address may answer
+        last = str(addresses[-1])
+        return self._connector.connect_tcp(last, port, timeout, local_address, socket_options)
 
 
 class PinnedTransport(httpx.HTTPTransport):
