@@ -363,3 +363,11 @@ def test_capworks_caption_dead_letters_a_forbidden_url_and_captions_the_rest(
     assert sum("caption" in d for d in lines.values()) == 2  # the folder's images
     assert failures(url) == {}  # the second run, allowed, captioned both URLs
     assert {forbidden, named} <= set(captions(url)) and len(srv.requests) == 2
+
+
+def test_a_cookie_one_server_sets_is_not_sent_with_the_next_fetch() -> None:
+    with loopback_server(body(b"img", ("Set-Cookie", "session=abc; Path=/"))) as srv:
+        http = guarded(LOOPBACK)
+        http.get(f"{srv.base}/first")
+        http.get(f"{srv.base}/second")
+    assert "Cookie" not in srv.requests[1][1]

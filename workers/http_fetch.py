@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Protocol
 
 import httpcore
@@ -142,6 +143,8 @@ class GuardedHttp:
         )
         self._client = httpx.Client(
             transport=PinnedTransport(backend),
+            # No cookie one job's server set is sent along with another job's fetch.
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             trust_env=False,
             follow_redirects=False,
             headers={"Accept-Encoding": "identity"},
