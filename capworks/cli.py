@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=port_number,
         metavar="PORT",
         help="serve queue depth, dead letters and workers as Prometheus metrics on PORT "
-        "(CAPWORKS_METRICS_HOST) until stopped",
+        "(CAPWORKS_METRICS_HOST; off loopback, CAPWORKS_METRICS_TOKEN) until stopped",
     )
     health = sub.add_parser("health", help="exit 0 when healthy, 1 with the reasons when not")
     health.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
@@ -353,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.interval,
                         args.serve_metrics,
                         settings.metrics_host,
+                        settings.metrics_token,
+                        settings.metrics_allow_open,
                     )
                 )
             host = socket.gethostname() if args.worker else args.host

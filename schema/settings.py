@@ -116,9 +116,13 @@ class Settings(BaseSettings):
     events_filer_path_prefix: str = "/buckets/"
 
     # Monitoring: each worker process serves Prometheus metrics on its own port (0 = off).
-    # 127.0.0.1 keeps them on the host; set 0.0.0.0 for a Prometheus on another machine.
+    # 127.0.0.1 keeps them on the host; another address (0.0.0.0 for a Prometheus on another
+    # machine) needs metrics_token, which every scrape then sends as a bearer token, or the
+    # explicit metrics_allow_open (schema/metrics_endpoint.py).
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9750, ge=0, le=65535)
+    metrics_token: SecretStr | None = None
+    metrics_allow_open: bool = False
     # Heartbeats (schema/heartbeat.py): one older than heartbeat_stale_s makes its worker
     # unhealthy (a hung model thread); its key expires heartbeat_ttl_s after the last beat.
     heartbeat_stale_s: float = Field(default=60.0, gt=0)
@@ -140,7 +144,12 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str | None]:
         """Every secret these settings hold, for `schema.redact` to mask."""
-        hidden = (self.s3_secret_access_key, self.events_token, self.events_hmac_secret)
+        hidden = (
+            self.s3_secret_access_key,
+            self.events_token,
+            self.events_hmac_secret,
+            self.metrics_token,
+        )
         return [
             *(s.get_secret_value() for s in hidden if s is not None),
             url_password(self.database_url),

@@ -141,6 +141,27 @@ def test_prometheus_scrapes_every_worker(compose: dict[str, Any]) -> None:
     workers = [n for n, s in compose["services"].items() if s.get("image") == "capworks-worker"]
     assert targets == {f"{w}:9750" for w in workers} | {"farm-metrics:9760"}
     assert compose["services"]["farm-metrics"]["command"] == ["status", "--serve-metrics", "9760"]
+    # Every scrape sends the metrics token, read from the secret compose mounts for Prometheus.
+    secret = compose["secrets"]["metrics_token"]
+    assert secret == {"environment": "CAPWORKS_METRICS_TOKEN"}
+    assert "metrics_token" in compose["services"]["prometheus"]["secrets"]
+    for job in config["scrape_configs"]:
+        auth = job["authorization"]
+        assert (auth["type"], auth["credentials_file"]) == ("Bearer", "/run/secrets/metrics_token")
+
+
+def test_every_metrics_endpoint_off_loopback_has_the_token(compose: dict[str, Any]) -> None:
+    from schema.metrics_endpoint import is_loopback
+
+    serving = {"farm-metrics"} | {
+        n for n, s in compose["services"].items() if s.get("image") == "capworks-worker"
+    }
+    for name in serving:
+        env = compose["services"][name]["environment"]
+        assert not is_loopback(env["CAPWORKS_METRICS_HOST"]), name  # Prometheus is elsewhere
+        token = "${CAPWORKS_METRICS_TOKEN:?set CAPWORKS_METRICS_TOKEN}"
+        assert env.get("CAPWORKS_METRICS_TOKEN") == token, name  # the start fails without it
+        assert "CAPWORKS_METRICS_ALLOW_OPEN" not in env, name
 
 
 def test_images_get_what_they_copy_and_nothing_else_and_pin_torch() -> None:

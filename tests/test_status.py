@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from workers.persist import ResultWriter
 
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
 CLOSED_PORT_URL = "redis://127.0.0.1:9/0"  # the discard port: nothing listens on loopback
+METRICS_TOKEN = "farm-metrics-token-7d1e"
 
 
 def closed_pg_url() -> str:
@@ -290,7 +292,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_metrics_exports_queue_dead_letters_and_workers(queue: str, pg_url: str) -> None:
+def test_serve_metrics_exports_queue_dead_letters_and_workers_to_the_token_holder(
+    queue: str, pg_url: str
+) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     fill_database(pg_url)
@@ -303,13 +307,21 @@ def test_serve_metrics_exports_queue_dead_letters_and_workers(queue: str, pg_url
          "--db", pg_url],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, **cli_env(queue), "CAPWORKS_METRICS_HOST": "127.0.0.1"},
+        env={**os.environ, **cli_env(queue), "CAPWORKS_METRICS_HOST": "127.0.0.1",
+             "CAPWORKS_METRICS_TOKEN": METRICS_TOKEN},
         cwd=REPO,
     )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
         assert server.stdout is not None
-        assert f"127.0.0.1:{port}/metrics" in server.stdout.readline()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        line = server.stdout.readline()
+        assert f"127.0.0.1:{port}/metrics" in line and METRICS_TOKEN not in line
+        for wrong in ({}, {"Authorization": "Bearer not-the-token"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, headers=wrong), timeout=10)
+            assert refused.value.code == 401
+        right = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        with urllib.request.urlopen(right, timeout=10) as response:
             body = response.read().decode()
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker process, served at http://HOST:PORT/metrics.
+"""Prometheus metrics of one worker process, served at http://HOST:PORT/metrics (behind
+`CAPWORKS_METRICS_TOKEN` when set: `schema/metrics_endpoint.py`).
 
 `capworks worker` gives its N processes the ports `metrics_port` .. `metrics_port + N - 1`;
 `metrics_port = 0` turns the endpoint off. The names follow Prometheus conventions: counters end
@@ -10,7 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from pydantic import SecretStr
+
+from schema.metrics_endpoint import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +110,15 @@ def observe_upload_latency(upload_time_s: float | None, captioned: int) -> None:
         UPLOAD_TO_CAPTION_SECONDS.observe(latency_s)
 
 
-def serve(host: str, port: int) -> bool:
-    """Start the /metrics endpoint in a background thread; False (logged) when it cannot bind."""
+def serve(host: str, port: int, token: SecretStr | None = None) -> bool:
+    """Start the /metrics endpoint in a background thread, behind `token` when set; False
+    (logged) when it cannot bind. Where it may listen is checked at start-up (`check_bind`)."""
     if port == 0:
         return False
     try:
-        start_http_server(port, addr=host)
+        start_metrics_server(host, port, REGISTRY, token)
     except OSError as exc:
         log.warning("metrics endpoint on %s:%d not started: %s", host, port, exc)
         return False
-    log.info("metrics at http://%s:%d/metrics", host, port)
+    log.info("metrics at http://%s:%d/metrics%s", host, port, " (bearer token)" if token else "")
     return True

@@ -21,6 +21,7 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
 from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
+from schema.metrics_endpoint import check_bind
 from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
 from schema.redact import install_log_redaction
 from schema.settings import get_settings
@@ -52,9 +53,11 @@ def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]
 def load_before_taking_jobs(**_: Any) -> None:
     """Load the model and open connections before consuming: a worker that cannot (a missing
-    checkpoint, an unreachable database, a broker that would evict queued jobs) exits instead
-    of taking jobs and failing them."""
+    checkpoint, an unreachable database, a broker that would evict queued jobs, metrics that
+    would listen off loopback with no token) exits instead of taking jobs and failing them."""
     try:
+        if settings.metrics_port:
+            check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
         broker = make_redis(settings)
         for warning in check_broker(broker, settings.allow_evicting_broker):
             log.warning("%s", warning)
@@ -67,7 +70,7 @@ def load_before_taking_jobs(**_: Any) -> None:
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def serve_metrics(**_: Any) -> None:
     """Serve this process's Prometheus metrics once the worker is up."""
-    metrics.serve(settings.metrics_host, settings.metrics_port)
+    metrics.serve(settings.metrics_host, settings.metrics_port, settings.metrics_token)
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -23,6 +24,7 @@ from capworks.farm_metrics import FarmCollector
 from schema.db import connect
 from schema.errors import CapworksError
 from schema.heartbeat import read_heartbeats
+from schema.metrics_endpoint import check_bind, start_metrics_server
 
 REDIS_TIMEOUT_S = 3.0
 
@@ -52,6 +54,8 @@ class StatusRequest:
     interval_s: float = 2.0
     serve_metrics_port: int | None = None  # serve farm metrics here instead of printing
     metrics_host: str = "127.0.0.1"
+    metrics_token: SecretStr | None = None  # scrapes must send it as a bearer token
+    metrics_allow_open: bool = False  # no token needed off loopback (the operator's choice)
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,18 @@ def open_farm(farm: FarmAddress) -> tuple[Any, Engine]:
 def run_status(request: StatusRequest) -> int:
     """Print the farm's status once, or refresh it in place until interrupted (--watch)."""
     farm = request.farm
+    if request.serve_metrics_port is not None:  # refused before anything is opened
+        check_bind(request.metrics_host, request.metrics_token, request.metrics_allow_open)
     client, db = open_farm(farm)
     if request.serve_metrics_port is not None:
-        return serve_metrics(client, db, farm, request.metrics_host, request.serve_metrics_port)
+        return serve_metrics(
+            client,
+            db,
+            farm,
+            request.metrics_host,
+            request.serve_metrics_port,
+            request.metrics_token,
+        )
     if not request.watch:
         status = gather(client, db, farm.queue, farm.stale_after_s)
         if request.as_json:
@@ -150,12 +163,20 @@ def _read_or_error(client: Any, db: Engine, farm: FarmAddress) -> FarmStatus | d
     return status
 
 
-def serve_metrics(client: Any, db: Engine, farm: FarmAddress, host: str, port: int) -> int:
-    """Serve the farm's metrics at http://host:port/metrics until SIGTERM or SIGINT."""
+def serve_metrics(
+    client: Any,
+    db: Engine,
+    farm: FarmAddress,
+    host: str,
+    port: int,
+    token: SecretStr | None = None,
+) -> int:
+    """Serve the farm's metrics at http://host:port/metrics (behind `token` when set) until
+    SIGTERM or SIGINT."""
     registry = CollectorRegistry()
     registry.register(FarmCollector(client, db, farm.queue, farm.stale_after_s))
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server, thread = start_metrics_server(host, port, registry, token)
     except OSError as exc:
         raise FarmUnreachable(f"cannot serve metrics on {host}:{port}: {exc}") from exc
     stop = threading.Event()

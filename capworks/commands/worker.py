@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from schema.metrics_endpoint import check_bind
 from schema.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,11 @@ def plan_processes(gpus_spec: str, cpu_procs: int | None) -> tuple[list[str | No
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run and supervise the worker processes until SIGTERM or SIGINT."""
+    settings = get_settings()
+    if settings.metrics_port:  # refused in one line here, before any process starts
+        check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
     devices, threads = plan_processes(args.gpus, args.cpu_procs)
-    concurrency = args.concurrency or get_settings().prefetch_jobs
+    concurrency = args.concurrency or settings.prefetch_jobs
     launcher = CeleryLauncher(concurrency, args.loglevel, threads)
     return supervise(devices, launcher, on_death=hand_back_jobs)
 

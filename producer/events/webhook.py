@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import threading
@@ -33,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from producer.events.records import BadRecord, MalformedEvent, Parsed, parse_body
 from producer.events.sink import EventSink, Outcome
+from schema.metrics_endpoint import is_loopback
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Capworks-Signature"
@@ -70,16 +70,6 @@ class WebhookAuth:
 def sign(secret: str, body: bytes) -> str:
     """The `X-Capworks-Signature` value a sender puts on `body`."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def require_auth(auth: WebhookAuth, host: str, insecure: bool) -> None:
