@@ -48,7 +48,7 @@ def s3_client(
 def free_port_pair() -> int:
     """A port p with p and p + 10000 both free on 127.0.0.1 right now."""
     for _ in range(200):
-        port = random.randint(20000, 29999)
+        port = random.randint(20000, 29999)  # noqa: S311 - a port to try, not a secret
         try:
             for p in (port, port + GRPC_PORT_OFFSET):
                 with socket.socket() as s:
@@ -129,7 +129,7 @@ class SeaweedServer:
         if self._credentials is not None:
             env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = self._credentials
         with log_path.open("a") as log:
-            self._proc = subprocess.Popen(
+            self._proc = subprocess.Popen(  # noqa: S603 - the weed binary we resolved, no shell
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
             )
         deadline = time.monotonic() + wait_s
@@ -142,7 +142,7 @@ class SeaweedServer:
                 try:
                     s3_client(self.endpoint, self._credentials or ("test", "test")).list_buckets()
                     return self.endpoint
-                except Exception:  # noqa: BLE001 - not ready yet; retried until the deadline
+                except Exception:  # noqa: BLE001, S110 - not ready yet; retried until the deadline
                     pass
             time.sleep(0.5)
         raise RuntimeError(f"SeaweedFS S3 not ready: {log_path.read_text()[-2000:]}")

@@ -38,7 +38,7 @@ def scrape(url: str, authorization: str | None = None) -> tuple[int, str]:
     if authorization is not None:
         request.add_header("Authorization", authorization)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -122,7 +122,7 @@ def test_loopback_needs_no_token(host: str) -> None:
     assert bind_refusal(host, None, allow_open=False) is None
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::", "", "fd00::1", "metrics.example"])  # noqa: S104 - decided, never bound
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::", "", "fd00::1", "metrics.example"])
 def test_any_other_address_without_a_token_is_refused(host: str) -> None:
     assert not is_loopback(host)
     reason = bind_refusal(host, None, allow_open=False)
@@ -133,7 +133,7 @@ def test_any_other_address_without_a_token_is_refused(host: str) -> None:
 
 
 def test_a_token_or_the_explicit_opt_in_lets_an_endpoint_listen_anywhere() -> None:
-    assert bind_refusal("0.0.0.0", SecretStr(TOKEN), allow_open=False) is None  # noqa: S104
+    assert bind_refusal("0.0.0.0", SecretStr(TOKEN), allow_open=False) is None
     assert bind_refusal("10.0.0.5", None, allow_open=True) is None
 
 
@@ -156,7 +156,7 @@ def test_the_metrics_token_is_a_registered_secret_masked_in_what_is_logged() -> 
 )
 def test_off_loopback_without_a_token_the_cli_refuses_in_one_line(command: list[str]) -> None:
     # Refused before any socket is opened or any worker process started.
-    env = {**NO_TOKEN_ENV, "CAPWORKS_METRICS_HOST": "0.0.0.0"}  # noqa: S104 - never bound
+    env = {**NO_TOKEN_ENV, "CAPWORKS_METRICS_HOST": "0.0.0.0"}
     result = run_cli(*command, env=env, timeout=60)
     assert result.returncode == 1, result.stderr
     (line,) = result.stderr.strip().splitlines()

@@ -137,8 +137,8 @@ def run_once(rt: Runtime, job: Job, attempt: int) -> dict[str, int]:
         log.info("job %s was already committed; dropping the redelivered copy", job.job_id)
         metrics.JOBS.labels("duplicate").inc()
         return {"duplicate": 1}
-    if before is Before.WRONG_MODEL:
-        return dead_letter_wrong_model(rt, job)
+    if before is Before.WRONG_MODEL and job.model is not None:
+        return dead_letter_wrong_model(rt, job, job.model)
     if before is Before.SPLIT:
         return split(rt, job, deaths)
     if before is Before.POISON:
@@ -222,10 +222,10 @@ def split(rt: Runtime, job: Job, deaths: int) -> dict[str, int]:
     return {"split": len(job.images)}
 
 
-def dead_letter_wrong_model(rt: Runtime, job: Job) -> dict[str, int]:
-    """A job the producer made for another caption identity is not captioned under this one."""
-    assert job.model is not None
-    wanted = "{} revision {!r} settings {}".format(*job.model)
+def dead_letter_wrong_model(rt: Runtime, job: Job, model: tuple[str, str, str]) -> dict[str, int]:
+    """A job the producer made for another caption identity (`model`, the job's) is not
+    captioned under this one."""
+    wanted = "{} revision {!r} settings {}".format(*model)
     served = "{} revision {!r} settings {}".format(*rt.config.identity)
     log.error(
         "job %s is for %s; this worker serves %s: dead-lettering it", job.job_id, wanted, served

@@ -114,9 +114,10 @@ def perturb_norms(model: Any, seed: int) -> None:
                 module.weight.copy_(around(module.weight, 1.0, 0.4))
                 module.bias.copy_(around(module.bias, 0.0, 0.2))
             if isinstance(module, torch.nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.running_mean.copy_(around(module.running_mean, 0.0, 0.2))
-                module.running_var.copy_(around(module.running_var, 1.2, 0.6))
+                mean, var = module.running_mean, module.running_var
+                if mean is not None and var is not None:  # None: a norm without running stats
+                    mean.copy_(around(mean, 0.0, 0.2))
+                    var.copy_(around(var, 1.2, 0.6))
             c_attn = getattr(module, "c_attn", None)
             if isinstance(c_attn, torch.nn.Parameter):
                 c_attn.copy_(around(c_attn, 1.0, 0.4))

@@ -52,7 +52,7 @@ def parse_gpus(spec: str) -> list[str | None]:
         return [None]
     if spec == "all":
         try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)  # noqa: S607 - found on PATH, as the operator's shell would
         except (OSError, subprocess.CalledProcessError):
             raise ValueError("--gpus all: nvidia-smi found no GPU; use --gpus cpu") from None
         gpus: list[str | None] = [
@@ -124,7 +124,7 @@ class CeleryLauncher:
         """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
         cmd, env = self.command(gpu, index)
         log.info("starting %s", " ".join(cmd))
-        return subprocess.Popen(cmd, env=env)
+        return subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argv (sys.executable -m celery), no shell
 
 
 def worker_env(

@@ -200,10 +200,11 @@ class FilerFollower:
             f"-pathPrefix={self._prefix}",
             f"-timeAgo={ago_ns}ns",
         ]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603 - the configured weed binary, an argv list
 
     def _read(self, proc: subprocess.Popen[bytes], out: queue.Queue[FilerChange | None]) -> None:
-        assert proc.stdout is not None
+        if proc.stdout is None:  # never: `_subscribe` opens it with stdout=PIPE
+            raise RuntimeError("filer.meta.tail was started without a pipe to read")
         for doc in iter_json_objects(proc.stdout):
             out.put(change_from_json(doc, self._prefix))
         out.put(None)  # the stream ended

@@ -27,7 +27,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("tags", TAGS, nullable=False, server_default="{}"))
     aggregate = "jsonb_object_agg" if postgres else "json_group_object"
     op.execute(
-        f"UPDATE captions SET tags = (SELECT {aggregate}(t.tag, t.score) FROM tags t "
+        f"UPDATE captions SET tags = (SELECT {aggregate}(t.tag, t.score) FROM tags t "  # noqa: S608 - SQL from this file's constants
         "WHERE t.caption_id = captions.id) "
         "WHERE EXISTS (SELECT 1 FROM tags t WHERE t.caption_id = captions.id)"
     )
@@ -61,7 +61,7 @@ def downgrade() -> None:
     op.create_index(op.f("ix_tags_tag"), "tags", ["tag"])
     each = "jsonb_each_text(c.tags) AS e (key, value)" if postgres else "json_each(c.tags) AS e"
     op.execute(
-        "INSERT INTO tags (image_id, caption_id, tag, score) "
+        "INSERT INTO tags (image_id, caption_id, tag, score) "  # noqa: S608 - SQL from this file's constants
         f"SELECT c.image_id, c.id, e.key, CAST(e.value AS FLOAT) FROM captions c, {each}"
     )
     if postgres:
