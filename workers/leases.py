@@ -11,7 +11,8 @@ So each worker process holds a lease on every message it holds (running, prefetc
 for a retry's countdown), renewed every `lease_s / 4` (at most 5 s) from its consumer's event
 loop: the messages' index scores are moved to now (so kombu never finds a live worker's message old,
 however long the job runs), and a Redis set of their delivery tags, expiring `lease_s` after the
-last renewal, names them for the process's supervisor. On the same tick the process reaps: a
+last renewal, names them for the process's supervisor (a message joins the set the moment it is
+received, so one taken just before a SIGKILL is named too). On the same tick the process reaps: a
 message whose score is older than `lease_s` and that no live lease names has lost its worker;
 its score is set to 0 and kombu's own restore, run at once, puts it back in the queue by kombu's
 own atomic transaction. A dead process's jobs are back within `lease_s` plus one tick (25 s by
@@ -33,7 +34,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "capworks:lease:{host}:{pid}"
@@ -75,6 +76,14 @@ class LeaseKeeper:
             pipe.zadd(self.index_key, dict.fromkeys(held, now), xx=True)
             pipe.sadd(self.key, *held)
             pipe.pexpire(self.key, int(self.lease_s * 1000))
+        pipe.execute()
+
+    def hold(self, tag: str) -> None:
+        """Name one message just delivered in the lease at once, not at the next renewal: a
+        process killed a moment after taking a job has its supervisor hand that job back too."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self.key, tag)
+        pipe.pexpire(self.key, int(self.lease_s * 1000))
         pipe.execute()
 
     def reap(self, now_s: float | None = None) -> list[str]:
@@ -136,6 +145,16 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._keeper = LeaseKeeper(client, key, settings.lease_s, channel.unacked_index_key)
         self.tick(c)
         self._tref = c.timer.call_repeatedly(every_s, self.tick, (c,))
+        signals.task_received.connect(self.received, sender=c, weak=False)
+
+    def received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """`task_received`, on the consumer's thread: lease the message now."""
+        if self._keeper is None or request is None:
+            return
+        try:
+            self._keeper.hold(str(request.message.delivery_tag))
+        except Exception as exc:  # noqa: BLE001 - the next renewal names it
+            log.warning("could not lease a message on receipt (%r)", exc)
 
     def tick(self, c: Any) -> None:
         """Renew the lease with the tags this process holds, reap, and restore what was reaped."""
@@ -151,6 +170,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def stop(self, c: Any) -> None:
         """Stop renewing and drop the lease."""
+        signals.task_received.disconnect(self.received, sender=c)
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
@@ -162,11 +182,14 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def _held_tags(qos: Any) -> list[str]:
-    """The delivery tags of every message this channel holds unacknowledged (kombu's QoS keeps
-    them in `_delivered`; job threads acknowledge while we read, so copy and retry)."""
+    """The delivery tags of every message this channel holds unacknowledged: kombu's QoS keeps
+    them in `_delivered`, and those acknowledged since its last flush in `_dirty` (job threads
+    acknowledge while we read, so copy and retry)."""
     for _ in range(5):
         try:
-            return [str(tag) for tag in list(qos._delivered)]
+            acked = set(qos._dirty)
+            return [str(tag) for tag in list(qos._delivered) if tag not in acked]
         except RuntimeError:  # changed size during iteration
             continue
-    return [str(tag) for tag in dict(qos._delivered)]
+    acked = set(qos._dirty)
+    return [str(tag) for tag in dict(qos._delivered) if tag not in acked]
