@@ -157,3 +157,23 @@ def run_cli(
     return subprocess.run(
         [str(exe), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
     )
+
+
+def postgres_cluster(action: str) -> None:
+    """`pg_ctlcluster` on the local PostgreSQL: "stop", "start" or "restart"."""
+    clusters = sorted(Path("/etc/postgresql").glob("*/main"))
+    if not clusters:
+        require_service("pg_ctlcluster", "no local PostgreSQL cluster to stop and start")
+    version = clusters[-1].parent.name
+    cmd = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 or "already running" in result.stdout, result.stderr
+
+
+@pytest.fixture()
+def postgres_control() -> Iterator[None]:
+    """Lets a test stop the local PostgreSQL; it is running again whatever the test does."""
+    try:
+        yield
+    finally:
+        postgres_cluster("start")

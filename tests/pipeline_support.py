@@ -40,6 +40,7 @@ class Pipeline:
     tmp: Path
     queue: str = field(default_factory=lambda: f"capworks-test-{uuid.uuid4().hex[:8]}")
     extra_env: dict[str, str] = field(default_factory=dict)
+    broker_url: str = REDIS_URL
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -47,7 +48,7 @@ class Pipeline:
         return {
             **os.environ,
             "CAPWORKS_DATABASE_URL": self.db_url,
-            "CAPWORKS_BROKER_URL": REDIS_URL,
+            "CAPWORKS_BROKER_URL": self.broker_url,
             "CAPWORKS_QUEUE_NAME": self.queue,
             "CAPWORKS_MODEL": "shapes",
             "CAPWORKS_S3_ENDPOINT_URL": self.s3_endpoint,
@@ -55,7 +56,6 @@ class Pipeline:
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1",
-            "CAPWORKS_VISIBILITY_TIMEOUT_S": "20",
             "CAPWORKS_RETRY_BASE_S": "1",
             "CAPWORKS_RETRY_CAP_S": "4",
             "CAPWORKS_BATCH_SIZE": "8",
@@ -120,7 +120,7 @@ class Pipeline:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def redis(self) -> Any:
-        return redis.Redis.from_url(REDIS_URL)
+        return redis.Redis.from_url(self.broker_url)
 
     def queue_length(self) -> int:
         r = self.redis()
@@ -129,13 +129,14 @@ class Pipeline:
 
 @contextmanager
 def own_queue(
-    db_url: str, tmp: Path, s3_endpoint: str = "http://127.0.0.1:9"
+    db_url: str, tmp: Path, s3_endpoint: str = "http://127.0.0.1:9", broker_url: str = REDIS_URL
 ) -> Iterator[Pipeline]:
-    """A producer/worker environment with a queue of its own on the real Redis; afterwards its
-    workers are stopped and its keys removed. The default S3 endpoint is a closed port."""
+    """A producer/worker environment with a queue of its own on the real Redis (or the one at
+    `broker_url`); afterwards its workers are stopped and its keys removed. The default S3
+    endpoint is a closed port."""
     from conftest import require_service
 
-    p = Pipeline(db_url, s3_endpoint, tmp)
+    p = Pipeline(db_url, s3_endpoint, tmp, broker_url=broker_url)
     try:
         p.redis().ping()
     except redis.RedisError as exc:

@@ -5,17 +5,15 @@ PostgreSQL, SeaweedFS and Celery worker processes with the shapes model."""
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import png_bytes, require_service
+from conftest import png_bytes, postgres_cluster
 from pipeline_support import Pipeline, captions, count_rows, failures, query, wait_until
 from sqlalchemy import select
 
@@ -69,25 +67,6 @@ def test_a_crawl_run_again_captions_the_images_that_arrived_since(pipeline: Pipe
     assert "already committed" not in p.log_text()  # three runs, no job id seen twice
 
 
-def _postgres(action: str) -> None:
-    clusters = sorted(Path("/etc/postgresql").glob("*/main"))
-    if not clusters:
-        require_service("pg_ctlcluster", "no local PostgreSQL cluster to stop and start")
-    version = clusters[-1].parent.name
-    cmd = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 or "already running" in result.stdout, result.stderr
-
-
-@pytest.fixture()
-def postgres_control() -> Iterator[None]:
-    """Lets a test stop the local PostgreSQL; it is running again whatever the test does."""
-    try:
-        yield
-    finally:
-        _postgres("start")
-
-
 def test_a_90_second_database_outage_is_waited_out_and_every_image_captioned(
     pipeline: Pipeline, postgres_control: None
 ) -> None:
@@ -98,9 +77,9 @@ def test_a_90_second_database_outage_is_waited_out_and_every_image_captioned(
     assert p.cli("enqueue", str(photos), "--no-progress").returncode == 0
     p.start_worker()
     wait_until(lambda: len(captions(p.db_url)) >= 8, 300, "the first captions", p.log_text)
-    _postgres("stop")
+    postgres_cluster("stop")
     time.sleep(90)
-    _postgres("start")
+    postgres_cluster("start")
     wait_until(
         lambda: set(captions(p.db_url)) == set(blobs) and p.queue_length() == 0,
         300,
