@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from capworks.checkpoints.shapes_world import sample_scenes
 from producer.enqueue import enqueue
 from schema.queue import CAPTION_TASK
 from schema.settings import Settings
+from workers.leases import hand_back, lease_key
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
@@ -229,6 +231,8 @@ def run_crash_workers(p: Pipeline, name: str, concurrency: int, done: Callable[[
     while time.monotonic() < deadline and not done():
         if worker.poll() is not None:
             deaths += 1
+            # What `capworks worker`'s supervisor does when a child dies: its jobs go back now.
+            hand_back(p.redis(), lease_key(socket.gethostname(), worker.pid))
             worker = p.start_worker(name, wrapper, concurrency=concurrency)
         time.sleep(1.0)
     return deaths
@@ -245,8 +249,6 @@ def test_a_job_that_kills_its_worker_is_split_and_the_culprit_dead_lettered(
     p.extra_env.update(
         CAPWORKS_JOB_IMAGES="16",
         CAPWORKS_POISON_DELIVERIES="2",
-        CAPWORKS_VISIBILITY_TIMEOUT_S="6",
-        CAPWORKS_RESTORE_INTERVAL_S="2",
     )
     result = p.cli("enqueue", "s3://crashy/", "--no-progress")
     assert result.returncode == 0 and "in 1 jobs" in result.stdout, result.stdout
@@ -285,10 +287,6 @@ def test_innocent_jobs_running_beside_a_worker_killer_are_not_dead_lettered(
     p.extra_env.update(
         CAPWORKS_JOB_IMAGES="1",
         CAPWORKS_POISON_DELIVERIES="2",
-        # Above the longest hold here (model load, then three suspects one after another), so
-        # that no job is delivered again while it still runs.
-        CAPWORKS_VISIBILITY_TIMEOUT_S="20",
-        CAPWORKS_RESTORE_INTERVAL_S="2",
     )
     result = p.cli("enqueue", "s3://crowded/", "--no-progress")
     assert result.returncode == 0 and "in 4 jobs" in result.stdout, result.stdout
