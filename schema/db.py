@@ -7,13 +7,14 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from schema.errors import CapworksError, Code
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x6361_7077_6B73  # "capwks": the advisory lock key migrations serialize on
 
 
 def connect(url: str) -> Engine:
@@ -39,6 +40,10 @@ def migrate(engine: Engine, target: str = "head", *, down: bool = False) -> None
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Worker processes starting together each migrate: without one lock, two create the
+            # same table at once and one fails on pg_type's unique index. Held to commit.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = conn
         (command.downgrade if down else command.upgrade)(config, target)
 

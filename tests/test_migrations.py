@@ -50,3 +50,21 @@ def test_tags_rows_become_a_caption_column_and_back(engine: Engine) -> None:
         back = conn.execute(text("SELECT image_id, caption_id, tag, score FROM tags")).all()
     assert sorted(back) == [(1, 10, "dog", 1.0), (1, 10, "two", 0.5)]
     engine.dispose()
+
+
+def _connect(url: str) -> str:
+    from schema.db import connect
+
+    connect(url).dispose()
+    return "ok"
+
+
+def test_processes_migrating_a_new_postgresql_database_at_once_all_succeed(pg_url: str) -> None:
+    # Worker processes of a farm start together and each migrates: without the advisory lock
+    # one of them died on "duplicate key value violates ... pg_type_typname_nsp_index".
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert pool.map(_connect, [pg_url] * 4) == ["ok"] * 4
+    with create_engine(pg_url).connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM captions")) == 0
