@@ -120,5 +120,5 @@ def serve(host: str, port: int, token: SecretStr | None = None) -> bool:
     except OSError as exc:
         log.warning("metrics endpoint on %s:%d not started: %s", host, port, exc)
         return False
-    log.info("metrics at http://%s:%d/metrics%s", host, port, " (bearer token)" if token else "")
+    log.info("metrics at http://%s:%d/metrics%s", host, port, " (token required)" if token else "")
     return True
