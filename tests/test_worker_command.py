@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from capworks.commands.worker import (
+    KILLED_DELAY_S,
     MAX_RESTART_DELAY_S,
     RESTART_DELAY_S,
     STABLE_S,
@@ -92,13 +93,13 @@ def test_a_process_that_dies_young_is_restarted_later_and_later() -> None:
     assert child.next_delay(now_s=child.started_s + STABLE_S) == RESTART_DELAY_S
 
 
-def test_a_process_sigkilled_young_is_restarted_after_the_base_delay() -> None:
+def test_a_process_sigkilled_young_is_restarted_half_a_second_later() -> None:
     # The OOM killer or a fault test, not a crash loop: backing off would only idle a slot.
     child = Child(None, subprocess.Popen(["sleep", "30"]), started_s=100.0, delay_s=16.0)
     child.proc.kill()
     code = child.proc.wait()
     assert code == -signal.SIGKILL
-    assert child.next_delay(now_s=child.started_s + 1, code=code) == RESTART_DELAY_S
+    assert child.next_delay(now_s=child.started_s + 1, code=code) == KILLED_DELAY_S
     assert child.next_delay(now_s=child.started_s + 1, code=1) == 32
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
 MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0  # a process that ran this long before dying is restarted after the base delay
+KILLED_DELAY_S = 0.5  # after a SIGKILL: its slot idles, its jobs are handed back already
 POLL_S = 0.5
 
 
@@ -37,11 +38,13 @@ class Child:
     def next_delay(
         self, now_s: float, base_s: float = RESTART_DELAY_S, code: int | None = None
     ) -> float:
-        """The base delay after a process that ran a while or was SIGKILLed (the OOM killer, an
-        operator, a reclaimed spot host: nothing a wait would cure); doubling, up to a minute,
-        after one that exited or crashed young (a worker that cannot load its model should not
-        spin)."""
-        if now_s - self.started_s >= STABLE_S or code == -signal.SIGKILL:
+        """Half a second after a SIGKILL (the OOM killer, an operator, a fault test: nothing a
+        wait would cure); the base delay after a process that ran a while; doubling, up to a
+        minute, after one that exited or crashed young (a worker that cannot load its model
+        should not spin)."""
+        if code == -signal.SIGKILL:
+            return min(KILLED_DELAY_S, base_s)
+        if now_s - self.started_s >= STABLE_S:
             return base_s
         return min(self.delay_s * 2, MAX_RESTART_DELAY_S)
 
