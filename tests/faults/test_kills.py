@@ -1,0 +1,60 @@
+"""1,000 images through two supervised worker processes with the default lease and visibility
+settings, once calm and once with six SIGKILLs (one while the farm is idle, five at random
+moments of the run): nothing lost, no caption twice, the queue empty, every killed process's
+jobs back within 30 s, and the run not much slower than the calm one."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pipeline_support import count_rows, make_bucket, own_queue, wait_until
+
+from faults.harness import Farm, clear, default_env, distinct_captioned, timed_crawl
+
+pytestmark = pytest.mark.slow
+IMAGES = 3000
+
+
+def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_within_30_s(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        make_bucket(p.s3_endpoint, "faults", IMAGES, seed=91)
+        env = default_env(p, CAPWORKS_JOB_IMAGES="8")
+        r = p.redis()
+
+        def done() -> bool:
+            rows = count_rows(p.db_url)
+            return rows["captions"] + rows["failures"] >= IMAGES and p.queue_length() == 0
+
+        calm_s = timed_crawl(Farm(env, 2, tmp_path / "calm.log"), r, "s3://faults/", done, 0)
+        assert count_rows(p.db_url)["captions"] == IMAGES
+        clear(p.db_url)
+        farm = Farm(env, 2, tmp_path / "rough.log")
+        rough_s = timed_crawl(farm, r, "s3://faults/", done, 5, gap_s=(8.0, 16.0))
+        rows = count_rows(p.db_url)
+        wait_until(lambda: p.queue_length() == 0, 30, "an empty queue")
+        assert (rows["images"], rows["captions"], rows["failures"]) == (IMAGES, IMAGES, 0)
+        assert distinct_captioned(p.db_url) == IMAGES  # no image captioned twice
+        killed = [k for k in farm.kills]
+        assert len(killed) == 6 and killed[0].idle
+        recovered = [k.recovered_s for k in killed if k.jobs]
+        assert len(recovered) >= 3, [(k.pid, k.jobs) for k in killed]
+        assert all(s is not None for s in recovered), "a killed process's jobs never came back"
+        times: list[float] = [s for s in recovered if s is not None]
+        report(calm_s, rough_s, farm, times)
+        assert max(times) <= 30, f"recovery took {max(times):.1f} s"
+        assert rough_s <= 1.5 * calm_s, f"{rough_s:.0f} s with kills, {calm_s:.0f} s without"
+
+
+def report(calm_s: float, rough_s: float, farm: Any, times: list[float]) -> None:
+    """The figures RELIABILITY.md records (shown with `pytest -s`)."""
+    print(
+        f"\nkills: {len(farm.kills)} ({sum(k.idle for k in farm.kills)} idle); "
+        f"recovery p50 {statistics.median(times):.1f} s, max {max(times):.1f} s; restart "
+        f"{[round(k.restarted_s or -1, 1) for k in farm.kills]} s; "
+        f"{calm_s:.0f} s calm, {rough_s:.0f} s with kills ({rough_s / calm_s:.2f}x)"
+    )

@@ -1,0 +1,107 @@
+"""The broker and the database restarted under running workers, with the default lease and
+visibility settings: the workers consume again by themselves (Celery has a family of bugs where
+a worker stops consuming after a broker reconnect), writes are retried, and nothing is lost or
+captioned twice."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import postgres_cluster
+from pipeline_support import (
+    captions,
+    count_rows,
+    failures,
+    free_port,
+    make_bucket,
+    own_queue,
+    wait_until,
+)
+from redis_server import RedisServer
+
+from faults.harness import Farm, default_env, distinct_captioned, run_with_kills
+
+pytestmark = pytest.mark.slow
+
+
+def test_workers_consume_again_by_themselves_after_redis_restarts(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    # Append-only, fsync on every write: what the broker check asks of a production Redis.
+    server = RedisServer(
+        free_port(), tmp_path / "redis", ["--appendonly", "yes", "--appendfsync", "always"]
+    )
+    server.start()
+    try:
+        with own_queue(pg_url, tmp_path, s3_endpoint, broker_url=server.url) as p:
+            before = make_bucket(p.s3_endpoint, "before-restart", 160, seed=92)
+            after = make_bucket(p.s3_endpoint, "after-restart", 80, seed=93)
+            p.extra_env.update(CAPWORKS_JOB_IMAGES="8")
+            workers = [p.start_worker("a"), p.start_worker("b")]
+            assert p.cli("enqueue", "s3://before-restart/", "--no-progress").returncode == 0
+            wait_until(lambda: count_rows(p.db_url)["captions"] >= 24, 300, "first captions")
+            seen = {name: len(p.log_text(name)) for name in ("a", "b")}
+            # Down for 5 s, then down again 1 s after it came back: losing the connection
+            # twice within seconds is what some of those bugs needed (celery#8030).
+            server.stop()
+            time.sleep(5)
+            server.start()
+            time.sleep(1)
+            server.stop()
+            time.sleep(2)
+            server.start()
+            # Jobs published after the restart reach the workers through a new connection.
+            result = p.cli("enqueue", "s3://after-restart/", "--no-progress")
+            assert result.returncode == 0, result.stderr
+            everything = set(before.blobs) | set(after.blobs)
+            wait_until(
+                lambda: set(captions(p.db_url)) == everything and p.queue_length() == 0,
+                300,
+                "every caption after the restart",
+                lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:],
+            )
+            assert failures(p.db_url) == {}
+            assert distinct_captioned(p.db_url) == count_rows(p.db_url)["captions"]
+            assert all(w.poll() is None for w in workers)  # no worker died of the restart
+            for name, offset in seen.items():
+                since = p.log_text(name)[offset:]
+                assert re.search(r"attempt \d+ starts", since), f"worker {name} stopped consuming"
+    finally:
+        server.stop()
+
+
+def test_a_postgresql_restart_is_waited_out_and_nothing_is_lost_or_doubled(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path, postgres_control: None
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        bucket = make_bucket(p.s3_endpoint, "pg-restart", 240, seed=94)
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="8")  # for the crawl too
+        env = default_env(p, CAPWORKS_DATABASE_RETRY_CAP_S="2")
+        farm = Farm(env, procs=2, log=tmp_path / "farm.log")
+        farm.start()
+        try:
+            farm.wait_ready(p.redis())
+            assert p.cli("enqueue", "s3://pg-restart/", "--no-progress").returncode == 0
+            wait_until(lambda: count_rows(p.db_url)["captions"] >= 24, 300, "first captions")
+            postgres_cluster("stop")
+            time.sleep(8)
+            postgres_cluster("start")
+            run_with_kills(
+                farm,
+                p.redis(),
+                lambda: set(captions(p.db_url)) == set(bucket.blobs) and p.queue_length() == 0,
+                kills=0,
+                rng=random.Random(0),
+                timeout_s=300,
+            )
+        finally:
+            farm.stop()
+        assert failures(p.db_url) == {}
+        assert distinct_captioned(p.db_url) == len(bucket.blobs)
+        log = farm.log.read_text(errors="replace")
+        assert re.search(r"database unavailable", log), log[-3000:]
+        assert "exited with" not in log  # no worker process died of it
