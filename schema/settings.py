@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     # Pillow's JPEG draft mode (decode at 1/2..1/8 scale): faster on large photos, but the
     # pixels differ from ModelScope's, so captions may too. Off unless asked for.
     jpeg_draft: bool = False
+    # Where images are decoded and resized: `exact` (Pillow in the decode threads, ModelScope's
+    # pixels) or `gpu` (JPEGs decoded in batches by torchvision on the model's device, just
+    # before the model; other formats and failures the exact way). gpu needs a torchvision built
+    # for the installed torch and is not bit-exact: a caption can differ.
+    preprocess: Literal["exact", "gpu"] = "exact"
     # torch threads of a worker process (0: torch's default, one per core); `capworks worker
     # --cpu-procs N` sets cores / N for each of its N processes.
     torch_threads: int = Field(default=0, ge=0)

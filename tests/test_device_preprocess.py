@@ -1,6 +1,8 @@
 """Device preprocessing (CAPWORKS_PREPROCESS=gpu), run here with device="cpu": the resize is
 Pillow's within a grey level or two, JPEGs decode in one call with failures kept in their slots,
-and without a torchvision built for this torch it refuses to start with one clear error."""
+and without a torchvision built for this torch it refuses to start with one clear error. Its
+decode stage hands a JPEG on encoded with its upright size and decodes everything else exactly;
+its model-thread stage decodes the JPEGs on the device and fails a broken one alone."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
-from schema.errors import ImageError
-from workers.device_preprocess import DevicePreprocessor, resize_normalize
-from workers.preprocess import ImageLimits, Normalization, to_pixels
+from schema.errors import Code, ImageError
+from workers.device_preprocess import DevicePreprocessor, JpegPassThrough, resize_normalize
+from workers.preprocess import (
+    ExactDecoder,
+    ImageLimits,
+    JpegBytes,
+    Normalization,
+    decode_safely,
+    to_pixels,
+)
 
 NORM = Normalization(96, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CPU = torch.device("cpu")
@@ -29,10 +38,22 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def encoded(img: Image.Image, fmt: str) -> bytes:
+def encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.save(buf, format=fmt, **params)
     return buf.getvalue()
+
+
+def upright_on_its_side(img: Image.Image) -> bytes:
+    """A JPEG whose EXIF says to rotate it a quarter turn (width and height swap)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    return encoded(img, "JPEG", exif=exif.tobytes())
+
+
+def without_its_scan(jpeg: bytes) -> bytes:
+    """A JPEG whose header reads but whose image data is missing (an end marker right after)."""
+    return jpeg[: jpeg.index(b"\xff\xda")] + b"\xff\xd9"
 
 
 def torchvision_usable() -> bool:
@@ -63,7 +84,7 @@ def test_device_resize_stacks_images_of_different_sizes() -> None:
 
 @pytest.mark.skipif(torchvision_usable(), reason="torchvision works with this torch")
 def test_device_preprocessing_without_a_matching_torchvision_refuses_to_start() -> None:
-    with pytest.raises(RuntimeError, match="needs torchvision built for torch"):
+    with pytest.raises(ValueError, match="needs torchvision built for torch"):
         DevicePreprocessor(ImageLimits(), NORM, CPU)
 
 
@@ -82,3 +103,60 @@ def test_device_preprocessor_decodes_jpegs_in_one_call_and_keeps_failures_in_the
     assert batch.sizes_px == [(320, 240), (200, 300), (640, 480)]
     exact = to_pixels(photo(200, 300, 2), NORM)
     assert np.array_equal(batch.pixels[1].numpy(), exact)  # the PNG went the exact way
+
+
+def test_the_gpu_decode_stage_hands_a_jpeg_on_encoded_with_its_upright_size() -> None:
+    data = upright_on_its_side(photo(320, 240, 4))
+    exact = ExactDecoder(ImageLimits(), NORM)
+    handed_on = JpegPassThrough(exact).decode(data)
+    decoded = exact.decode(data)
+    assert handed_on.pixels == JpegBytes(data)
+    assert (handed_on.width_px, handed_on.height_px) == (decoded.width_px, decoded.height_px)
+    assert (handed_on.width_px, handed_on.height_px) == (240, 320)
+
+
+@pytest.mark.parametrize(
+    "kind", ["png", "cmyk_jpeg", "cut_short_jpeg", "not_a_jpeg", "too_many_px", "empty"]
+)
+def test_the_gpu_decode_stage_decodes_everything_else_exactly_with_its_usual_code(
+    kind: str,
+) -> None:
+    jpeg = encoded(photo(240, 200, 5), "JPEG")
+    data = {
+        "png": encoded(photo(200, 300, 6), "PNG"),
+        "cmyk_jpeg": encoded(photo(200, 300, 7).convert("CMYK"), "JPEG"),
+        "cut_short_jpeg": jpeg[: len(jpeg) // 2],
+        "not_a_jpeg": b"\xff\xd8\xff\xe0 not really a jpeg",
+        "too_many_px": encoded(photo(400, 100, 8), "JPEG"),
+        "empty": b"",
+    }[kind]
+    exact = ExactDecoder(ImageLimits(max_px=300), NORM)
+    got = decode_safely(JpegPassThrough(exact), data)
+    want = decode_safely(exact, data)
+    if isinstance(want, ImageError):
+        assert isinstance(got, ImageError) and got.code == want.code
+        assert kind != "cut_short_jpeg" or got.code is Code.TRUNCATED
+    else:
+        assert not isinstance(got, ImageError) and isinstance(got.pixels, np.ndarray)
+        assert np.array_equal(got.pixels, want.pixels)
+        assert (got.width_px, got.height_px) == (want.width_px, want.height_px)
+
+
+@pytest.mark.skipif(not torchvision_usable(), reason="no torchvision built for this torch")
+def test_the_device_stage_decodes_jpegs_on_the_device_and_fails_a_broken_one_alone() -> None:
+    good = encoded(photo(320, 240, 9), "JPEG", quality=90)
+    broken = without_its_scan(good)  # its header passes the decode stage
+    host = to_pixels(photo(100, 80, 10), NORM)
+    exact = ExactDecoder(ImageLimits(), NORM)
+    staged = DevicePreprocessor(ImageLimits(), NORM, CPU).stage(
+        [JpegBytes(good), JpegBytes(broken), host]
+    )
+    assert isinstance(staged[0], torch.Tensor) and staged[0].shape == (3, 96, 96)
+    want = exact.decode(good).pixels
+    std = np.asarray(NORM.std, np.float32)[:, None, None]
+    grey_levels = np.abs(staged[0].numpy() - want) * std * 255
+    assert grey_levels.max() <= 3.01 and grey_levels.mean() < 0.5
+    expected = decode_safely(exact, broken)
+    assert isinstance(expected, ImageError) and expected.code is Code.UNDECODABLE
+    assert isinstance(staged[1], ImageError) and staged[1].code is expected.code
+    assert staged[2] is host

@@ -11,6 +11,10 @@ on cannot fail the images (of other jobs, too) that shared its batch:
   alone, the fault is the model's, not theirs, and every image gets the exception itself (its job
   is retried as a whole, as for any other job-wide failure).
 
+With device preprocessing (`CAPWORKS_PREPROCESS=gpu`) a `Stager` turns the batch's JPEGs, left
+encoded by the decode stage, into pixels on the model's device just before the model; an image
+it cannot prepare fails alone with its image error.
+
 Only the model thread runs torch: torch's OpenMP team belongs to the thread that starts it, and
 once a second thread has a team (say, the one that loaded the model), libgomp sees more OpenMP
 threads than cores and stops spin-waiting between parallel regions. Measured on 2 CPU cores,
@@ -35,25 +39,45 @@ import torch
 from schema.errors import CapworksError, Code
 from workers import metrics
 from workers.engine import Caption
+from workers.preprocess import JpegBytes
 
 log = logging.getLogger(__name__)
 BEAT_EVERY_S = 5.0  # the model thread's heartbeat, after batches and while idle
+
+
+# What a captioner takes: host arrays, or tensors already on its device.
+ModelPixels = np.ndarray | torch.Tensor
 
 
 class Captioner(Protocol):
     """Model-ready pixels in, one caption per image out: the seam the batcher runs (`OfaEngine`,
     or whatever a test or another model plugs in)."""
 
-    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+    def caption_pixels(self, pixels: Sequence[ModelPixels]) -> list[Caption]:
         """Caption one batch of preprocessed images, in order."""
+        ...
+
+
+class Stager(Protocol):
+    """The model thread's step before the model: what the decode stage handed on to pixels the
+    captioner takes, per image (`DevicePreprocessor`, for `CAPWORKS_PREPROCESS=gpu`)."""
+
+    def stage(self, images: Sequence[np.ndarray | JpegBytes]) -> list[ModelPixels | CapworksError]:
+        """One result per image, in order: its pixels, or the error that stops it alone."""
         ...
 
 
 @dataclass
 class _Item:
-    pixels: np.ndarray
+    pixels: np.ndarray | JpegBytes
     future: Future[Caption]
     enqueued_s: float
+
+
+@dataclass
+class _Ready:
+    pixels: ModelPixels
+    future: Future[Caption]
 
 
 class Batcher:
@@ -65,8 +89,10 @@ class Batcher:
         max_batch: int,
         max_wait_ms: float,
         on_beat: Callable[[int], None] | None = None,
+        stager: Stager | None = None,
     ) -> None:
         self._load = load
+        self._stager = stager
         self._on_beat = on_beat
         self._last_beat_s = 0.0
         self._loaded: Future[Captioner] = Future()
@@ -83,8 +109,9 @@ class Batcher:
         """The captioner, once the model thread has loaded it (raises what loading raised)."""
         return self._loaded.result()
 
-    def submit(self, pixels: Sequence[np.ndarray]) -> list[Future[Caption]]:
-        """Queue preprocessed images; each future resolves to its caption or a `CapworksError`."""
+    def submit(self, pixels: Sequence[np.ndarray | JpegBytes]) -> list[Future[Caption]]:
+        """Queue preprocessed images (or JPEGs for the stager); each future resolves to its
+        caption or a `CapworksError`."""
         now = time.monotonic()
         items = [_Item(p, Future(), now) for p in pixels]
         for item in items:
@@ -143,22 +170,44 @@ class Batcher:
         started = time.monotonic()
         for item in batch:
             metrics.BATCH_WAIT_SECONDS.observe(started - item.enqueued_s)
-        results = self._caption_isolating(batch)
+        ready = self._stage(batch)
+        if not ready:
+            return
+        results = self._caption_isolating(ready)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             metrics.GPU_MEMORY_BYTES.labels("in_use").set(torch.cuda.memory_allocated())
             metrics.GPU_MEMORY_BYTES.labels("peak").set(torch.cuda.max_memory_allocated())
         captioned = sum(isinstance(r, Caption) for r in results)
-        for item, result in zip(batch, results, strict=True):
+        for image, result in zip(ready, results, strict=True):
             if isinstance(result, Caption):
-                item.future.set_result(result)
+                image.future.set_result(result)
             elif captioned and not isinstance(result, CapworksError):
                 error = CapworksError(Code.MODEL_ERROR, f"{type(result).__name__}: {result}"[:2000])
                 error.__cause__ = result
-                item.future.set_exception(error)
+                image.future.set_exception(error)
             else:
-                item.future.set_exception(result)
+                image.future.set_exception(result)
 
-    def _caption_isolating(self, batch: list[_Item]) -> list[Caption | BaseException]:
+    def _stage(self, batch: list[_Item]) -> list[_Ready]:
+        """The images the model can take; one the stager fails is settled here, alone."""
+        images = [item.pixels for item in batch]
+        staged: Sequence[ModelPixels | BaseException]
+        try:
+            staged = self._stager.stage(images) if self._stager else [_host(i) for i in images]
+            if len(staged) != len(batch):
+                raise RuntimeError(f"{len(staged)} staged images for a batch of {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 - a stager bug is every image's, as a model fault
+            log.exception("staging %d images failed", len(batch))
+            staged = [exc] * len(batch)
+        ready = []
+        for item, pixels in zip(batch, staged, strict=True):
+            if isinstance(pixels, BaseException):
+                item.future.set_exception(pixels)
+            else:
+                ready.append(_Ready(pixels, item.future))
+        return ready
+
+    def _caption_isolating(self, batch: list[_Ready]) -> list[Caption | BaseException]:
         """Captions for the batch, halving it on failure until each failure is one image's."""
         log.info("batch of %d images", len(batch))
         try:
@@ -183,6 +232,13 @@ class Batcher:
         metrics.BATCH_IMAGES.observe(len(batch))
         return list(captions)
 
-    def _halves(self, batch: list[_Item]) -> list[Caption | BaseException]:
+    def _halves(self, batch: list[_Ready]) -> list[Caption | BaseException]:
         half = len(batch) // 2
         return self._caption_isolating(batch[:half]) + self._caption_isolating(batch[half:])
+
+
+def _host(image: np.ndarray | JpegBytes) -> ModelPixels | CapworksError:
+    """With no stager every image comes as pixels; a JPEG left encoded is a wiring fault."""
+    if isinstance(image, JpegBytes):
+        return CapworksError(Code.INTERNAL_ERROR, "a JPEG left for the device, but no stager")
+    return image

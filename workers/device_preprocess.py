@@ -13,6 +13,10 @@ change a caption; `bench/device_preprocess.py` measures how often.
 Everything that is not a JPEG, that Pillow's header check refuses (size limits, truncation), or
 that the device decoder fails on, goes through the exact CPU path one by one, so a bad image
 fails alone with its usual error code.
+
+In the image path the work is split at the decode seam: `JpegPassThrough` (the decode threads)
+checks a JPEG's header and limits and hands its bytes on; `DevicePreprocessor.stage` (the
+batcher's model thread, just before the model) decodes the batch's JPEGs on the model's device.
 """
 
 from __future__ import annotations
@@ -25,12 +29,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags, Image
 
-from schema.errors import ImageError
-from workers.preprocess import ExactDecoder, ImageLimits, Normalization, decode_safely
+from schema.errors import CapworksError, ImageError
+from workers.preprocess import (
+    ExactDecoder,
+    ImageLimits,
+    JpegBytes,
+    Normalization,
+    PreparedImage,
+    decode_safely,
+    host_pixels,
+)
 
 log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+_TRANSPOSING = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -62,12 +77,50 @@ def resize_normalize(images: Sequence[torch.Tensor], norm: Normalization) -> tor
     return out
 
 
+def jpeg_upright_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
+    """The upright (width, height) of a whole RGB or greyscale JPEG within the limits, from its
+    header; None for anything the exact path must judge (other formats and modes, CMYK, a
+    file cut short, a header Pillow refuses, an image over the limits)."""
+    if not data.startswith(JPEG_MAGIC) or len(data) > limits.max_bytes:
+        return None
+    if not data.rstrip(b"\0").endswith(JPEG_END):  # cut short: the exact path says `truncated`
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            width, height = img.size
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if max(width, height) > limits.max_px:
+        return None
+    return (height, width) if orientation in _TRANSPOSING else (width, height)
+
+
+@dataclass(frozen=True)
+class JpegPassThrough:
+    """The decode stage of `CAPWORKS_PREPROCESS=gpu`: a JPEG whose header passes is handed on
+    encoded, for the model thread to decode on its device; anything else is decoded exactly."""
+
+    exact: ExactDecoder
+
+    def decode(self, data: bytes) -> PreparedImage:
+        """The JPEG's bytes with its upright size, or the exact path's pixels (or error)."""
+        size = jpeg_upright_size(data, self.exact.limits)
+        if size is None:
+            return self.exact.decode(data)
+        return PreparedImage(JpegBytes(data), *size)
+
+
 def _decode_jpeg_fn() -> object:
     try:
         from torchvision.io import decode_jpeg
     except (ImportError, RuntimeError, OSError) as exc:  # a torchvision built for another torch
-        raise RuntimeError(
-            f"CAPWORKS_PREPROCESS=gpu needs torchvision built for torch {torch.__version__}: {exc}"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(  # a setting this installation cannot carry out: one line at start
+            f"CAPWORKS_PREPROCESS=gpu needs torchvision built for torch {torch.__version__} "
+            f"({reason}); unset it for the exact CPU path"
         ) from exc
     return decode_jpeg
 
@@ -96,7 +149,7 @@ class DevicePreprocessor:
             if isinstance(exact, ImageError):
                 errors[i] = exact
                 continue
-            pixels = torch.from_numpy(np.ascontiguousarray(exact.pixels)).to(self.device)
+            pixels = torch.from_numpy(np.ascontiguousarray(host_pixels(exact))).to(self.device)
             rows[i] = (pixels, (exact.width_px, exact.height_px))
         index = sorted(rows)
         if index:
@@ -105,18 +158,36 @@ class DevicePreprocessor:
             pixels = torch.empty(0, 3, self.norm.size_px, self.norm.size_px, device=self.device)
         return DeviceBatch(pixels, [rows[i][1] for i in index], index, errors)
 
+    def stage(
+        self, images: Sequence[np.ndarray | JpegBytes]
+    ) -> list[np.ndarray | torch.Tensor | CapworksError]:
+        """The batcher's step before the model: the JPEGs left encoded decoded on the device in
+        one call and resized there; one the device cannot decode goes the exact way (failing
+        with its usual code if that fails too); pixels already prepared pass as they are."""
+        at = [i for i, image in enumerate(images) if isinstance(image, JpegBytes)]
+        blobs = [image.data for image in images if isinstance(image, JpegBytes)]
+        decoded = self._decode_on_device(blobs)
+        good = [(i, img) for i, img in zip(at, decoded, strict=True) if img is not None]
+        on_device: dict[int, torch.Tensor] = {}
+        if good:
+            resized = resize_normalize([img for _, img in good], self.norm)
+            on_device = {i: row for (i, _), row in zip(good, resized, strict=True)}
+        if blobs:
+            log.info("%d of %d JPEGs decoded on %s", len(good), len(blobs), self.device)
+        out: list[np.ndarray | torch.Tensor | CapworksError] = []
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                out.append(image)
+            elif i in on_device:
+                out.append(on_device[i])
+            else:
+                exact = decode_safely(self.exact, image.data)
+                out.append(exact if isinstance(exact, ImageError) else host_pixels(exact))
+        return out
+
     def _device_decodable(self, blob: bytes) -> bool:
         """A JPEG within the limits whose header Pillow reads; anything else goes the exact way."""
-        if not blob.startswith(JPEG_MAGIC) or len(blob) > self.limits.max_bytes:
-            return False
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(blob)) as img:
-                w, h = img.size
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return False
-        return max(w, h) <= self.limits.max_px
+        return jpeg_upright_size(blob, self.limits) is not None
 
     def _decode_on_device(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
         """uint8 CHW RGB tensors on the device; None where decoding failed (retried exactly)."""

@@ -31,6 +31,7 @@ from workers.preprocess import (
     ImageLimits,
     Normalization,
     PreparedImage,
+    host_pixels,
     preprocess_many,
 )
 from workers.tags import derive_tags
@@ -145,16 +146,22 @@ class OfaEngine:
         """Decode, validate and resize encoded images in the thread pool."""
         return preprocess_many(blobs, self.decoder, self._pool)
 
-    def predict(self, pixels: Sequence[np.ndarray]) -> list[list[Hypothesis]]:
-        """Run one batch of preprocessed images through the generator."""
+    def predict(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> list[list[Hypothesis]]:
+        """Run one batch of preprocessed images (host arrays, or tensors device preprocessing
+        left on the device) through the generator."""
         if not pixels:
             return []
-        images = torch.from_numpy(np.stack(pixels))
-        if self.device.type == "cuda":
-            # Page-locked host memory lets the copy run asynchronously to the GPU's queue.
-            images = images.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        host = [p for p in pixels if isinstance(p, np.ndarray)]
+        if len(host) == len(pixels):
+            images = torch.from_numpy(np.stack(host))
+            if self.device.type == "cuda":
+                # Page-locked host memory lets the copy run asynchronously to the GPU's queue.
+                images = images.pin_memory().to(self.device, self.dtype, non_blocking=True)
+            else:
+                images = images.to(self.dtype)
         else:
-            images = images.to(self.dtype)
+            on_device = [torch.as_tensor(p, device=self.device) for p in pixels]
+            images = torch.stack(on_device).to(self.dtype)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long, device=self.device)
         hyps = self.generator.generate(prompt.expand(len(pixels), -1), images)
         if len(hyps) != len(pixels):
@@ -179,7 +186,7 @@ class OfaEngine:
         tags = tuple(derive_tags(texts[0], texts[1:]))
         return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens, tags)
 
-    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[Caption]:
+    def caption_pixels(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> list[Caption]:
         """Caption preprocessed images, `batch_size` at a time."""
         out: list[Caption] = []
         for start in range(0, len(pixels), self.batch_size):
@@ -195,7 +202,7 @@ class OfaEngine:
         return [o.result for o in captioned]  # type: ignore[misc]
 
     def _caption_prepared(self, prepared: list[PreparedImage]) -> list[CaptionedImage]:
-        captions = self.caption_pixels([p.pixels for p in prepared])
+        captions = self.caption_pixels([host_pixels(p) for p in prepared])
         return [
             CaptionedImage(c, p.width_px, p.height_px)
             for c, p in zip(captions, prepared, strict=True)

@@ -173,12 +173,28 @@ def to_pixels(image: Image.Image, norm: Normalization) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PreparedImage:
-    """Model-ready pixels of one image and its upright dimensions."""
+class JpegBytes:
+    """A JPEG whose header passed the checks, left encoded: the model thread decodes it on its
+    device with the rest of its batch (`CAPWORKS_PREPROCESS=gpu`, workers/device_preprocess.py)."""
 
-    pixels: np.ndarray
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model-ready pixels of one image (or its JPEG, left for the device) and its upright
+    dimensions."""
+
+    pixels: np.ndarray | JpegBytes
     width_px: int
     height_px: int
+
+
+def host_pixels(image: PreparedImage) -> np.ndarray:
+    """The pixels of an image prepared on the CPU (`ExactDecoder`'s always are)."""
+    if isinstance(image.pixels, JpegBytes):
+        raise TypeError("a JPEG left for the device has no pixels until the model thread's stage")
+    return image.pixels
 
 
 def prepare_image(data: bytes, limits: ImageLimits, norm: Normalization) -> PreparedImage:

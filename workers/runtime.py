@@ -24,11 +24,13 @@ from schema.queue import make_redis
 from schema.settings import Settings
 from schema.storage import make_s3_client
 from workers import metrics
-from workers.batcher import Batcher, Captioner
+from workers.batcher import Batcher, Captioner, Stager
+from workers.device_preprocess import DevicePreprocessor, JpegPassThrough
 from workers.engine import CaptionedImage, OfaEngine
 from workers.fetch import Fetcher, StoreFetcher
 from workers.imagepath import ImagePath
 from workers.ledger import RunLedger
+from workers.ofa_model import pick_device
 from workers.outcome import Outcome
 from workers.persist import DatabaseUnavailable, ResultWriter, SaveCounts
 from workers.preprocess import Decoder, ExactDecoder, ImageLimits, Normalization
@@ -51,6 +53,18 @@ def exact_decoder(config: CheckpointConfig, settings: Settings) -> ExactDecoder:
         Normalization(config.patch_image_size, *config.mean_std),
         settings.jpeg_draft,
     )
+
+
+def preprocessing(config: CheckpointConfig, settings: Settings) -> tuple[Decoder, Stager | None]:
+    """The decode stage's decoder and the model thread's stager that `settings.preprocess` asks
+    for: `exact`, Pillow in the decode threads and nothing left for the model thread; `gpu`,
+    JPEG headers checked in the decode threads and their pixels decoded on the model's device
+    just before the model (refused here, at start, without a torchvision for this torch)."""
+    exact = exact_decoder(config, settings)
+    if settings.preprocess == "exact":
+        return exact, None
+    on_device = DevicePreprocessor(exact.limits, exact.norm, pick_device(settings.device))
+    return JpegPassThrough(exact), on_device
 
 
 def load_engine(config: CheckpointConfig, settings: Settings) -> Callable[[], OfaEngine]:
@@ -79,15 +93,17 @@ def build_path(
     on_beat: Callable[[int], None] | None = None,
 ) -> ImagePath:
     """The image path with its batcher, once the model is loaded; each seam defaults to the
-    real part (`StoreFetcher` on the configured S3, `ExactDecoder`, `OfaEngine` on the
-    configured device). Both modes build theirs here; `on_beat` is the model thread's
+    real part (`StoreFetcher` on the configured S3, the decoder of `preprocessing`, `OfaEngine`
+    on the configured device). Both modes build theirs here; `on_beat` is the model thread's
     heartbeat (images waiting)."""
+    default_decoder, stager = preprocessing(config, settings)  # before the model: fails fast
     # The batcher's thread loads the model and is the only one to run it (see batcher.py).
     batcher = Batcher(
         captioner or load_engine(config, settings),
         settings.batch_size,
         settings.max_batch_wait_ms,
         on_beat,
+        stager,
     )
     try:
         batcher.captioner  # noqa: B018 - wait for the model; raises what loading raised
@@ -96,7 +112,7 @@ def build_path(
         raise
     return ImagePath(
         fetcher or StoreFetcher.from_settings(settings, make_s3_client(settings)),
-        decoder or exact_decoder(config, settings),
+        decoder or default_decoder,
         batcher,
         images_in_flight=images_in_flight(settings),
         decode_threads=settings.decode_threads,
