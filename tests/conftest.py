@@ -16,6 +16,13 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each worker takes a Redis database of its own (15, 14, ...), before any test
+# module reads CAPWORKS_TEST_REDIS_DB: kombu keeps one `unacked` index per database, and tests
+# running side by side must not restore each other's messages.
+if "PYTEST_XDIST_WORKER" in os.environ and "CAPWORKS_TEST_REDIS_DB" not in os.environ:
+    _worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw") or 0)
+    os.environ["CAPWORKS_TEST_REDIS_DB"] = str(15 - _worker)
+
 from capworks.seaweed import SeaweedServer, s3_client  # noqa: F401 - s3_client is for the tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,3 +184,11 @@ def postgres_control() -> Iterator[None]:
         yield
     finally:
         postgres_cluster("start")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`serial`: the fault suite (its timings compare runs on a quiet machine) and every test
+    that stops PostgreSQL (which the others share); scripts/test.sh runs them alone."""
+    for item in items:
+        if "faults" in item.path.parts or "postgres_control" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serial)
