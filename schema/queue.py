@@ -80,6 +80,12 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # kombu's restore holds a Redis lock (5 minutes by default); a worker that loses
+            # Redis mid-restore cannot release it, so after a Redis restart no dead process's
+            # job came back for 5 minutes (the fault suite's Redis restart). A restore takes
+            # milliseconds; two racing after 15 s at worst deliver a job twice, which its done
+            # mark drops.
+            "unacked_mutex_expire": 15,
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
