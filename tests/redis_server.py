@@ -15,18 +15,22 @@ from conftest import require_service
 
 class RedisServer:
     """`redis-server` bound to 127.0.0.1:`port`, keeping its files in `data`; `args` are more
-    of its options (`--appendonly yes`, `--requirepass ...`, TLS ones)."""
+    of its options (`--appendonly yes`, TLS ones); `password` sets `--requirepass`."""
 
-    def __init__(self, port: int, data: Path, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, port: int, data: Path, args: Sequence[str] = (), password: str | None = None
+    ) -> None:
         if shutil.which("redis-server") is None:
             require_service("redis-server", "not installed")
-        self.port, self.data, self.args = port, data, list(args)
+        self.port, self.data, self.password = port, data, password
+        self.args = [*args, *(["--requirepass", password] if password else [])]
         self.proc: subprocess.Popen[bytes] | None = None
         data.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, ready: bool = True) -> None:
         cmd = [

@@ -41,6 +41,7 @@ from pipeline_support import (
     query,
     wait_until,
 )
+from redis_server import RedisServer
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
@@ -137,33 +138,18 @@ def secure_redis(
     tmp_path_factory: pytest.TempPathFactory, certificates: tuple[Path, Path, Path]
 ) -> Iterator[SecureRedis]:
     """redis-server with `requirepass` on one loopback port and TLS on another; stopped after."""
-    if shutil.which("redis-server") is None:
-        require_service("redis-server", "not installed")
     folder = tmp_path_factory.mktemp("secure-redis")
     ca, cert, key = certificates
     server = SecureRedis(f"redis-pw-{secrets.token_hex(8)}", free_port(), free_port(), ca)
-    cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(server.plain_port),
-           "--tls-port", str(server.tls_port), "--tls-cert-file", str(cert),
+    tls = ["--tls-port", str(server.tls_port), "--tls-cert-file", str(cert),
            "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-           "--tls-auth-clients", "no", "--requirepass", server.password,
-           "--dir", str(folder), "--save", ""]  # fmt: skip
-    log = (folder / "redis.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+           "--tls-auth-clients", "no"]  # fmt: skip
+    process = RedisServer(server.plain_port, folder, tls, password=server.password)
+    process.start()
     try:
-        wait_until(
-            lambda: _answers(server), 20, "redis-server", lambda: (folder / "redis.log").read_text()
-        )
         yield server
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _answers(server: SecureRedis) -> bool:
-    try:
-        return bool(server.client().ping())
-    except redis.RedisError:
-        return False
+        process.stop()
 
 
 def queue_left(server: SecureRedis, queue: str) -> int:
