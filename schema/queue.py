@@ -62,6 +62,9 @@ def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from settings; tasks are registered by `workers.tasks`."""
     app = Celery("capworks", broker=settings.broker_url)
     app.conf.update(
+        # kombu's Redis transport with a fetch that cannot lose a job as Redis goes down
+        # (schema/redis_transport.py); it blocks on one Redis list, so one priority step.
+        broker_transport="schema.redis_transport:Transport",
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_name,
@@ -86,6 +89,7 @@ def make_celery(settings: Settings) -> Celery:
             # milliseconds; two racing after 15 s at worst deliver a job twice, which its done
             # mark drops.
             "unacked_mutex_expire": 15,
+            "priority_steps": [0],
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,

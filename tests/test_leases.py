@@ -19,10 +19,13 @@ from conftest import REPO, png_bytes, s3_client
 from pipeline_support import REDIS_URL, Pipeline, captions, failures, own_queue
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from schema.settings import Settings
 from workers.leases import LeaseKeeper, hand_back, lease_key
 
 WRAPPERS = Path(__file__).parent / "wrappers"
-DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": "3600", "CAPWORKS_LEASE_S": "20"}
+LEASE_S = Settings.model_fields["lease_s"].default
+VISIBILITY_S = Settings.model_fields["visibility_timeout_s"].default
+DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "CAPWORKS_LEASE_S": str(LEASE_S)}
 
 
 @pytest.fixture()
@@ -75,7 +78,7 @@ def test_handing_back_a_dead_processes_lease_skips_what_it_acknowledged(
     key = lease_key("test-host", 5)
     LeaseKeeper(client, key, 20, index).renew(["running", "acked"])
     client.zrem(index, "acked")  # acknowledged after the last renewal
-    assert hand_back(client, key, index) == 2
+    assert hand_back(client, "test-host", 5, index) == 2
     # "acked" left the index when it was acknowledged: it is not put back.
     assert scores(client, index) == {"running": 0, "other": pytest.approx(time.time(), abs=5)}
     assert not client.exists(key)
@@ -196,8 +199,8 @@ def test_a_job_running_three_times_its_lease_is_never_delivered_again(
     pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
 ) -> None:
     with own_queue(pg_url, tmp_path, s3_endpoint) as p:
-        # The default 20 s lease, and a job that takes a little over three of them.
-        p.extra_env.update(DEFAULTS, CAPWORKS_TEST_SLOW_S="62")
+        # The default lease, and a job that takes a little over three of them.
+        p.extra_env.update(DEFAULTS, CAPWORKS_TEST_SLOW_S=str(3.2 * LEASE_S))
         uris = slow_bucket(p.s3_endpoint, "long-job", 1, seed=73)
         p.start_worker("a", WRAPPERS / "fake_crash_worker.py")
         p.start_worker("b", WRAPPERS / "fake_crash_worker.py")

@@ -35,7 +35,7 @@ from capworks.checkpoints.shapes_world import sample_scenes
 from producer.enqueue import enqueue
 from schema.queue import CAPTION_TASK
 from schema.settings import Settings
-from workers.leases import hand_back, lease_key
+from workers.leases import hand_back
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"
@@ -232,7 +232,7 @@ def run_crash_workers(p: Pipeline, name: str, concurrency: int, done: Callable[[
         if worker.poll() is not None:
             deaths += 1
             # What `capworks worker`'s supervisor does when a child dies: its jobs go back now.
-            hand_back(p.redis(), lease_key(socket.gethostname(), worker.pid))
+            hand_back(p.redis(), socket.gethostname(), worker.pid)
             worker = p.start_worker(name, wrapper, concurrency=concurrency)
         time.sleep(1.0)
     return deaths

@@ -36,6 +36,8 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from schema.redis_transport import FetchingSweeper, hand_back_fetching
+
 log = logging.getLogger(__name__)
 LEASE_KEY = "capworks:lease:{host}:{pid}"
 LEASE_PATTERN = "capworks:lease:*"
@@ -108,14 +110,16 @@ class LeaseKeeper:
         self.redis.delete(self.key)
 
 
-def hand_back(redis: Any, key: str, index_key: str = UNACKED_INDEX) -> int:
-    """Give back every message a dead process's lease holds, for the next restore to requeue
+def hand_back(redis: Any, host: str, pid: int, index_key: str = UNACKED_INDEX) -> int:
+    """Give back every message a dead process held: those its lease names, for the next
+    restore to requeue, and those it fetched but had not claimed, straight to their queues
     (the supervisor calls this when its child dies); returns how many."""
+    key = lease_key(host, pid)
     tags = [_text(t) for t in redis.smembers(key)]
     if tags:
         redis.zadd(index_key, dict.fromkeys(tags, 0), xx=True)
     redis.delete(key)
-    return len(tags)
+    return len(tags) + hand_back_fetching(redis, host, pid)
 
 
 def _text(value: bytes | str) -> str:
@@ -131,6 +135,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(c, **kwargs)
         self._tref: Any = None
         self._keeper: LeaseKeeper | None = None
+        self._sweeper: FetchingSweeper | None = None
 
     def start(self, c: Any) -> None:
         """Start renewing once the task consumer exists."""
@@ -143,6 +148,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         every_s = renew_every_s(settings.lease_s)
         client = make_redis(settings, socket_timeout_s=every_s)
         self._keeper = LeaseKeeper(client, key, settings.lease_s, channel.unacked_index_key)
+        self._sweeper = FetchingSweeper(client)
         self.tick(c)
         self._tref = c.timer.call_repeatedly(every_s, self.tick, (c,))
         signals.task_received.connect(self.received, sender=c, weak=False)
@@ -157,14 +163,16 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
             log.warning("could not lease a message on receipt (%r)", exc)
 
     def tick(self, c: Any) -> None:
-        """Renew the lease with the tags this process holds, reap, and restore what was reaped."""
-        if self._keeper is None:
+        """Renew the lease with the tags this process holds, reap, and restore what was reaped;
+        then sweep fetched but unclaimed jobs back to their queues."""
+        if self._keeper is None or self._sweeper is None:
             return
         try:
-            qos = c.task_consumer.channel.qos
-            self._keeper.renew(_held_tags(qos))
+            channel = c.task_consumer.channel
+            self._keeper.renew(_held_tags(channel.qos))
             if self._keeper.reap():
-                qos.restore_visible(num=None, interval=1)
+                channel.qos.restore_visible(num=None, interval=1)
+            self._sweeper.sweep(exempt=getattr(channel, "live_fetching_keys", set)())
         except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
             log.warning("lease renewal failed (%r); trying again next tick", exc)
 

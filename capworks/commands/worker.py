@@ -171,13 +171,10 @@ def hand_back_jobs(pid: int) -> None:
     import redis
 
     from schema.queue import make_redis
-    from workers.leases import hand_back, lease_key
+    from workers.leases import hand_back
 
     try:
-        count = hand_back(
-            make_redis(get_settings(), socket_timeout_s=5),
-            lease_key(socket.gethostname(), pid),
-        )
+        count = hand_back(make_redis(get_settings(), socket_timeout_s=5), socket.gethostname(), pid)
     except redis.RedisError as exc:
         log.warning("could not hand back the jobs of process %d (%s): its lease expires", pid, exc)
         return

@@ -1,8 +1,7 @@
 """The broker and the database restarted under running workers, with the default lease and
 visibility settings: the workers consume again by themselves (Celery has a family of bugs where
 a worker stops consuming after a broker reconnect), writes are retried, and nothing is lost or
-captioned twice (after a Redis restart, with `capworks enqueue --reconcile` for a job popped in
-the instant Redis went down)."""
+captioned twice."""
 
 from __future__ import annotations
 
@@ -66,22 +65,13 @@ def test_workers_consume_again_by_themselves_after_redis_restarts(
                 "a drained queue after the restart",
                 lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:],
             )
-            time.sleep(2)
-            # kombu's Redis transport takes a job with BRPOP and records it as unacknowledged
-            # in a second command: a job popped in the instant Redis goes down is in neither
-            # place. At most one such job per worker per outage (two outages here); the
-            # database is the record, and `--reconcile` enqueues what it lacks.
-            missing = everything - set(captions(p.db_url))
-            assert len(missing) <= 2 * 2 * 8, sorted(missing)
-            print(f"\nimages of jobs lost in the queue at the restarts: {len(missing)}")
-            for source in ("s3://before-restart/", "s3://after-restart/"):
-                result = p.cli("enqueue", source, "--reconcile", "--no-progress")
-                assert result.returncode == 0, result.stderr
+            # Every image: a job taken as Redis went down was in a fetching list, not lost
+            # (schema/redis_transport.py; stock kombu lost one job per restart here).
             wait_until(
-                lambda: set(captions(p.db_url)) == everything and p.queue_length() == 0,
-                300,
-                "every caption after --reconcile",
-                lambda: p.log_text("a")[-2000:] + p.log_text("b")[-2000:],
+                lambda: set(captions(p.db_url)) == everything,
+                60,
+                "every caption",
+                lambda: str(sorted(everything - set(captions(p.db_url)))[:20]),
             )
             assert failures(p.db_url) == {}
             assert distinct_captioned(p.db_url) == count_rows(p.db_url)["captions"]

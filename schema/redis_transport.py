@@ -1,0 +1,258 @@
+"""kombu's Redis transport with a reliable fetch: no job is lost between Redis and a worker.
+
+kombu takes a message with BRPOP and records it as unacknowledged (the `unacked` hash and
+`unacked_index`) in a second command. A message popped in the instant Redis goes down, or whose
+reply never reaches the worker, is in neither place: the fault suite's Redis restart lost one job
+this way in each of its runs.
+
+This transport takes a message with BLMOVE into a list of the consuming channel's own
+(`capworks:fetching:<host>:<pid>:<token>:<queue>`, the pattern Redis documents for reliable
+queues), and one Lua script then removes it from that list and records it as unacknowledged,
+atomically. So at every instant a message is in the queue, in a fetching list, or in `unacked`.
+A message left in a fetching list (the worker died, its connection dropped, the reply was never
+read) is moved back to the head of its queue by `FetchingSweeper`, which every worker process runs
+on its lease tick: an entry seen in the same list on two ticks in a row is stale, because a live
+channel claims what it moved within milliseconds. A channel that reads a reply late, after its
+entry was swept back, finds nothing to claim and drops the reply, so the job is delivered once.
+
+Only a channel that consumes a single Redis list can block on BLMOVE (one source key), so
+capworks runs with one priority step (`priority_steps: [0]`); a channel consuming several lists
+falls back to kombu's BRPOP, with a warning. `global_keyprefix` is not supported with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Collection
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
+
+log = logging.getLogger(__name__)
+
+FETCHING_KEY = "capworks:fetching:{host}:{pid}:{token}:{queue}"
+FETCHING_PATTERN = "capworks:fetching:*"
+
+# KEYS: fetching list, unacked_index, unacked. ARGV: raw message, delivery tag, now, the
+# unacked record, "1" when the consumer does not acknowledge. 0: the entry was swept back.
+_CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[5] == '0' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
+end
+return 1
+"""
+
+# KEYS: fetching list, queue. ARGV: raw message. Back to the head, where the next fetch takes it.
+_RESTORE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def fetching_key(host: str, pid: int, token: str, queue: str) -> str:
+    """The list a channel's fetches move messages into before it claims them."""
+    return FETCHING_KEY.format(host=host, pid=pid, token=token, queue=queue)
+
+
+def queue_of(key: str) -> str:
+    """The queue a fetching list's messages came from (the key's last part)."""
+    return key.split(":", 5)[5]
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that a message the fetch has already claimed is not recorded
+    again (the claim wrote its `unacked` entry atomically with taking it)."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Track a delivered message; record it in Redis unless the fetch did."""
+        if delivery_tag in self.channel.claimed:
+            self.channel.claimed.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+        super().append(message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel whose fetch cannot lose a message (see the module docstring)."""
+
+    QoS = QoS
+    # kombu's own: the connection a fetch is outstanding on (False or None when none), and when.
+    _in_poll: Any = False
+    _brpop_sent_at: float | None = None  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.claimed: set[str] = set()
+        self._token = uuid.uuid4().hex[:12]
+        self._no_ack: dict[str, bool] = {}
+        self._moving_from: str | None = None
+        self._warned_brpop = False
+        super().__init__(*args, **kwargs)
+        self._claim = self.client.register_script(_CLAIM)
+
+    def fetching_key(self, queue: str) -> str:
+        """This channel's fetching list for `queue`."""
+        return fetching_key(socket.gethostname(), os.getpid(), self._token, queue)
+
+    def live_fetching_keys(self) -> set[str]:
+        """The fetching lists a reply still on its way may have an entry in: this channel's,
+        while a fetch is outstanding (the sweep leaves them alone)."""
+        if not self._in_poll:
+            return set()
+        return {self.fetching_key(queue) for queue in self.active_queues}
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        """Consume `queue`, remembering whether its consumer acknowledges."""
+        no_ack = args[0] if args else kwargs.get("no_ack", False)
+        self._no_ack[queue] = bool(no_ack)
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _source(self, queues: list[str]) -> str | None:
+        """The one Redis list a fetch from `queues` blocks on, or None where there are several
+        (several queues or priority steps) and kombu's BRPOP has to take it."""
+        keys = {self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues}
+        if len(keys) == 1 and not self.global_keyprefix:
+            return str(keys.pop())
+        if not self._warned_brpop:
+            self._warned_brpop = True
+            log.warning(
+                "queues %s are read from %d Redis lists (priority steps %s) or under a key "
+                "prefix: taken with BRPOP, a job can be lost if Redis goes down as it is taken; "
+                "consume one queue with one priority step for the reliable fetch",
+                queues,
+                len(keys),
+                self.priority_steps,
+            )
+        return None
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        source = self._source(list(queues))
+        if source is None:
+            self._moving_from = None
+            super()._brpop_start(timeout)
+            return
+        wait_s = self.brpop_timeout if timeout is None else timeout
+        self._moving_from = queues[0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(
+            "BLMOVE", source, self.fetching_key(queues[0]), "RIGHT", "LEFT", wait_s or 0
+        )
+
+    def _brpop_read(self, **options: Any) -> bool:
+        queue = self._moving_from
+        if queue is None:
+            return bool(super()._brpop_read(**options))
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                # What was moved stays in the fetching list for the sweep; reconnect next time.
+                self.client.connection.disconnect()
+                raise
+            if not item or not self._claim_and_deliver(queue, item):
+                raise Empty()
+            return True
+        finally:
+            self._in_poll = None
+            self._moving_from = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        source = self._source([queue])
+        if source is None:
+            return super()._get(queue)
+        with self.conn_or_acquire() as client:
+            item = client.lmove(source, self.fetching_key(queue), "RIGHT", "LEFT")
+        if item is None:
+            raise Empty()
+        payload = self._claimed_payload(queue, item)
+        if payload is None:
+            raise Empty()
+        return payload
+
+    def _claim_and_deliver(self, queue: str, item: bytes) -> bool:
+        payload = self._claimed_payload(queue, item)
+        if payload is None:
+            return False
+        self._queue_cycle.rotate(queue)
+        self.connection._deliver(payload, queue)
+        return True
+
+    def _claimed_payload(self, queue: str, item: bytes) -> Any:
+        """Claim a moved message (out of the fetching list, into `unacked`, in one script);
+        its payload, or None where the sweep had already put it back in the queue."""
+        payload = loads(item.decode() if isinstance(item, bytes) else item)
+        props = payload["properties"]
+        tag = props["delivery_tag"]
+        info = props["delivery_info"]
+        record = dumps([payload, info["exchange"], info["routing_key"]])
+        no_ack = "1" if self._no_ack.get(queue, False) else "0"
+        with self.conn_or_acquire() as client:
+            keys = [self.fetching_key(queue), self.unacked_index_key, self.unacked_key]
+            won = self._claim(keys=keys, args=[item, tag, time(), record, no_ack], client=client)
+        if not won:
+            log.warning("a fetched job was swept back to %r before it was claimed", queue)
+            return None
+        if no_ack == "0":
+            self.claimed.add(tag)
+        return payload
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with `Channel`'s reliable fetch."""
+
+    Channel = Channel
+
+
+class FetchingSweeper:
+    """Moves stale fetching-list entries back to the head of their queues: an entry seen in the
+    same list at the previous sweep, in any list but the live fetch's own (`exempt`)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._restore = redis.register_script(_RESTORE)
+        self._seen: dict[str, set[bytes]] = {}
+
+    def sweep(self, exempt: Collection[str] = ()) -> int:
+        """One sweep; returns how many messages went back to their queues."""
+        seen: dict[str, set[bytes]] = {}
+        restored = 0
+        for raw_key in self.redis.scan_iter(match=FETCHING_PATTERN, count=1000):
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            if key in exempt:
+                continue
+            entries = set(self.redis.lrange(key, 0, -1))
+            stale = entries & self._seen.get(key, set())
+            for item in stale:
+                restored += int(self._restore(keys=[key, queue_of(key)], args=[item]))
+            if entries - stale:
+                seen[key] = entries - stale
+        self._seen = seen
+        if restored:
+            log.warning("put %d fetched but unclaimed jobs back in their queues", restored)
+        return restored
+
+
+def hand_back_fetching(redis: Any, host: str, pid: int) -> int:
+    """Move every entry of a dead process's fetching lists back to its queue at once (its
+    supervisor calls this); returns how many."""
+    restore = redis.register_script(_RESTORE)
+    moved = 0
+    for raw_key in redis.scan_iter(match=f"capworks:fetching:{host}:{pid}:*", count=1000):
+        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        for item in redis.lrange(key, 0, -1):
+            moved += int(restore(keys=[key, queue_of(key)], args=[item]))
+    return moved
