@@ -80,6 +80,7 @@ def run(args: argparse.Namespace, db_url: str, endpoint: str, kills: int) -> dic
         "idle": sum(k.idle for k in farm.kills),
         "recoveries": [k.recovered_s for k in farm.kills if k.recovered_s is not None],
         "held": sum(1 for k in farm.kills if k.jobs),
+        "kill_list": list(farm.kills),
     }
     clear(db_url)
     r.delete(env["CAPWORKS_QUEUE_NAME"])
@@ -121,6 +122,17 @@ def main() -> None:
     print(
         f"kills of a process holding jobs: {rough['held']}; recovered: {len(rough['recoveries'])}"
     )
+    kills = rough["kill_list"]
+    first = min((k.at for k in kills), default=0.0)
+    for k in kills:
+        # Another kill before this one's jobs came back (a slower recovery's usual cause).
+        end = k.at + (k.recovered_s or 0.0)
+        overlapping = sum(1 for o in kills if o is not k and k.at < o.at < end)
+        recovered = f"{k.recovered_s:.1f} s" if k.recovered_s is not None else "-"
+        print(
+            f"  kill at +{k.at - first:.0f} s: pid {k.pid}, {len(k.jobs)} jobs held, "
+            f"first of them committed after {recovered}, {overlapping} kills meanwhile"
+        )
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ This transport takes a message with BLMOVE into a list of the consuming channel'
 (`capworks:fetching:<host>:<pid>:<token>:<queue>`, the pattern Redis documents for reliable
 queues), and one Lua script then removes it from that list and records it as unacknowledged,
 atomically. So at every instant a message is in the queue, in a fetching list, or in `unacked`.
-A message left in a fetching list (the worker died, its connection dropped, the reply was never
-read) is moved back to the head of its queue by `FetchingSweeper`, which every worker process runs
-on its lease tick: an entry seen in the same list on two ticks in a row is stale, because a live
-channel claims what it moved within milliseconds. A channel that reads a reply late, after its
-entry was swept back, finds nothing to claim and drops the reply, so the job is delivered once.
+Before each fetch the channel registers its list in `capworks:fetching` with a deadline (Redis
+server time plus the fetch's wait): a live channel claims what it moved within milliseconds, so
+an entry in a list whose deadline passed `STALE_AFTER_S` ago was left behind (its worker died,
+its connection dropped, its reply was never read). `FetchingSweeper`, run on every worker's lease
+tick, moves such entries back to the head of their queues in one script per list; a channel that
+reads its reply later finds nothing to claim and drops it, so the job is delivered once. The
+sweep costs one sorted-set range per tick whatever the size of the farm or the keyspace.
 
 Only a channel that consumes a single Redis list can block on BLMOVE (one source key), so
 capworks runs with one priority step (`priority_steps: [0]`); a channel consuming several lists
@@ -26,7 +28,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Collection
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -38,7 +39,9 @@ from kombu.utils.json import dumps, loads
 log = logging.getLogger(__name__)
 
 FETCHING_KEY = "capworks:fetching:{host}:{pid}:{token}:{queue}"
-FETCHING_PATTERN = "capworks:fetching:*"
+REGISTRY_KEY = "capworks:fetching"  # sorted set: fetching list -> deadline of its latest fetch
+STALE_AFTER_S = 3.0  # past a fetch's deadline, far beyond a live channel's claim (milliseconds)
+SWEEP_LIMIT = 100  # lists drained per sweep
 
 # KEYS: fetching list, unacked_index, unacked. ARGV: raw message, delivery tag, now, the
 # unacked record, "1" when the consumer does not acknowledge. 0: the entry was swept back.
@@ -51,11 +54,26 @@ end
 return 1
 """
 
-# KEYS: fetching list, queue. ARGV: raw message. Back to the head, where the next fetch takes it.
-_RESTORE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
+# KEYS: registry, fetching list. ARGV: seconds the fetch may wait. The deadline is Redis's own
+# clock, so hosts whose clocks disagree still agree on what is stale.
+_REGISTER = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1]), KEYS[2])
+"""
+
+# KEYS: registry, fetching list, queue. ARGV: seconds past the deadline ("force": any). Moves
+# every entry back to the queue's head and forgets the list, if it is (still) stale.
+_DRAIN = """
+if ARGV[1] ~= 'force' then
+  local deadline = redis.call('ZSCORE', KEYS[1], KEYS[2])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  if deadline and tonumber(deadline) > now - tonumber(ARGV[1]) then return 0 end
+end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+redis.call('ZREM', KEYS[1], KEYS[2])
+return moved
 """
 
 
@@ -98,17 +116,19 @@ class Channel(kombu_redis.Channel):
         self._warned_brpop = False
         super().__init__(*args, **kwargs)
         self._claim = self.client.register_script(_CLAIM)
+        self._register = self.client.register_script(_REGISTER)
 
     def fetching_key(self, queue: str) -> str:
         """This channel's fetching list for `queue`."""
         return fetching_key(socket.gethostname(), os.getpid(), self._token, queue)
 
-    def live_fetching_keys(self) -> set[str]:
-        """The fetching lists a reply still on its way may have an entry in: this channel's,
-        while a fetch is outstanding (the sweep leaves them alone)."""
-        if not self._in_poll:
-            return set()
-        return {self.fetching_key(queue) for queue in self.active_queues}
+    def register_fetch(self, queue: str, wait_s: float) -> None:
+        """Name this channel's fetching list for `queue` in the registry, with the deadline of
+        a fetch about to wait up to `wait_s`."""
+        with self.conn_or_acquire() as client:
+            self._register(
+                keys=[REGISTRY_KEY, self.fetching_key(queue)], args=[wait_s], client=client
+            )
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         """Consume `queue`, remembering whether its consumer acknowledges."""
@@ -144,6 +164,7 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)
             return
         wait_s = self.brpop_timeout if timeout is None else timeout
+        self.register_fetch(queues[0], wait_s or 0)
         self._moving_from = queues[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
@@ -174,6 +195,7 @@ class Channel(kombu_redis.Channel):
         source = self._source([queue])
         if source is None:
             return super()._get(queue)
+        self.register_fetch(queue, 0)
         with self.conn_or_acquire() as client:
             item = client.lmove(source, self.fetching_key(queue), "RIGHT", "LEFT")
         if item is None:
@@ -218,41 +240,36 @@ class Transport(kombu_redis.Transport):
 
 
 class FetchingSweeper:
-    """Moves stale fetching-list entries back to the head of their queues: an entry seen in the
-    same list at the previous sweep, in any list but the live fetch's own (`exempt`)."""
+    """Moves the entries of stale fetching lists (deadline `stale_after_s` ago) back to the head
+    of their queues."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, stale_after_s: float = STALE_AFTER_S) -> None:
         self.redis = redis
-        self._restore = redis.register_script(_RESTORE)
-        self._seen: dict[str, set[bytes]] = {}
+        self.stale_after_s = stale_after_s
+        self._drain = redis.register_script(_DRAIN)
 
-    def sweep(self, exempt: Collection[str] = ()) -> int:
+    def sweep(self, stale_after_s: float | None = None) -> int:
         """One sweep; returns how many messages went back to their queues."""
-        seen: dict[str, set[bytes]] = {}
-        restored = 0
-        for raw_key in self.redis.scan_iter(match=FETCHING_PATTERN, count=1000):
-            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            if key in exempt:
-                continue
-            entries = set(self.redis.lrange(key, 0, -1))
-            stale = entries & self._seen.get(key, set())
-            for item in stale:
-                restored += int(self._restore(keys=[key, queue_of(key)], args=[item]))
-            if entries - stale:
-                seen[key] = entries - stale
-        self._seen = seen
-        if restored:
-            log.warning("put %d fetched but unclaimed jobs back in their queues", restored)
-        return restored
+        grace_s = self.stale_after_s if stale_after_s is None else stale_after_s
+        seconds, micros = self.redis.time()
+        cutoff = seconds + micros / 1e6 - grace_s
+        lists = self.redis.zrangebyscore(REGISTRY_KEY, "-inf", cutoff, start=0, num=SWEEP_LIMIT)
+        moved = 0
+        for raw in lists:
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            moved += int(self._drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=[grace_s]))
+        if moved:
+            log.warning("put %d fetched but unclaimed jobs back in their queues", moved)
+        return moved
 
 
 def hand_back_fetching(redis: Any, host: str, pid: int) -> int:
     """Move every entry of a dead process's fetching lists back to its queue at once (its
     supervisor calls this); returns how many."""
-    restore = redis.register_script(_RESTORE)
+    drain = redis.register_script(_DRAIN)
     moved = 0
-    for raw_key in redis.scan_iter(match=f"capworks:fetching:{host}:{pid}:*", count=1000):
-        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-        for item in redis.lrange(key, 0, -1):
-            moved += int(restore(keys=[key, queue_of(key)], args=[item]))
+    prefix = f"capworks:fetching:{host}:{pid}:*"
+    for raw, _ in redis.zscan_iter(REGISTRY_KEY, match=prefix, count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        moved += int(drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=["force"]))
     return moved

@@ -112,7 +112,7 @@ def _consume(
                             pass
                         if transport == RELIABLE and time.monotonic() - swept_at > 0.5:
                             # What each capworks worker does on its lease tick.
-                            sweeper.sweep(exempt=channel.live_fetching_keys())
+                            sweeper.sweep()
                             swept_at = time.monotonic()
         except Exception:  # noqa: BLE001 - any connection failure (kombu wraps them): reconnect
             result.reconnects += 1

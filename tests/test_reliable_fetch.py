@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,9 @@ from kombu.transport import redis as kombu_redis
 from pipeline_support import REDIS_URL
 
 from schema.redis_transport import (
+    _REGISTER,
+    REGISTRY_KEY,
+    STALE_AFTER_S,
     Channel,
     FetchingSweeper,
     fetching_key,
@@ -41,6 +45,7 @@ def client() -> Iterator[redis.Redis]:
     yield r
     for key in r.scan_iter("capworks:fetching:*test-*"):
         r.delete(key)
+        r.zrem(REGISTRY_KEY, key)
 
 
 @pytest.fixture()
@@ -99,7 +104,7 @@ def unacked_jobs(client: redis.Redis, queue: Queue) -> list[str]:
 
 
 def fetching_lists(client: redis.Redis, queue: Queue) -> dict[str, list[bytes]]:
-    keys = [k.decode() for k in client.scan_iter(match="capworks:fetching:*", count=1000)]
+    keys = [k.decode() for k in client.scan_iter(match="capworks:fetching:*:*", count=1000)]
     return {k: client.lrange(k, 0, -1) for k in keys if queue_of(k) == queue.name}
 
 
@@ -160,8 +165,10 @@ def test_a_message_taken_as_redis_fails_is_swept_back_and_delivered_once(
     assert client.llen(queue.name) == 0
     assert "kept" not in unacked_jobs(client, queue)
     sweeper = FetchingSweeper(client)
-    assert sweeper.sweep() == 0  # first sight: it may be a fetch a moment from its claim
-    assert sweeper.sweep() == 1  # still there a sweep later: stale, back to the queue's head
+    # Its fetch's deadline has not passed by STALE_AFTER_S yet: it may be a moment from its claim.
+    assert sweeper.sweep() == 0
+    time.sleep(STALE_AFTER_S + 1.5)  # past the deadline (the 1 s fetch) and the grace
+    assert sweeper.sweep() == 1  # back to the queue's head
     assert fetching_lists(client, queue) == {}
     assert consume(queue, 2) == ["kept"]
     assert client.llen(queue.name) == 0
@@ -175,33 +182,38 @@ def test_a_reply_read_after_its_entry_was_swept_back_is_dropped(
         channel = conn.default_channel
         assert isinstance(channel, Channel)
         channel.basic_consume(queue.name, False, lambda m: None, "late-consumer")
-        # A fetch whose reply waits unread (the worker stalled) while sweeps go by.
+        # A fetch whose reply waits unread (the worker stalled) while its deadline passes.
+        channel.register_fetch(queue.name, 0)
         item = client.lmove(queue.name, channel.fetching_key(queue.name), "RIGHT", "LEFT")
         assert item is not None
-        sweeper = FetchingSweeper(client)
-        sweeper.sweep()
-        assert sweeper.sweep() == 1
+        assert FetchingSweeper(client).sweep(stale_after_s=-1) == 1
         assert channel._claimed_payload(queue.name, item) is None
     assert consume(queue, 2) == ["late"]
 
 
-def test_the_sweep_leaves_a_live_fetch_alone(client: redis.Redis, queue: Queue) -> None:
+def test_the_sweep_leaves_a_fetch_alone_until_its_deadline_is_well_past(
+    client: redis.Redis, queue: Queue
+) -> None:
     key = fetching_key("test-host", 1, "token", queue.name)
+    register = client.register_script(_REGISTER)
+    register(keys=[REGISTRY_KEY, key], args=[60])  # a fetch that may wait a minute
     client.lpush(key, b'{"job": "in flight"}')
     sweeper = FetchingSweeper(client)
-    for _ in range(3):
-        assert sweeper.sweep(exempt={key}) == 0
+    assert sweeper.sweep() == 0
     assert client.llen(key) == 1
-    sweeper.sweep()  # no longer exempt: seen once
-    assert sweeper.sweep() == 1
+    assert sweeper.sweep(stale_after_s=-61) == 1  # as if the minute and the grace were over
     assert client.lrange(queue.name, 0, -1) == [b'{"job": "in flight"}']
+    assert client.zscore(REGISTRY_KEY, key) is None  # drained lists are forgotten
 
 
 def test_a_dead_processes_fetched_jobs_are_handed_back_at_once(
     client: redis.Redis, queue: Queue
 ) -> None:
-    client.lpush(fetching_key("test-host", 7, "t1", queue.name), b"one", b"two")
-    client.lpush(fetching_key("test-host", 8, "t2", queue.name), b"other process")
+    register = client.register_script(_REGISTER)
+    for pid, token, items in ((7, "t1", [b"one", b"two"]), (8, "t2", [b"other process"])):
+        key = fetching_key("test-host", pid, token, queue.name)
+        register(keys=[REGISTRY_KEY, key], args=[60])
+        client.lpush(key, *items)
     assert hand_back_fetching(client, "test-host", 7) == 2
     assert sorted(client.lrange(queue.name, 0, -1)) == [b"one", b"two"]
     assert client.llen(fetching_key("test-host", 8, "t2", queue.name)) == 1
@@ -215,6 +227,6 @@ def test_a_fetching_key_names_its_queue_even_with_colons() -> None:
 @pytest.mark.slow
 def test_no_message_is_lost_while_redis_restarts_under_a_consumer(tmp_path: Path) -> None:
     # Stock kombu lost 1-2 messages of 40,000 over 20 restarts here (bench/fetch_restarts.py).
-    result = restart_storm(RELIABLE, tmp_path / "redis", messages=10_000, restarts=10)
+    result = restart_storm(RELIABLE, tmp_path / "redis", messages=6_000, restarts=10)
     assert result.reconnects >= 1  # the restarts reached the consumer
     assert result.lost == 0, result

@@ -172,7 +172,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self._keeper.renew(_held_tags(channel.qos))
             if self._keeper.reap():
                 channel.qos.restore_visible(num=None, interval=1)
-            self._sweeper.sweep(exempt=getattr(channel, "live_fetching_keys", set)())
+            self._sweeper.sweep()
         except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
             log.warning("lease renewal failed (%r); trying again next tick", exc)
 
