@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from conftest import REPO, png_bytes, s3_client
+from conftest import REPO, png_bytes, require_service, s3_client
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select
 
@@ -29,6 +29,16 @@ from schema.tables import Caption, Failure, Image
 # Each concurrent test run takes its own Redis database (CAPWORKS_TEST_REDIS_DB, default 15): the
 # fixtures clear `capworks:*` keys and count kombu's `unacked` hash, both per database.
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
+
+
+def live_redis() -> redis.Redis:
+    """A client of the tests' Redis database; skips locally (fails in CI) without a Redis."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        require_service("Redis", str(exc))
+    return client
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import REPO, png_bytes, s3_client
-from pipeline_support import REDIS_URL, Pipeline, captions, failures, own_queue
+from pipeline_support import Pipeline, captions, failures, live_redis, own_queue
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from schema.settings import Settings
@@ -30,11 +30,7 @@ DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "CAPWORKS_LEASE_
 
 @pytest.fixture()
 def client() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis unavailable: {exc}")
+    r = live_redis()
     index = f"test-index-{uuid.uuid4().hex[:8]}"
     yield r
     r.delete(index)

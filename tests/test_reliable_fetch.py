@@ -19,7 +19,7 @@ import redis
 from fetch_storm import RELIABLE, restart_storm
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
-from pipeline_support import REDIS_URL
+from pipeline_support import REDIS_URL, live_redis
 
 from schema.redis_transport import (
     _REGISTER,
@@ -37,11 +37,7 @@ OPTIONS = {"priority_steps": [0]}
 
 @pytest.fixture()
 def client() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"Redis unavailable: {exc}")
+    r = live_redis()
     yield r
     for key in r.scan_iter("capworks:fetching:*test-*"):
         r.delete(key)

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import REPO, require_service, run_cli
+from conftest import REPO, run_cli
+from pipeline_support import live_redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
@@ -63,11 +64,7 @@ def closed_pg_url() -> str:
 def queue() -> Iterator[str]:
     """A queue name of this test's own on the real Redis; its keys removed afterwards."""
     name = f"capworks-status-{uuid.uuid4().hex[:8]}"
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        r.ping()
-    except redis.RedisError as exc:
-        require_service("Redis", str(exc))
+    r = live_redis()
     yield name
     r.delete(name, *r.scan_iter(f"capworks:heartbeat:{name}:*"))
     leftovers = [*r.scan_iter(f"_kombu.binding*.{name}"), *r.scan_iter("capworks:sent:*")]
