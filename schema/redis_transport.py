@@ -82,6 +82,11 @@ def fetching_key(host: str, pid: int, token: str, queue: str) -> str:
     return FETCHING_KEY.format(host=host, pid=pid, token=token, queue=queue)
 
 
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients may or may not decode replies)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def queue_of(key: str) -> str:
     """The queue a fetching list's messages came from (the key's last part)."""
     return key.split(":", 5)[5]
@@ -216,7 +221,7 @@ class Channel(kombu_redis.Channel):
     def _claimed_payload(self, queue: str, item: bytes) -> Any:
         """Claim a moved message (out of the fetching list, into `unacked`, in one script);
         its payload, or None where the sweep had already put it back in the queue."""
-        payload = loads(item.decode() if isinstance(item, bytes) else item)
+        payload = loads(as_text(item))
         props = payload["properties"]
         tag = props["delivery_tag"]
         info = props["delivery_info"]
@@ -254,22 +259,20 @@ class FetchingSweeper:
         seconds, micros = self.redis.time()
         cutoff = seconds + micros / 1e6 - grace_s
         lists = self.redis.zrangebyscore(REGISTRY_KEY, "-inf", cutoff, start=0, num=SWEEP_LIMIT)
-        moved = 0
-        for raw in lists:
-            key = raw.decode() if isinstance(raw, bytes) else raw
-            moved += int(self._drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=[grace_s]))
+        moved = sum(self.drain(as_text(raw), grace_s) for raw in lists)
         if moved:
             log.warning("put %d fetched but unclaimed jobs back in their queues", moved)
         return moved
+
+    def drain(self, key: str, grace_s: float | str) -> int:
+        """Move fetching list `key`'s entries back to its queue and forget it, if its deadline
+        passed `grace_s` ago ("force": whatever its deadline); returns how many moved."""
+        return int(self._drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=[grace_s]))
 
 
 def hand_back_fetching(redis: Any, host: str, pid: int) -> int:
     """Move every entry of a dead process's fetching lists back to its queue at once (its
     supervisor calls this); returns how many."""
-    drain = redis.register_script(_DRAIN)
-    moved = 0
-    prefix = f"capworks:fetching:{host}:{pid}:*"
-    for raw, _ in redis.zscan_iter(REGISTRY_KEY, match=prefix, count=1000):
-        key = raw.decode() if isinstance(raw, bytes) else raw
-        moved += int(drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=["force"]))
-    return moved
+    sweeper = FetchingSweeper(redis)
+    lists = redis.zscan_iter(REGISTRY_KEY, match=f"capworks:fetching:{host}:{pid}:*", count=1000)
+    return sum(sweeper.drain(as_text(raw), "force") for raw, _ in lists)

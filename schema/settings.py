@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     queue_name: str = "capworks"
     # Leases (workers/leases.py): a worker process renews the lease on the jobs it holds every
     # lease_s / 4 (at most 5 s); a job whose holder died is back within lease_s plus one renewal.
-    # 10 s: a lost host's jobs are captioned again within 30 s (RELIABILITY.md).
+    # 8 s: a lost host's jobs are back in the queue within 10 s (RELIABILITY.md).
     lease_s: float = Field(default=8.0, ge=1.0)
     # The last resort, for when no worker is alive to reap a dead one's leases: kombu itself
     # re-delivers an unacknowledged job after this long.

@@ -36,7 +36,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from schema.redis_transport import FetchingSweeper, hand_back_fetching
+from schema.redis_transport import FetchingSweeper, as_text, hand_back_fetching
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "capworks:lease:{host}:{pid}"
@@ -93,12 +93,12 @@ class LeaseKeeper:
         returns their tags."""
         ceiling = (time.time() if now_s is None else now_s) - self.lease_s
         # Score 0: handed back by a supervisor, or reaped by a worker whose restore failed.
-        candidates = {_text(t) for t in self.redis.zrangebyscore(self.index_key, 0, ceiling)}
+        candidates = {as_text(t) for t in self.redis.zrangebyscore(self.index_key, 0, ceiling)}
         if not candidates:
             return []
         held: set[str] = set()
         for key in self.redis.scan_iter(match=LEASE_PATTERN, count=1000):
-            held.update(_text(t) for t in self.redis.smembers(key))
+            held.update(as_text(t) for t in self.redis.smembers(key))
         orphans = sorted(candidates - held)
         if orphans:
             # XX: a message acknowledged meanwhile is not put back in the index.
@@ -115,15 +115,11 @@ def hand_back(redis: Any, host: str, pid: int, index_key: str = UNACKED_INDEX) -
     restore to requeue, and those it fetched but had not claimed, straight to their queues
     (the supervisor calls this when its child dies); returns how many."""
     key = lease_key(host, pid)
-    tags = [_text(t) for t in redis.smembers(key)]
+    tags = [as_text(t) for t in redis.smembers(key)]
     if tags:
         redis.zadd(index_key, dict.fromkeys(tags, 0), xx=True)
     redis.delete(key)
     return len(tags) + hand_back_fetching(redis, host, pid)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
