@@ -7,10 +7,11 @@ Synthetic random images are encoded, then preprocessed once (timed on its own li
 times `OfaEngine.predict` only (generation, with the batch's transfer to the device), one warm-up
 batch excluded. `--compare` runs the reference and the fast generator in the same process on the
 same pixels, prints the speed ratio per batch size and checks that the fast generator returned
-the reference's tokens. `--profile` splits the fast generator's time into its stages: the encoder
-(ResNet + transformer encoder), the decoder's set-up for a batch (cross-attention keys/values
-projected once per image, position biases), the decoder steps, and the beam search's bookkeeping
-and n-gram blocking.
+the reference's tokens. With float32 and a half precision in `--dtypes`, each half-precision
+row is also given as a ratio to float32's, with how many images got float32's tokens.
+`--profile` splits the fast generator's time into its stages: the encoder (ResNet + transformer
+encoder), the decoder's set-up for a batch (cross-attention keys/values projected once per image,
+position biases), the decoder steps, and the beam search's bookkeeping and n-gram blocking.
 """
 
 from __future__ import annotations
@@ -228,6 +229,28 @@ def print_table(runs: list[Run], compare: bool) -> None:
         )
 
 
+def print_dtype_ratios(runs: list[Run]) -> None:
+    """Each half-precision row's speed against the same generator and batch in float32, and how
+    many images got float32's tokens."""
+    by_key = {(r.generator, r.dtype, r.batch): r for r in runs}
+    rows = [r for r in runs if r.dtype != "float32" and (r.generator, "float32", r.batch) in by_key]
+    if not rows:
+        return
+    print()
+    print(f"{'generator':<14} {'dtype':<9} {'batch':>5} {'/float32':>9}  same tokens as float32")
+    for r in rows:
+        base = by_key[(r.generator, "float32", r.batch)]
+        same = sum(
+            [h.tokens for h in a] == [h.tokens for h in b]
+            for a, b in zip(r.outputs, base.outputs, strict=True)
+        )
+        ratio = r.images_per_s / base.images_per_s
+        print(
+            f"{r.generator:<14} {r.dtype:<9} {r.batch:>5} {ratio:>8.2f}x  "
+            f"{same}/{len(r.outputs)} images"
+        )
+
+
 def print_profile(runs: list[Run]) -> None:
     """Per-stage seconds of the fast generator."""
     for r in runs:
@@ -298,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print_table(runs, args.compare)
+    print_dtype_ratios(runs)
     if args.profile:
         print()
         print_profile(runs)
