@@ -72,18 +72,22 @@ def test_a_90_second_database_outage_is_waited_out_and_every_image_captioned(
 ) -> None:
     p = pipeline
     photos = p.tmp / "photos"
-    blobs = write_images(photos, 48, seed=62)
+    # Enough work that the outage lands mid-run: 48 images (12 jobs of 0.4 s each) were all
+    # captioned on a CI machine before PostgreSQL had stopped, and no write ever waited.
+    blobs = write_images(photos, 240, seed=62)
     p.extra_env.update(CAPWORKS_JOB_IMAGES="4", CAPWORKS_DATABASE_RETRY_CAP_S="5")
     assert p.cli("enqueue", str(photos), "--no-progress").returncode == 0
     p.start_worker()
     wait_until(lambda: len(captions(p.db_url)) >= 8, 300, "the first captions", p.log_text)
     postgres_cluster("stop")
+    # Jobs still queued or held must be written, so the outage is waited out, not missed.
+    assert p.queue_length() > 0, "the run ended before the outage began: give it more images"
     time.sleep(90)
     postgres_cluster("start")
     wait_until(
         lambda: set(captions(p.db_url)) == set(blobs) and p.queue_length() == 0,
         300,
-        "all 48 captions after the outage",
+        "all 240 captions after the outage",
         lambda: p.log_text()[-3000:],
     )
     assert failures(p.db_url) == {}
