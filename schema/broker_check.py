@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from schema.errors import CapworksError, Code
+from schema.errors import Code, Unreachable
 
 
 class UnsafeBroker(ValueError):
@@ -29,8 +29,8 @@ class UnsafeBroker(ValueError):
 def check_broker(client: Any, allow_evicting: bool) -> list[str]:
     """Warning lines about the broker's eviction policy and persistence (none when all is well).
 
-    Raises `UnsafeBroker` for an evicting policy unless `allow_evicting`, and a transient
-    `CapworksError` when the broker cannot be reached.
+    Raises `UnsafeBroker` for an evicting policy unless `allow_evicting`, and `Unreachable` when
+    the broker cannot be reached.
     """
     name = broker_name(client)
     try:
@@ -39,8 +39,8 @@ def check_broker(client: Any, allow_evicting: bool) -> list[str]:
             **client.config_get("appendonly"),
             **client.config_get("save"),
         }
-    except redis.ConnectionError as exc:
-        raise CapworksError(
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Unreachable(
             Code.STORAGE_UNAVAILABLE, f"cannot reach the broker at {name}: {exc}"
         ) from exc
     except redis.ResponseError as exc:  # CONFIG renamed away or denied, as managed services do

@@ -10,7 +10,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from schema.errors import CapworksError, Code
+from schema.errors import CapworksError, Code, Unreachable
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -29,7 +29,7 @@ def connect(url: str) -> Engine:
         migrate(engine)
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise CapworksError(
+        raise Unreachable(
             Code.DATABASE_UNAVAILABLE, f"cannot reach database {engine.url!r}: {reason}"
         ) from exc
     return engine

@@ -57,6 +57,11 @@ class CapworksError(Exception):
         return Kind.TRANSIENT if self.code in TRANSIENT_CODES else Kind.PERMANENT
 
 
+class Unreachable(CapworksError):
+    """A service (broker, database) refused or dropped the connection: it may be restarting,
+    so a process starting up waits for it (`schema.startup.wait_until_reachable`)."""
+
+
 class ImageError(CapworksError):
     """One image could not be used; the rest of its batch goes on."""
 

@@ -22,6 +22,7 @@ from schema.db import connect
 from schema.errors import CapworksError
 from schema.queue import make_redis
 from schema.settings import Settings
+from schema.startup import wait_until_reachable
 from schema.storage import make_s3_client
 from workers import metrics
 from workers.batcher import Batcher, Captioner, Stager
@@ -168,7 +169,12 @@ class Runtime:
             settings=settings,
             config=config,
             path=path,
-            writer=ResultWriter(connect(settings.database_url), config),
+            writer=ResultWriter(
+                wait_until_reachable(
+                    lambda: connect(settings.database_url), "the database", settings.start_wait_s
+                ),
+                config,
+            ),
             ledger=RunLedger(client),
             slots=slots,
         )

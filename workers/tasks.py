@@ -25,6 +25,7 @@ from schema.metrics_endpoint import check_bind
 from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
 from schema.redact import install_log_redaction
 from schema.settings import get_settings
+from schema.startup import wait_until_reachable
 from workers import metrics, policy
 from workers.engine import CaptionedImage
 from workers.job import run_job
@@ -53,13 +54,19 @@ def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]
 def load_before_taking_jobs(**_: Any) -> None:
     """Load the model and open connections before consuming: a worker that cannot (a missing
-    checkpoint, an unreachable database, a broker that would evict queued jobs, metrics that
-    would listen off loopback with no token) exits instead of taking jobs and failing them."""
+    checkpoint, a bad database URL, a broker that would evict queued jobs, metrics that would
+    listen off loopback with no token) exits instead of taking jobs and failing them; a broker or
+    database that is down (restarting) is waited for, up to `start_wait_s`."""
     try:
         if settings.metrics_port:
             check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
         broker = make_redis(settings)
-        for warning in check_broker(broker, settings.allow_evicting_broker):
+        warnings = wait_until_reachable(
+            lambda: check_broker(broker, settings.allow_evicting_broker),
+            "the broker",
+            settings.start_wait_s,
+        )
+        for warning in warnings:
             log.warning("%s", warning)
         get_runtime(settings)
     except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker

@@ -114,3 +114,46 @@ def test_a_postgresql_restart_is_waited_out_and_nothing_is_lost_or_doubled(
         log = farm.log.read_text(errors="replace")
         assert re.search(r"database unavailable", log), log[-3000:]
         assert "exited with" not in log  # no worker process died of it
+
+
+def test_a_worker_started_while_redis_and_postgresql_are_down_waits_for_them(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path, postgres_control: None
+) -> None:
+    # A worker that started during the restart test's outage exited ("cannot start the worker")
+    # where it should wait, as Celery's consumer waits for its broker.
+    server = RedisServer(
+        free_port(), tmp_path / "redis", ["--appendonly", "yes", "--appendfsync", "always"]
+    )
+    server.start()
+    try:
+        with own_queue(pg_url, tmp_path, s3_endpoint, broker_url=server.url) as p:
+            bucket = make_bucket(p.s3_endpoint, "start-down", 16, seed=95)
+            p.extra_env.update(CAPWORKS_JOB_IMAGES="8")
+            assert p.cli("enqueue", "s3://start-down/", "--no-progress").returncode == 0
+            server.stop()
+            postgres_cluster("stop")
+            worker = p.start_worker("late")
+            wait_until(
+                lambda: "the broker unreachable at start" in p.log_text("late"),
+                120,
+                "the worker to wait for its broker",
+                lambda: p.log_text("late")[-3000:],
+            )
+            server.start()
+            wait_until(
+                lambda: "the database unreachable at start" in p.log_text("late"),
+                120,
+                "the worker to wait for its database",
+                lambda: p.log_text("late")[-3000:],
+            )
+            postgres_cluster("start")
+            wait_until(
+                lambda: set(captions(p.db_url)) == set(bucket.blobs) and p.queue_length() == 0,
+                120,
+                "the queued images captioned",
+                lambda: p.log_text("late")[-3000:],
+            )
+            assert worker.poll() is None
+            assert "cannot start the worker" not in p.log_text("late")
+    finally:
+        server.stop()
