@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
 from schema.redact import install_log_redaction, redact
-from schema.settings import get_settings
+from schema.settings import BadSetting, get_settings
 
 log = logging.getLogger("capworks")
 MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint"})
@@ -268,7 +268,12 @@ def rate_per_s(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `capworks` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except BadSetting as exc:
+        print(f"capworks: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     # Only the commands that load a model pay for importing transformers (~4 s) to quiet it.
     loads_model = args.command in MODEL_COMMANDS or getattr(args, "caption", False) is True
     configure_logging(args.verbose, quiet_transformers=loads_model)

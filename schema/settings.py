@@ -7,10 +7,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schema.redact import register_secrets, url_password
+from schema.redact import redact, register_secrets, url_password
 
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
 
@@ -171,10 +171,36 @@ class Settings(BaseSettings):
         return self.cache_dir / "checkpoints"
 
 
+class BadSetting(ValueError):
+    """`CAPWORKS_*` variables that do not parse, each named in one line with the reason."""
+
+
+# Their values are never repeated in an error message.
+_SECRET_FIELDS = frozenset(
+    {"s3_secret_access_key", "events_token", "events_hmac_secret", "metrics_token"}
+)
+
+
+def describe_bad_settings(exc: ValidationError) -> str:
+    """One line for pydantic's errors: `CAPWORKS_JOB_IMAGES='abc': Input should be ...; ...`."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = f"CAPWORKS_{field.upper()}"
+        value = error.get("input")
+        shown = "" if field in _SECRET_FIELDS or not isinstance(value, str) else f"={value[:80]!r}"
+        parts.append(f"{name}{shown}: {error['msg']}")
+    return redact("bad setting " + "; ".join(parts))
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use; their secrets are
-    masked in everything `schema.redact` sees from then on."""
-    settings = Settings()
+    masked in everything `schema.redact` sees from then on. A variable that does not parse
+    raises `BadSetting`, one line naming it."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise BadSetting(describe_bad_settings(exc)) from None
     register_secrets(settings.secret_values())
     return settings

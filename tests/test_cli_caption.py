@@ -137,6 +137,25 @@ def test_bad_command_line_exits_nonzero_with_one_clear_line(args: list[str], mes
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"CAPWORKS_JOB_IMAGES": "abc"},
+            "CAPWORKS_JOB_IMAGES='abc': Input should be a valid integer",
+        ),
+        ({"CAPWORKS_LEASE_S": "0"}, "CAPWORKS_LEASE_S='0': Input should be greater than or equal"),
+        ({"CAPWORKS_START_WAIT_S": "-1"}, "CAPWORKS_START_WAIT_S='-1'"),
+    ],
+)
+def test_a_bad_setting_is_named_in_one_line(env: dict[str, str], message: str) -> None:
+    result = run_cli("dlq", "list", env=env, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capworks: error: bad setting"), result.stderr
+    assert message in lines[0]
+
+
 def test_unreachable_hub_says_how_to_use_a_local_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(png_bytes(sample_scenes(1, 1)[0][0]))
     result = run_cli(

@@ -15,7 +15,7 @@ last renewal, names them for the process's supervisor (a message joins the set t
 received, so one taken just before a SIGKILL is named too). On the same tick the process reaps: a
 message whose score is older than `lease_s` and that no live lease names has lost its worker;
 its score is set to 0 and kombu's own restore, run at once, puts it back in the queue by kombu's
-own atomic transaction. A dead process's jobs are back within `lease_s` plus one tick (25 s by
+own atomic transaction. A dead process's jobs are back within `lease_s` plus one tick (10 s by
 default), handed back by any live worker on any host; the local supervisor, which sees its
 child die, hands them back at once (score 0, for the next sweep). The visibility timeout stays
 as a last resort for when no capworks worker is alive to reap.
