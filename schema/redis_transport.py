@@ -96,6 +96,22 @@ class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, except that a message the fetch has already claimed is not recorded
     again (the claim wrote its `unacked` entry atomically with taking it)."""
 
+    def restore_unacked(self, client: Any = None) -> Any:
+        """kombu's hand-back of this channel's delivered messages as the channel closes, except
+        when the transport was detached from its connection first: kombu then has no address
+        to reach Redis with and raised AttributeError, which Celery takes as unrecoverable, and
+        the worker exited (seen in the Redis restart test, two outages seconds apart). The
+        messages stay in `unacked`, as when Redis is down at that moment, and the leases hand
+        them back once this process stops renewing them."""
+        transport = getattr(self.channel, "connection", None)
+        if transport is not None and getattr(transport, "client", None) is None:
+            log.warning(
+                "channel closed after its connection: %d held job(s) left to the leases",
+                len(self._delivered),
+            )
+            return None
+        return super().restore_unacked(client)
+
     def append(self, message: Any, delivery_tag: str) -> None:
         """Track a delivered message; record it in Redis unless the fetch did."""
         if delivery_tag in self.channel.claimed:

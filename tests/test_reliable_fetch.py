@@ -226,3 +226,33 @@ def test_no_message_is_lost_while_redis_restarts_under_a_consumer(tmp_path: Path
     result = restart_storm(RELIABLE, tmp_path / "redis", messages=6_000, restarts=10)
     assert result.reconnects >= 1  # the restarts reached the consumer
     assert result.lost == 0, result
+
+
+@pytest.mark.parametrize("stock", [True, False])
+def test_a_channel_closed_after_its_connection_leaves_its_jobs_to_the_leases(
+    client: redis.Redis, queue: Queue, stock: bool
+) -> None:
+    # What killed a worker in the Redis restart test: Celery closes the consumer's channel
+    # after the connection was detached from its transport; kombu's hand-back of the channel's
+    # held messages then needs the connection's address and raises AttributeError, which
+    # Celery treats as unrecoverable.
+    publish(queue, "held")
+    conn = connect(stock)
+    held: list[Any] = []
+    channel = conn.default_channel
+    with Consumer(channel, queues=[queue], callbacks=[lambda _b, m: held.append(m)]):
+        conn.drain_events(timeout=5)
+    assert len(held) == 1 and client.hexists("unacked", held[0].delivery_tag)
+    conn.transport.client = None
+    try:
+        if stock:
+            with pytest.raises(AttributeError, match="hostname"):
+                channel.close()
+        else:
+            channel.close()
+            # Left where the leases find it: recorded as held, not back in the queue yet.
+            assert unacked_jobs(client, queue) == ["held"]
+            assert client.llen(queue.name) == 0
+    finally:
+        client.hdel("unacked", held[0].delivery_tag)
+        client.zrem("unacked_index", held[0].delivery_tag)
