@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -175,9 +175,11 @@ class BadSetting(ValueError):
     """`CAPWORKS_*` variables that do not parse, each named in one line with the reason."""
 
 
-# Their values are never repeated in an error message.
+# The `SecretStr` fields: their values are never repeated in an error message.
 _SECRET_FIELDS = frozenset(
-    {"s3_secret_access_key", "events_token", "events_hmac_secret", "metrics_token"}
+    name
+    for name, field in Settings.model_fields.items()
+    if SecretStr in (field.annotation, *get_args(field.annotation))
 )
 
 
