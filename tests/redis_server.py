@@ -6,11 +6,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 from conftest import require_service
+from pipeline_support import free_port
 
 
 class RedisServer:
@@ -72,3 +74,15 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+@contextmanager
+def own_redis(data: Path, args: Sequence[str] = ()) -> Iterator[RedisServer]:
+    """A running `RedisServer` on a free port, stopped afterwards: for a test that stops Redis
+    or changes a server-wide setting (the shared one on 6379 serves tests running beside it)."""
+    server = RedisServer(free_port(), data, args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -31,6 +31,7 @@ from pipeline_support import (
     queued_images,
     wait_until,
 )
+from redis_server import own_redis
 from sqlalchemy import select, update
 
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -171,26 +172,25 @@ def test_uri_list_lines_the_database_cannot_hold_are_recorded_and_skipped(
 
 
 def test_an_evicting_broker_is_refused_in_one_line_unless_a_setting_allows_it(
-    cli_sqlite: Pipeline, tmp_path: Path
+    tmp_path: Path, shapes_dir: Path
 ) -> None:
-    p = cli_sqlite
     folder = image_folder(tmp_path, 3)
-    r = p.redis()
-    old = r.config_get("maxmemory-policy")["maxmemory-policy"]
-    try:  # the server is shared: keep the window short and restore the policy whatever happens
-        r.config_set("maxmemory-policy", "allkeys-lru")
-        refused = p.cli("enqueue", str(folder), "--no-progress")
-        queued_when_refused = queued_images(p)
-        p.extra_env["CAPWORKS_ALLOW_EVICTING_BROKER"] = "1"
-        allowed = p.cli("enqueue", str(folder), "--no-progress")
-    finally:
-        r.config_set("maxmemory-policy", old)
+    # A redis-server of the test's own: the policy is server-wide, and a worker of a test running
+    # beside this one on the shared Redis refused to start while it was set there.
+    with own_redis(tmp_path / "redis", ["--maxmemory-policy", "allkeys-lru"]) as server:
+        db = f"sqlite:///{tmp_path / 'capworks.db'}"
+        with own_queue(db, tmp_path, broker_url=server.url) as p:
+            refused = p.cli("enqueue", str(folder), "--no-progress")
+            queued_when_refused = queued_images(p)
+            p.extra_env["CAPWORKS_ALLOW_EVICTING_BROKER"] = "1"
+            allowed = p.cli("enqueue", str(folder), "--no-progress")
+            queued_when_allowed = queued_images(p)
     assert refused.returncode == 1, refused.stderr
     [line] = refused.stderr.strip().splitlines()
     assert line.startswith("capworks: error: ") and "maxmemory-policy allkeys-lru" in line
     assert queued_when_refused == []
     assert allowed.returncode == 0, allowed.stderr
-    assert len(queued_images(p)) == 3
+    assert len(queued_when_allowed) == 3
 
 
 def test_a_broker_without_persistence_is_warned_about_once(

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 from conftest import png_bytes, postgres_cluster
-from pipeline_support import Pipeline, captions, count_rows, failures, query, wait_until
+from pipeline_support import (
+    Pipeline,
+    captions,
+    count_rows,
+    failures,
+    own_queue,
+    query,
+    wait_until,
+)
+from redis_server import own_redis
 from sqlalchemy import select
 
 from capworks.checkpoints.shapes_world import sample_scenes
@@ -220,18 +229,22 @@ def test_images_over_http_are_fetched_from_a_loopback_server(pipeline: Pipeline)
     assert failures(p.db_url) == {f"{base}/missing.png": "not_found"}
 
 
-def test_a_worker_refuses_a_broker_that_would_evict_queued_jobs(pipeline: Pipeline) -> None:
-    p = pipeline
-    r = p.redis()
-    old = r.config_get("maxmemory-policy")["maxmemory-policy"]
-    r.config_set("maxmemory-policy", "allkeys-lru")
-    try:
-        worker = p.start_worker("evicting")
-        assert worker.wait(timeout=180) != 0
-    finally:
-        r.config_set("maxmemory-policy", old)
-    log_text = p.log_text("evicting")
-    assert "cannot start the worker" in log_text and "allkeys-lru" in log_text, log_text[-2000:]
-    p.start_worker("persistless")  # the local Redis keeps nothing on disk: a warning, no refusal
-    wait_until(lambda: "persist" in p.log_text("persistless"), 120, "the persistence warning")
-    assert p.workers[-1].poll() is None
+def test_a_worker_refuses_a_broker_that_would_evict_queued_jobs(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    # A redis-server of the test's own: the policy is server-wide, and a worker of a test running
+    # beside this one on the shared Redis refused to start while it was set there.
+    with own_redis(tmp_path / "redis", ["--maxmemory-policy", "allkeys-lru"]) as server:
+        with own_queue(pg_url, tmp_path, s3_endpoint, broker_url=server.url) as p:
+            worker = p.start_worker("evicting")
+            assert worker.wait(timeout=180) != 0
+            log_text = p.log_text("evicting")
+            refused = "cannot start the worker" in log_text and "allkeys-lru" in log_text
+            assert refused, log_text[-2000:]
+            p.redis().config_set("maxmemory-policy", "noeviction")
+            # This server keeps nothing on disk: a warning, no refusal.
+            p.start_worker("persistless")
+            wait_until(
+                lambda: "persist" in p.log_text("persistless"), 120, "the persistence warning"
+            )
+            assert p.workers[-1].poll() is None

@@ -19,12 +19,11 @@ from pipeline_support import (
     captions,
     count_rows,
     failures,
-    free_port,
     make_bucket,
     own_queue,
     wait_until,
 )
-from redis_server import RedisServer
+from redis_server import RedisServer, own_redis
 
 from faults.harness import Farm, default_env, distinct_captioned, run_with_kills
 
@@ -37,15 +36,10 @@ def queue_on_own_redis(
 ) -> Iterator[tuple[RedisServer, Pipeline]]:
     """A queue on a redis-server of the test's own, which it may stop and start: append-only,
     fsync on every write, as the broker check asks of a production Redis."""
-    server = RedisServer(
-        free_port(), tmp_path / "redis", ["--appendonly", "yes", "--appendfsync", "always"]
-    )
-    server.start()
-    try:
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_redis(tmp_path / "redis", aof) as server:
         with own_queue(pg_url, tmp_path, s3_endpoint, broker_url=server.url) as p:
             yield server, p
-    finally:
-        server.stop()
 
 
 def test_workers_consume_again_by_themselves_after_redis_restarts(
