@@ -2,6 +2,10 @@
 
 A checkpoint folder has the hub's layout: `configuration.json` (ModelScope's task settings),
 `config.json` (the OFA architecture), `pytorch_model.bin`, `vocab.json` and `merges.txt`.
+
+A hub checkpoint is known by its id and revision, an offline-built one by its name, and a local
+folder by its contents (`folder_model_id`), never its path: hosts that mount one checkpoint at
+different paths serve one caption identity.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,12 @@ REQUIRED_FILES = (
 )
 # Checkpoints that `capworks checkpoint build NAME` makes offline, in the hub's layout.
 OFFLINE_NAMES = ("shapes", "tiny-random", "large-random", "tiny-wide")
+# A local folder's recorded weights hash, as `sha256sum pytorch_model*.bin *.safetensors` writes
+# it: a producer host that holds only `configuration.json` and this file knows the identity.
+WEIGHTS_HASH_FILE = "weights.sha256"
+WEIGHTS_PATTERNS = ("pytorch_model*.bin", "*.safetensors")
+FOLDER_ID_PREFIX = "local:"
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_PROMPT = " what does the image describe?"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,7 +128,9 @@ def resolve_checkpoint(model: str, revision: str | None, checkpoint_dir: Path) -
     """Find the folder of `model`: a local folder, an offline-built name, or a ModelScope hub id."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return read_config(path.resolve(), model_id=str(path.resolve()), revision=revision or "")
+        folder = path.resolve()
+        config = read_config(folder, model_id="", revision=revision or "")
+        return replace(config, model_id=folder_model_id(folder, checkpoint_dir))
     if model in OFFLINE_NAMES:
         built = checkpoint_dir / model
         if not built.is_dir():
@@ -131,11 +144,13 @@ def resolve_checkpoint(model: str, revision: str | None, checkpoint_dir: Path) -
 def resolve_identity(
     model: str, revision: str | None, checkpoint_dir: Path
 ) -> tuple[str, str, str]:
-    """The caption identity of `model` from its `configuration.json` alone: a producer host needs
-    no weights (a hub id downloads that one file, not the checkpoint)."""
+    """The caption identity of `model` from its `configuration.json` (and, for a local folder,
+    its weights or their recorded hash): a producer host needs no weights (a hub id downloads
+    that one file, not the checkpoint)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        folder, model_id = path.resolve(), str(path.resolve())
+        folder = path.resolve()
+        model_id = folder_model_id(folder, checkpoint_dir)
     elif model in OFFLINE_NAMES:
         folder, model_id = checkpoint_dir / model, model
         if not (folder / "configuration.json").is_file():
@@ -145,6 +160,77 @@ def resolve_identity(
     else:
         folder, model_id = download_configuration(model, revision), model
     return _from_configuration(folder, model_id, revision or "").identity
+
+
+def folder_model_id(folder: Path, checkpoint_dir: Path) -> str:
+    """A local checkpoint folder's model id from its contents, the same at any path:
+    `local:` and a hash of `configuration.json` and of the weights' hashes. The weights' hashes
+    are read from `weights.sha256` when the folder has one, else computed once per file version
+    (cached under `checkpoint_dir` by path, size and modification time)."""
+    try:
+        configuration = (folder / "configuration.json").read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{folder}/configuration.json cannot be read: {exc}") from exc
+    digest = hashlib.sha256(configuration)
+    for name, weights_hash in weights_hashes(folder, checkpoint_dir):
+        digest.update(f"\n{weights_hash}  {name}".encode())
+    return FOLDER_ID_PREFIX + digest.hexdigest()[:24]
+
+
+def weights_hashes(folder: Path, checkpoint_dir: Path) -> list[tuple[str, str]]:
+    """(file name, SHA-256) of each weights file of `folder`, sorted by name."""
+    recorded = folder / WEIGHTS_HASH_FILE
+    if recorded.is_file():
+        return _read_hash_file(recorded)
+    files = sorted({f for pattern in WEIGHTS_PATTERNS for f in folder.glob(pattern) if f.is_file()})
+    if not files:
+        raise CheckpointError(
+            f"{folder} holds no weights ({', '.join(WEIGHTS_PATTERNS)}) and no {WEIGHTS_HASH_FILE}:"
+            f" a folder's identity is its contents; beside configuration.json put the output of"
+            f" `sha256sum pytorch_model.bin` as {WEIGHTS_HASH_FILE}"
+        )
+    return [(f.name, file_sha256(f, checkpoint_dir / ".weights-sha256")) for f in files]
+
+
+def _read_hash_file(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for line in path.read_text().splitlines():
+        parts = line.split(maxsplit=1)
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise CheckpointError(f"{path}: {line!r} is not a `sha256sum` line (hash  name)")
+        pairs.append((parts[1].lstrip("*"), parts[0].lower()))
+    if not pairs:
+        raise CheckpointError(f"{path} names no weights file")
+    return sorted(pairs)
+
+
+def file_sha256(path: Path, cache: Path) -> str:
+    """The SHA-256 of a file, computed once per (path, size, modification time): the answer is
+    kept in `cache`; a cache that cannot be written only costs the hash again."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    entry = cache / hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        known = entry.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass  # not hashed yet
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(value)
+        partial.replace(entry)
+    except OSError as exc:
+        log.warning("weights hash of %s not cached (%s); it is computed again next time", path, exc)
+    return value
 
 
 def download_configuration(model_id: str, revision: str | None) -> Path:

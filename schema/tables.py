@@ -84,12 +84,20 @@ class Caption(Base):
 
 
 class Failure(Base):
-    """An image that could not be captioned, with a code and the reason."""
+    """An image that could not be captioned by one caption identity, with a code and the reason.
+
+    Only a caption by the same identity clears it; `model_id` "" is a letter written before
+    failures knew their model (any caption clears it).
+    """
 
     __tablename__ = "failures"
+    __table_args__ = (UniqueConstraint("image_id", "model_id", "revision", "settings_hash"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), unique=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    revision: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    settings_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
     code: Mapped[str] = mapped_column(String(64), index=True)
     message: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=1)

@@ -4,6 +4,7 @@ caption in 0003 and come back as rows on downgrade, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -68,3 +69,41 @@ def test_processes_migrating_a_new_postgresql_database_at_once_all_succeed(pg_ur
         assert pool.map(_connect, [pg_url] * 4) == ["ok"] * 4
     with create_engine(pg_url).connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM captions")) == 0
+
+
+def test_dead_letters_from_before_0006_survive_with_no_model_and_come_back_one_per_image(
+    engine: Engine,
+) -> None:
+    migrate(engine, "0005")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO images (id, uri, first_seen, updated_at) "
+                "VALUES (1, '/a.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO failures (id, image_id, code, message, attempts, first_seen, "
+                "last_seen, replays) VALUES (5, 1, 'not_found', 'gone', 2, CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP, 0)"
+            )
+        )
+    migrate(engine)
+    letter = "SELECT id, model_id, revision, settings_hash, code, attempts FROM failures"
+    with engine.begin() as conn:
+        assert conn.execute(text(letter)).all() == [(5, "", "", "", "not_found", 2)]
+        # Another model's letter of the same image is a second row now.
+        conn.execute(
+            text(
+                "INSERT INTO failures (id, image_id, model_id, revision, settings_hash, code, "
+                "message, attempts, first_seen, last_seen, replays) VALUES (6, 1, 'm', 'r', "
+                "'h', 'wrong_model', 'for m', 1, :later, :later, 0)"
+            ),
+            {"later": datetime.now(UTC) + timedelta(hours=1)},
+        )
+    migrate(engine, "0005", down=True)
+    with engine.connect() as conn:
+        kept = conn.execute(text("SELECT id, image_id, code FROM failures")).all()
+    assert kept == [(6, 1, "wrong_model")]  # the most recent letter of the image
+    engine.dispose()

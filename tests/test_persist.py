@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from schema.checkpoint import CheckpointConfig, GenerationSettings
 from schema.db import connect
-from schema.errors import Code, ImageError, StorageError
+from schema.errors import CapworksError, Code, ImageError, StorageError
 from schema.tables import BadMessage, Caption, Failure, Image
 from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
@@ -172,3 +172,59 @@ def test_an_unreachable_database_is_reported_as_unavailable_not_as_bad_data() ->
     with pytest.raises(DatabaseUnavailable) as info:
         ResultWriter(engine, CONFIG).save(outcomes())
     assert info.value.code is Code.DATABASE_UNAVAILABLE and "127.0.0.1" in info.value.message
+
+
+# Dead letters know their model: only a caption by the same identity clears one.
+
+OTHER = CheckpointConfig(model_dir=Path("."), model_id="m-next", revision="r2")
+TRUNCATED = ImageError(Code.TRUNCATED, "image file is truncated")
+
+
+def letters(db: Engine) -> list[tuple[str, str, str, str, int]]:
+    """(uri, model id, revision, code, attempts) of every dead letter."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(Image.uri, Failure.model_id, Failure.revision, Failure.code, Failure.attempts)
+            .join(Failure)
+            .order_by(Failure.model_id)
+        ).all()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_a_caption_by_another_model_leaves_the_dead_letter_of_this_one(db: Engine) -> None:
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/bad.jpg"), TRUNCATED)])
+    ResultWriter(db, OTHER).save([Outcome(ImageRef("/data/bad.jpg"), captioned("a bird"))])
+    assert letters(db) == [("/data/bad.jpg", "m", "r1", "truncated", 1)]
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/bad.jpg"), captioned("a bird"))])
+    assert letters(db) == []
+
+
+def test_each_model_keeps_its_own_dead_letter_of_an_image(db: Engine) -> None:
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/bad.jpg"), TRUNCATED)])
+    ResultWriter(db, OTHER).save([Outcome(ImageRef("/data/bad.jpg"), TRUNCATED)])
+    ResultWriter(db, OTHER).save([Outcome(ImageRef("/data/bad.jpg"), TRUNCATED)])
+    assert letters(db) == [
+        ("/data/bad.jpg", "m", "r1", "truncated", 1),
+        ("/data/bad.jpg", "m-next", "r2", "truncated", 2),
+    ]
+
+
+def test_a_letter_written_for_another_model_names_that_model(db: Engine) -> None:
+    # A worker dead-letters a job made for another identity (wrong_model) under the job's.
+    wanted = ("m-next", "r2", OTHER.generation.digest())
+    wrong = CapworksError(Code.WRONG_MODEL, "job is for m-next")
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/x.png"), wrong)], model=wanted)
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/x.png"), captioned("a cat"))])
+    with db.connect() as conn:
+        row = conn.execute(select(Failure.model_id, Failure.revision, Failure.settings_hash)).one()
+    assert tuple(row) == wanted
+
+
+def test_a_letter_written_before_letters_knew_their_model_is_cleared_by_any_caption(
+    db: Engine,
+) -> None:
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef("/data/bad.jpg"), TRUNCATED)])
+    with db.begin() as conn:  # as revision 0006 leaves a letter written before it
+        conn.execute(update(Failure).values(model_id="", revision="", settings_hash=""))
+    ResultWriter(db, OTHER).save([Outcome(ImageRef("/data/bad.jpg"), captioned("a bird"))])
+    assert letters(db) == []

@@ -2,6 +2,8 @@
 
 Every write is keyed by a natural key (image URI; image + model + revision + settings), so
 writing the same results twice leaves the same rows: a re-run or a redelivered job adds nothing.
+A dead letter is kept per image and caption identity, like a caption, and only a caption by the
+same identity clears it (or a letter written before letters knew their model, identity "").
 PostgreSQL and SQLite share the `ON CONFLICT` upsert but not the fast way to send many rows: on
 PostgreSQL a whole batch is one statement whose columns arrive as arrays (`unnest`), in binary;
 on SQLite, executemany.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func
+from sqlalchemy import Engine, delete, func, literal, or_, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
@@ -42,6 +44,8 @@ _IMAGE_FIELDS = (
     "height_px",
 )
 _KEPT_FIELDS = tuple(name for name in _IMAGE_FIELDS if name != "uri")
+_IDENTITY_FIELDS = ("model_id", "revision", "settings_hash")
+_FAILURE_FIELDS = ("uri", *_IDENTITY_FIELDS, "code", "message", "job_id", "traceback")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,11 @@ class _Batch:
 
     @classmethod
     def of(
-        cls, outcomes: Sequence[Outcome[CaptionedImage]], job_id: str | None, trace: str | None
+        cls,
+        outcomes: Sequence[Outcome[CaptionedImage]],
+        job_id: str | None,
+        trace: str | None,
+        model: tuple[str, str, str],
     ) -> _Batch:
         now = utcnow()
         # A presigned URL is stored without its signature (`redact_uri`): the row names the
@@ -100,6 +108,9 @@ class _Batch:
                 batch.failures.append(
                     dict(
                         uri=uri,
+                        model_id=model[0],
+                        revision=model[1],
+                        settings_hash=model[2],
                         code=result.code.value,
                         message=redact(result.message)[:2000],
                         job_id=job_id,
@@ -139,6 +150,9 @@ def _first_line(exc: DBAPIError) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+Identity = tuple[str, str, str]  # model id, revision, generation settings hash
+
+
 class ResultWriter:
     """Writes outcomes of one model (id, revision, generation settings) to the database."""
 
@@ -155,14 +169,18 @@ class ResultWriter:
         self._revision = config.revision
         self._settings = config.generation.to_dict()
         self._settings_hash = config.generation.digest()
+        self._identity: Identity = config.identity
 
     def save(
         self,
         outcomes: Sequence[Outcome[CaptionedImage]],
         job_id: str | None = None,
         trace: str | None = None,
+        model: Identity | None = None,
     ) -> SaveCounts:
-        """Upsert all outcomes in one transaction; failures remember the job and a traceback.
+        """Upsert all outcomes in one transaction; failures remember the job, a traceback and
+        the caption identity they were meant for: `model` (a job made for another identity,
+        `wrong_model`), else this writer's.
 
         An image listed twice is written once, with its last outcome. An outcome the database
         cannot store (a value too long for its column, text that is not UTF-8) is kept in
@@ -170,20 +188,24 @@ class ResultWriter:
         stands alone. A database that cannot be reached raises `DatabaseUnavailable`.
         """
         try:
-            return self._save_batch(outcomes, job_id, trace)
+            return self._save_batch(outcomes, job_id, trace, model or self._identity)
         except _UNSTORABLE as exc:
             if len(outcomes) == 1:
                 self._save_unstorable(outcomes[0], job_id, exc)
                 return SaveCounts(0, 1)
             half = len(outcomes) // 2
-            first = self.save(outcomes[:half], job_id, trace)
-            second = self.save(outcomes[half:], job_id, trace)
+            first = self.save(outcomes[:half], job_id, trace, model)
+            second = self.save(outcomes[half:], job_id, trace, model)
             return SaveCounts(first.captioned + second.captioned, first.failed + second.failed)
 
     def _save_batch(
-        self, outcomes: Sequence[Outcome[CaptionedImage]], job_id: str | None, trace: str | None
+        self,
+        outcomes: Sequence[Outcome[CaptionedImage]],
+        job_id: str | None,
+        trace: str | None,
+        model: Identity,
     ) -> SaveCounts:
-        batch = _Batch.of(outcomes, job_id, trace)
+        batch = _Batch.of(outcomes, job_id, trace, model)
         if not batch.images:
             return SaveCounts(0, 0)
         with _reachable(), self._engine.begin() as conn:
@@ -230,10 +252,7 @@ class ResultWriter:
             "c_score": [row["score"] for row in captions],
             "c_alternatives": [json.dumps(row["alternatives"]) for row in captions],
             "c_tags": [json.dumps(row["tags"]) for row in captions],
-            **{
-                f"f_{name}": [row[name] for row in failures]
-                for name in ("uri", "code", "message", "job_id", "traceback")
-            },
+            **{f"f_{name}": [row[name] for row in failures] for name in _FAILURE_FIELDS},
         }
         conn.exec_driver_sql(_POSTGRES_SAVE, params)
 
@@ -288,8 +307,17 @@ class ResultWriter:
             },
         )
         conn.execute(upsert, rows)
-        # A captioned image is no longer a failure.
-        conn.execute(delete(Failure).where(Failure.image_id.in_([r["image_id"] for r in rows])))
+        # A captioned image is no longer a failure of this identity (nor one of unknown identity).
+        conn.execute(
+            delete(Failure).where(
+                Failure.image_id.in_([r["image_id"] for r in rows]),
+                or_(
+                    tuple_(Failure.model_id, Failure.revision, Failure.settings_hash)
+                    == tuple_(*(literal(v) for v in self._identity)),
+                    Failure.model_id == "",
+                ),
+            )
+        )
 
     def _upsert_failures(self, conn: Connection, ids: dict[str, int], batch: _Batch) -> None:
         if not batch.failures:
@@ -308,7 +336,7 @@ class ResultWriter:
         stmt = self._insert(Failure)
         conn.execute(
             stmt.on_conflict_do_update(
-                index_elements=["image_id"],
+                index_elements=["image_id", *_IDENTITY_FIELDS],
                 set_={
                     "code": stmt.excluded.code,
                     "message": stmt.excluded.message,
@@ -357,16 +385,20 @@ WITH img AS (
     RETURNING image_id
 ), cleared AS (
     DELETE FROM failures USING cap WHERE failures.image_id = cap.image_id
+        AND ((failures.model_id, failures.revision, failures.settings_hash)
+             = (%(model_id)s, %(revision)s, %(settings_hash)s) OR failures.model_id = '')
 )
-INSERT INTO failures (image_id, code, message, attempts, first_seen, last_seen, job_id,
-                      traceback, replays)
-SELECT img.id, f.code, f.message, 1, %(now)s, %(now)s, f.job_id, f.traceback, 0
-FROM unnest(%(f_uri)b::text[], %(f_code)b::text[], %(f_message)b::text[],
-            %(f_job_id)b::text[], %(f_traceback)b::text[]) AS f (uri, code, message, job_id,
-                                                                 traceback)
+INSERT INTO failures (image_id, model_id, revision, settings_hash, code, message, attempts,
+                      first_seen, last_seen, job_id, traceback, replays)
+SELECT img.id, f.model_id, f.revision, f.settings_hash, f.code, f.message, 1, %(now)s, %(now)s,
+       f.job_id, f.traceback, 0
+FROM unnest(%(f_uri)b::text[], %(f_model_id)b::text[], %(f_revision)b::text[],
+            %(f_settings_hash)b::text[], %(f_code)b::text[], %(f_message)b::text[],
+            %(f_job_id)b::text[], %(f_traceback)b::text[])
+     AS f (uri, model_id, revision, settings_hash, code, message, job_id, traceback)
 JOIN img USING (uri)
 ORDER BY img.id
-ON CONFLICT (image_id) DO UPDATE SET
+ON CONFLICT (image_id, model_id, revision, settings_hash) DO UPDATE SET
     code = excluded.code, message = excluded.message, last_seen = excluded.last_seen,
     job_id = excluded.job_id, traceback = excluded.traceback,
     attempts = failures.attempts + 1

@@ -238,7 +238,11 @@ def dead_letter_wrong_model(rt: Runtime, job: Job, model: tuple[str, str, str]) 
         "job %s is for %s; this worker serves %s: dead-lettering it", job.job_id, wanted, served
     )
     error = CapworksError(Code.WRONG_MODEL, f"job is for {wanted}; the worker serves {served}")
-    rt.save([Outcome(ref, error) for ref in job.images], job_id=job.job_id)
+    # The letters name the job's identity: a caption by this worker's model must not clear
+    # them, and `dlq replay` sends them to workers serving the model they were made for.
+    outcomes: list[Outcome[CaptionedImage]] = [Outcome(ref, error) for ref in job.images]
+    rt.durably(partial(rt.writer.save, outcomes, job_id=job.job_id, model=model))
+    metrics.IMAGES.labels("dead_letter", Code.WRONG_MODEL.value).inc(len(outcomes))
     rt.ledger.mark_done(job.job_id)
     metrics.JOBS.labels("wrong_model").inc()
     return {"dead_lettered": len(job.images)}
