@@ -1,9 +1,10 @@
 """Worker heartbeats: each worker process says, from its batch loop, that it is alive.
 
 The contract between workers (which write) and `capworks status` / `capworks health` (which
-read): one Redis key per process, `capworks:heartbeat:<queue>:<host>:<pid>`, holding JSON
-(host, pid, device, model, queue, jobs in flight, images waiting for a batch, start and beat
-times in Unix seconds) and expiring `ttl_s` after the last beat. The batch loop beats after
+read): one Redis key per process, `capworks:heartbeat:<queue>:<instance>` (the process's random
+instance id, `schema/instance.py`: hosts and pids repeat across containers), holding JSON
+(instance, host, pid, device, model, queue, jobs in flight, images waiting for a batch, start
+and beat times in Unix seconds) and expiring `ttl_s` after the last beat. The batch loop beats after
 every batch and while it waits for images, so a model thread that hangs stops the beats while
 Celery itself still answers: its heartbeat goes stale (older than `heartbeat_stale_s`), and
 the key disappears after the TTL. A process that stops cleanly removes its key (`forget`).
@@ -22,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from schema.instance import instance_id
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "capworks:heartbeat:"
@@ -32,6 +35,7 @@ DEFAULT_TTL_S = 120
 class Heartbeat:
     """What one worker process last said about itself."""
 
+    instance: str
     host: str
     pid: int
     device: str
@@ -45,7 +49,7 @@ class Heartbeat:
     @property
     def key(self) -> str:
         """The Redis key of this process's heartbeat."""
-        return heartbeat_key(self.queue, self.host, self.pid)
+        return heartbeat_key(self.queue, self.instance)
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since the last beat (never negative, whatever the clocks say)."""
@@ -61,6 +65,7 @@ class Heartbeat:
         try:
             data = json.loads(raw)
             return cls(
+                instance=str(data["instance"]),
                 host=str(data["host"]),
                 pid=int(data["pid"]),
                 device=str(data["device"]),
@@ -75,9 +80,9 @@ class Heartbeat:
             raise ValueError(f"not a heartbeat: {exc}") from exc
 
 
-def heartbeat_key(queue: str, host: str, pid: int) -> str:
-    """`capworks:heartbeat:<queue>:<host>:<pid>`: farms sharing a Redis keep apart by queue."""
-    return f"{KEY_PREFIX}{queue}:{host}:{pid}"
+def heartbeat_key(queue: str, instance: str) -> str:
+    """`capworks:heartbeat:<queue>:<instance>`: farms sharing a Redis keep apart by queue."""
+    return f"{KEY_PREFIX}{queue}:{instance}"
 
 
 def beat(
@@ -90,6 +95,7 @@ def beat(
     images_waiting: int = 0,
     started_at: float,
     ttl_s: int = DEFAULT_TTL_S,
+    instance: str | None = None,
     host: str | None = None,
     pid: int | None = None,
 ) -> Heartbeat:
@@ -99,6 +105,7 @@ def beat(
     caller's: a worker that cannot reach its broker has bigger problems than its heartbeat.
     """
     heartbeat = Heartbeat(
+        instance=instance or instance_id(),
         host=host or socket.gethostname(),
         pid=os.getpid() if pid is None else pid,
         device=device,
@@ -113,10 +120,9 @@ def beat(
     return heartbeat
 
 
-def forget(redis: Any, queue: str, host: str | None = None, pid: int | None = None) -> None:
+def forget(redis: Any, queue: str, instance: str | None = None) -> None:
     """Remove a process's heartbeat (this one's by default), as it stops cleanly."""
-    pid = os.getpid() if pid is None else pid
-    redis.delete(heartbeat_key(queue, host or socket.gethostname(), pid))
+    redis.delete(heartbeat_key(queue, instance or instance_id()))
 
 
 def read_heartbeats(redis: Any, queue: str | None = None) -> list[Heartbeat]:

@@ -6,7 +6,7 @@ reply never reaches the worker, is in neither place: the fault suite's Redis res
 this way in each of its runs.
 
 This transport takes a message with BLMOVE into a list of the consuming channel's own
-(`capworks:fetching:<host>:<pid>:<token>:<queue>`, the pattern Redis documents for reliable
+(`capworks:fetching:<instance>:<token>:<queue>`, the pattern Redis documents for reliable
 queues), and one Lua script then removes it from that list and records it as unacknowledged,
 atomically. So at every instant a message is in the queue, in a fetching list, or in `unacked`.
 Before each fetch the channel registers its list in `capworks:fetching` with a deadline (Redis
@@ -25,8 +25,6 @@ falls back to kombu's BRPOP, with a warning. `global_keyprefix` is not supported
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import uuid
 from queue import Empty
 from time import monotonic, time
@@ -36,19 +34,23 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
+from schema.instance import instance_id
+
 log = logging.getLogger(__name__)
 
-FETCHING_KEY = "capworks:fetching:{host}:{pid}:{token}:{queue}"
+FETCHING_KEY = "capworks:fetching:{instance}:{token}:{queue}"
 REGISTRY_KEY = "capworks:fetching"  # sorted set: fetching list -> deadline of its latest fetch
 STALE_AFTER_S = 3.0  # past a fetch's deadline, far beyond a live channel's claim (milliseconds)
 SWEEP_LIMIT = 100  # lists drained per sweep
 
-# KEYS: fetching list, unacked_index, unacked. ARGV: raw message, delivery tag, now, the
-# unacked record, "1" when the consumer does not acknowledge. 0: the entry was swept back.
+# KEYS: fetching list, unacked_index, unacked. ARGV: raw message, delivery tag, (unused), the
+# unacked record, "1" when the consumer does not acknowledge. 0: the entry was swept back. The
+# delivery time is Redis's clock, the one the leases compare it with (workers/leases.py).
 _CLAIM = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 if ARGV[5] == '0' then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1e6, ARGV[2])
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
 end
 return 1
@@ -77,9 +79,9 @@ return moved
 """
 
 
-def fetching_key(host: str, pid: int, token: str, queue: str) -> str:
+def fetching_key(instance: str, token: str, queue: str) -> str:
     """The list a channel's fetches move messages into before it claims them."""
-    return FETCHING_KEY.format(host=host, pid=pid, token=token, queue=queue)
+    return FETCHING_KEY.format(instance=instance, token=token, queue=queue)
 
 
 def as_text(value: bytes | str) -> str:
@@ -89,7 +91,7 @@ def as_text(value: bytes | str) -> str:
 
 def queue_of(key: str) -> str:
     """The queue a fetching list's messages came from (the key's last part)."""
-    return key.split(":", 5)[5]
+    return key.split(":", 4)[4]
 
 
 class QoS(kombu_redis.QoS):
@@ -135,13 +137,28 @@ class Channel(kombu_redis.Channel):
         self._no_ack: dict[str, bool] = {}
         self._moving_from: str | None = None
         self._warned_brpop = False
+        self._saved_params: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
+        self._connparams()  # remembered for acknowledgements after the channel closes
         self._claim = self.client.register_script(_CLAIM)
         self._register = self.client.register_script(_REGISTER)
 
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        """kombu's connection parameters, remembered: once the channel is closed (its
+        connection lost and replaced), kombu has no address left, and the acknowledgement of a
+        job that ran across the reconnect raised AttributeError ('NoneType' object has no
+        attribute 'client'), which Celery takes as unrecoverable: the worker died and the job
+        ran again elsewhere. With the remembered address the acknowledgement reaches Redis."""
+        if self.connection is None and not asynchronous and self._saved_params is not None:
+            return dict(self._saved_params)
+        params = super()._connparams(asynchronous)
+        if not asynchronous:
+            self._saved_params = dict(params)
+        return params
+
     def fetching_key(self, queue: str) -> str:
         """This channel's fetching list for `queue`."""
-        return fetching_key(socket.gethostname(), os.getpid(), self._token, queue)
+        return fetching_key(instance_id(), self._token, queue)
 
     def register_fetch(self, queue: str, wait_s: float) -> None:
         """Name this channel's fetching list for `queue` in the registry, with the deadline of
@@ -286,9 +303,9 @@ class FetchingSweeper:
         return int(self._drain(keys=[REGISTRY_KEY, key, queue_of(key)], args=[grace_s]))
 
 
-def hand_back_fetching(redis: Any, host: str, pid: int) -> int:
+def hand_back_fetching(redis: Any, instance: str) -> int:
     """Move every entry of a dead process's fetching lists back to its queue at once (its
     supervisor calls this); returns how many."""
     sweeper = FetchingSweeper(redis)
-    lists = redis.zscan_iter(REGISTRY_KEY, match=f"capworks:fetching:{host}:{pid}:*", count=1000)
+    lists = redis.zscan_iter(REGISTRY_KEY, match=f"capworks:fetching:{instance}:*", count=1000)
     return sum(sweeper.drain(as_text(raw), "force") for raw, _ in lists)

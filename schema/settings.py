@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     # unhealthy (a hung model thread); its key expires heartbeat_ttl_s after the last beat.
     heartbeat_stale_s: float = Field(default=60.0, gt=0)
     heartbeat_ttl_s: int = Field(default=120, ge=1)
+    # This worker process's identity in every lease, heartbeat and fetching key: the supervisor
+    # makes a random one for each process it starts (hostnames and PIDs repeat across
+    # containers); a process started without one makes its own (schema/instance.py).
+    instance_id: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
 
     @field_validator("fetch_allow_cidrs", mode="before")
     @classmethod

@@ -109,6 +109,7 @@ class Pipeline:
             "CUDA_VISIBLE_DEVICES": "",
             "CAPWORKS_DEVICE": "cpu",
             "CAPWORKS_METRICS_PORT": str(metrics_port),
+            "CAPWORKS_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:12]}",
         }
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.workers.append(proc)
@@ -275,3 +276,12 @@ def queued_images(p: Pipeline) -> list[str]:
         args = json.loads(base64.b64decode(envelope["body"]))[0]
         uris.extend(item[0] for item in args[0]["images"])
     return uris
+
+
+def instance_of(pid: int) -> str:
+    """A worker process's instance id (the `CAPWORKS_INSTANCE_ID` its starter gave it)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for entry in environ:
+        if entry.startswith(b"CAPWORKS_INSTANCE_ID="):
+            return entry.split(b"=", 1)[1].decode()
+    raise LookupError(f"process {pid} has no CAPWORKS_INSTANCE_ID")

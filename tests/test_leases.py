@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import REPO, png_bytes, s3_client
-from pipeline_support import Pipeline, captions, failures, live_redis, own_queue
+from pipeline_support import Pipeline, captions, failures, instance_of, live_redis, own_queue
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from schema.settings import Settings
-from workers.leases import LeaseKeeper, hand_back, lease_key
+from workers.leases import LEASES_KEY, OWNERS_KEY, LeaseKeeper, hand_back, lease_key
 
 WRAPPERS = Path(__file__).parent / "wrappers"
 LEASE_S = Settings.model_fields["lease_s"].default
@@ -31,54 +31,116 @@ DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "CAPWORKS_LEASE_
 @pytest.fixture()
 def client() -> Iterator[redis.Redis]:
     r = live_redis()
-    index = f"test-index-{uuid.uuid4().hex[:8]}"
     yield r
-    r.delete(index)
     for key in r.scan_iter("capworks:lease:test-*"):
         r.delete(key)
+
+
+@pytest.fixture()
+def index(client: redis.Redis) -> Iterator[str]:
+    """A kombu `unacked_index` of the test's own."""
+    name = f"test-index-{uuid.uuid4().hex[:8]}"
+    yield name
+    client.delete(name)
 
 
 def scores(r: redis.Redis, index: str) -> dict[str, float]:
     return {t.decode(): s for t, s in r.zrange(index, 0, -1, withscores=True)}
 
 
-def test_only_messages_no_live_lease_holds_are_reaped_after_the_lease(client: redis.Redis) -> None:
-    index = f"test-index-{uuid.uuid4().hex[:8]}"
-    now = time.time()
+def redis_now(r: redis.Redis) -> float:
+    seconds, micros = r.time()
+    return seconds + micros / 1e6
+
+
+def keeper(r: redis.Redis, index: str, lease_s: float = 20) -> LeaseKeeper:
+    return LeaseKeeper(r, f"test-{uuid.uuid4().hex[:8]}", lease_s, index)
+
+
+def test_only_messages_no_live_lease_holds_are_reaped_after_the_lease(
+    client: redis.Redis, index: str
+) -> None:
+    now = redis_now(client)
     client.zadd(index, {"orphan": now - 30, "held": now - 30, "young": now - 5})
-    holder = LeaseKeeper(client, lease_key("test-host", 1), 20, index)
-    holder.renew(["held", "acked"], now)
-    reaper = LeaseKeeper(client, lease_key("test-host", 2), 20, index)
-    assert reaper.reap(now) == ["orphan"]
-    # The renewal moved the held message's score to now; the acknowledged one was not added.
-    assert scores(client, index) == {"orphan": 0, "held": now, "young": now - 5}
-    client.delete(index)
+    holder = keeper(client, index)
+    holder.renew(["held", "acked"])
+    orphans, waiting = keeper(client, index).reap()
+    assert (orphans, waiting) == (["orphan"], 1)
+    # The renewal moved the held message's score to Redis's now; the acknowledged one (not in
+    # the index) was not added.
+    after = scores(client, index)
+    assert after["orphan"] == 0 and after["young"] == now - 5
+    assert after["held"] == pytest.approx(redis_now(client), abs=2)
+    assert set(after) == {"orphan", "held", "young"}
 
 
-def test_a_lease_not_renewed_expires_and_its_messages_are_reaped(client: redis.Redis) -> None:
-    index = f"test-index-{uuid.uuid4().hex[:8]}"
-    client.zadd(index, {"job": time.time() - 5})
-    holder = LeaseKeeper(client, lease_key("test-host", 3), 1.5, index)
+def test_a_lease_not_renewed_expires_and_its_messages_are_reaped(
+    client: redis.Redis, index: str
+) -> None:
+    client.zadd(index, {"job": redis_now(client) - 5})
+    holder = keeper(client, index, 1.5)
     holder.renew(["job"])
-    assert holder.reap() == []
+    assert holder.reap() == ([], 0)
     time.sleep(2)  # the holder died: no renewal
-    assert LeaseKeeper(client, lease_key("test-host", 4), 1.5, index).reap() == ["job"]
-    client.delete(index)
+    assert keeper(client, index, 1.5).reap() == (["job"], 1)
+
+
+def test_a_renewal_releases_what_the_process_no_longer_holds(
+    client: redis.Redis, index: str
+) -> None:
+    client.zadd(index, {"a": redis_now(client), "b": redis_now(client)})
+    holder = keeper(client, index, 1.5)
+    holder.renew(["a", "b"])
+    holder.renew(["a"])  # b was acknowledged by kombu and dropped from the renewal
+    assert client.zscore(LEASES_KEY, "b") is None and client.hget(OWNERS_KEY, "b") is None
+    assert client.smembers(lease_key(holder.instance)) == {b"a"}
+    time.sleep(2)
+    holder.renew(["a"])
+    assert keeper(client, index, 1.5).reap() == (["b"], 1)  # b's index entry was stale
+
+
+def test_a_twins_renewal_never_releases_its_siblings_lease(client: redis.Redis, index: str) -> None:
+    client.zadd(index, {"job": redis_now(client)})
+    first, twin = keeper(client, index), keeper(client, index)
+    first.renew(["job"])
+    # The same message, now leased by another process (delivered again after a reap).
+    twin.renew(["job"])
+    first.renew([])  # the first process no longer holds it: the twin's lease stays
+    assert client.hget(OWNERS_KEY, "job") == twin.instance.encode()
+    assert hand_back(client, first.instance, index) == 0
+    assert client.zscore(index, "job") != 0
 
 
 def test_handing_back_a_dead_processes_lease_skips_what_it_acknowledged(
-    client: redis.Redis,
+    client: redis.Redis, index: str
 ) -> None:
-    index = f"test-index-{uuid.uuid4().hex[:8]}"
-    client.zadd(index, {"running": time.time(), "other": time.time()})
-    key = lease_key("test-host", 5)
-    LeaseKeeper(client, key, 20, index).renew(["running", "acked"])
-    client.zrem(index, "acked")  # acknowledged after the last renewal
-    assert hand_back(client, "test-host", 5, index) == 2
-    # "acked" left the index when it was acknowledged: it is not put back.
+    client.zadd(index, {"running": redis_now(client), "other": redis_now(client)})
+    holder = keeper(client, index)
+    holder.renew(["running", "acked"])
+    holder.renew(["running", "prefetched-but-acked"])
+    client.zadd(index, {"prefetched-but-acked": redis_now(client)})
+    holder.hold("prefetched-but-acked")
+    client.zrem(index, "prefetched-but-acked")  # acknowledged after the last renewal
+    assert hand_back(client, holder.instance, index) == 1
+    # The acknowledged message left the index: it is not put back.
     assert scores(client, index) == {"running": 0, "other": pytest.approx(time.time(), abs=5)}
-    assert not client.exists(key)
-    client.delete(index)
+    assert not client.exists(lease_key(holder.instance))
+    assert client.zscore(LEASES_KEY, "running") is None
+
+
+def test_reaping_reads_no_key_beyond_the_jobs_it_examines(client: redis.Redis, index: str) -> None:
+    """The reap is one script over the lease structures and kombu's index: with MONITOR on, it
+    sends no SCAN or KEYS, whatever the size of the keyspace."""
+    client.zadd(index, {"orphan": redis_now(client) - 60})
+    with client.monitor() as monitor:
+        assert keeper(client, index).reap() == (["orphan"], 1)
+        seen = []
+        for _ in range(20):
+            command = monitor.next_command()["command"]
+            seen.append(command)
+            if command.startswith("ZCOUNT"):
+                break
+    assert not [c for c in seen if c.split()[0].upper() in ("SCAN", "KEYS")], seen
 
 
 def slow_bucket(endpoint: str, bucket: str, count: int, seed: int) -> list[str]:
@@ -92,9 +154,7 @@ def slow_bucket(endpoint: str, bucket: str, count: int, seed: int) -> list[str]:
 
 
 def held_tags(p: Pipeline, pid: int) -> set[str]:
-    import socket
-
-    return {t.decode() for t in p.redis().smembers(lease_key(socket.gethostname(), pid))}
+    return {t.decode() for t in p.redis().smembers(lease_key(instance_of(pid)))}
 
 
 def wait_until(condition: object, timeout_s: float, what: str) -> float:
@@ -163,6 +223,7 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
         try:
             assert p.cli("enqueue", "s3://supervised-leases/", "--no-progress").returncode == 0
             child = wait_for_child(supervisor.pid)
+            instance = instance_of(child)
             wait_until(lambda: len(held_tags(p, child)) >= 2, 120, "the child to hold jobs")
             tags = held_tags(p, child)
             os.kill(child, signal.SIGKILL)
@@ -173,7 +234,7 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
             supervisor.send_signal(signal.SIGTERM)
             supervisor.wait(timeout=60)
         text = (tmp_path / "supervisor.log").read_text(errors="replace")
-        assert f"handed back the {len(tags)} jobs process {child} held" in text
+        assert f"handed back the {len(tags)} jobs worker {instance} held" in text
         # The lease alone would take 60 s or more; the hand-back waits only for the restarted
         # child to load its model and sweep.
         assert back_s < 45, f"handed-back jobs came back after {back_s:.1f} s"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pipeline_support import (
     failures,
     free_port,
     get_json,
+    instance_of,
     make_bucket,
     queued_images,
     scrape,
@@ -228,12 +228,14 @@ def run_crash_workers(p: Pipeline, name: str, concurrency: int, done: Callable[[
     deadline = time.monotonic() + 400
     wrapper = WRAPPERS / "fake_crash_worker.py"
     worker = p.start_worker(name, wrapper, concurrency=concurrency)
+    instance = instance_of(worker.pid)
     while time.monotonic() < deadline and not done():
         if worker.poll() is not None:
             deaths += 1
             # What `capworks worker`'s supervisor does when a child dies: its jobs go back now.
-            hand_back(p.redis(), socket.gethostname(), worker.pid)
+            hand_back(p.redis(), instance)
             worker = p.start_worker(name, wrapper, concurrency=concurrency)
+            instance = instance_of(worker.pid)
         time.sleep(1.0)
     return deaths
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -190,7 +188,7 @@ def test_a_reply_read_after_its_entry_was_swept_back_is_dropped(
 def test_the_sweep_leaves_a_fetch_alone_until_its_deadline_is_well_past(
     client: redis.Redis, queue: Queue
 ) -> None:
-    key = fetching_key("test-host", 1, "token", queue.name)
+    key = fetching_key("test-inst-1", "token", queue.name)
     register = client.register_script(_REGISTER)
     register(keys=[REGISTRY_KEY, key], args=[60])  # a fetch that may wait a minute
     client.lpush(key, b'{"job": "in flight"}')
@@ -206,17 +204,18 @@ def test_a_dead_processes_fetched_jobs_are_handed_back_at_once(
     client: redis.Redis, queue: Queue
 ) -> None:
     register = client.register_script(_REGISTER)
-    for pid, token, items in ((7, "t1", [b"one", b"two"]), (8, "t2", [b"other process"])):
-        key = fetching_key("test-host", pid, token, queue.name)
+    twins = (("test-inst-7", "t1", [b"one", b"two"]), ("test-inst-8", "t2", [b"other process"]))
+    for instance, token, items in twins:
+        key = fetching_key(instance, token, queue.name)
         register(keys=[REGISTRY_KEY, key], args=[60])
         client.lpush(key, *items)
-    assert hand_back_fetching(client, "test-host", 7) == 2
+    assert hand_back_fetching(client, "test-inst-7") == 2
     assert sorted(client.lrange(queue.name, 0, -1)) == [b"one", b"two"]
-    assert client.llen(fetching_key("test-host", 8, "t2", queue.name)) == 1
+    assert client.llen(fetching_key("test-inst-8", "t2", queue.name)) == 1
 
 
 def test_a_fetching_key_names_its_queue_even_with_colons() -> None:
-    key = fetching_key(socket.gethostname(), os.getpid(), "abc", "jobs:high")
+    key = fetching_key("0123456789abcdef", "abc", "jobs:high")
     assert queue_of(key) == "jobs:high"
 
 

@@ -139,7 +139,7 @@ def test_status_json_shows_queue_held_jobs_last_hour_crawls_and_workers(
     publish(queue, 7, 64, 64, 5)  # the 7-image job is the oldest: the one a worker takes
     r = redis.Redis.from_url(REDIS_URL)
     beat(r, device="cuda:0", model="m", queue=queue, jobs_in_flight=2, started_at=time.time())
-    stale = Heartbeat("gpu-b", 4242, "cuda:1", "m", queue, 1, 0, 0.0, time.time() - 300)
+    stale = Heartbeat("b1", "gpu-b", 4242, "cuda:1", "m", queue, 1, 0, 0.0, time.time() - 300)
     r.set(stale.key, stale.to_json(), ex=60)
     app = make_celery(settings_for(queue))
     with app.connection_for_read() as conn:
@@ -260,7 +260,7 @@ def test_heartbeats_expire_and_are_kept_apart_by_queue(queue: str) -> None:
     mine = beat(r, device="cuda:0", model="m", queue=queue, jobs_in_flight=4, started_at=1.0,
                 ttl_s=30)  # fmt: skip
     beat(r, device="cpu", model="m", queue=f"{queue}:other", jobs_in_flight=0, started_at=1.0)
-    r.set(heartbeat_key(queue, "junk", 1), "not json")
+    r.set(heartbeat_key(queue, "junk"), "not json")
     try:
         assert read_heartbeats(r, queue) == [mine]
         assert 0 < r.ttl(mine.key) <= 30

@@ -70,7 +70,7 @@ def test_each_cpu_process_gets_its_threads_name_and_metrics_port() -> None:
         "CAPWORKS_METRICS_PORT": "9751",
     }
     assert worker_env({}, "3", 0, 0) == {"CUDA_VISIBLE_DEVICES": "3", "CAPWORKS_DEVICE": "cuda:0"}
-    cmd, env = CeleryLauncher(2, threads_per_process=1).command(None, 1)
+    cmd, env = CeleryLauncher(2, threads_per_process=1).command(None, 1, "inst-1")
     assert cmd[cmd.index("--hostname") + 1] == "cpu1@%h"
     assert (env["CAPWORKS_TORCH_THREADS"], env["CAPWORKS_DECODE_THREADS"]) == ("1", "1")
 

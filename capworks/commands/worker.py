@@ -1,5 +1,11 @@
 """`capworks worker`: one Celery worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES
-before torch starts (the parent never imports torch), restarted if it dies."""
+before torch starts (the parent never imports torch), restarted if it dies or hangs.
+
+Each process gets a fresh random instance id (`CAPWORKS_INSTANCE_ID`) every time it is started:
+its leases, heartbeat and fetching lists are named by it, so twin containers (one hostname, the
+supervisor PID 1 in each) never hand back or hide behind each other's jobs. A child whose
+heartbeat is older than `heartbeat_stale_s` (a model thread hung in a batch) is killed and its
+jobs handed back; a child whose own lease renewer saw the hang exits by itself first."""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from schema.instance import new_instance_id
 from schema.metrics_endpoint import check_bind
-from schema.settings import get_settings
+from schema.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
@@ -24,16 +30,19 @@ MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0  # a process that ran this long before dying is restarted after the base delay
 KILLED_DELAY_S = 0.5  # after a SIGKILL: its slot idles, its jobs are handed back already
 POLL_S = 0.5
+CHECK_STALE_EVERY_S = 5.0  # how often the supervisor reads its children's heartbeats
 
 
 @dataclass
 class Child:
-    """One worker process, the device it owns, and how long to wait if it dies."""
+    """One worker process, the device it owns, its instance id, and how long to wait if it
+    dies."""
 
     gpu: str | None
     proc: subprocess.Popen[bytes]
     started_s: float
     delay_s: float = RESTART_DELAY_S
+    instance: str = ""
 
     def next_delay(
         self, now_s: float, base_s: float = RESTART_DELAY_S, code: int | None = None
@@ -100,8 +109,9 @@ def celery_worker_argv(
 class Launcher(Protocol):
     """Starts one worker process; the seam where a test plugs in stand-in processes."""
 
-    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
-        """Start the `index`-th worker process, pinned to one GPU (or the CPU when None)."""
+    def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
+        """Start the `index`-th worker process, pinned to one GPU (or the CPU when None), as
+        instance `instance`."""
         ...
 
 
@@ -113,19 +123,22 @@ class CeleryLauncher:
     loglevel: str = "INFO"
     threads_per_process: int = 0  # CPU processes: torch and decode threads each (0: all cores)
 
-    def command(self, gpu: str | None, index: int) -> tuple[list[str], dict[str, str]]:
+    def command(
+        self, gpu: str | None, index: int, instance: str
+    ) -> tuple[list[str], dict[str, str]]:
         """The command line and environment of the `index`-th worker process."""
         settings = get_settings()
         env = worker_env(dict(os.environ), gpu, index, settings.metrics_port)
+        env["CAPWORKS_INSTANCE_ID"] = instance
         if self.threads_per_process:
             env["CAPWORKS_TORCH_THREADS"] = str(self.threads_per_process)
             env["CAPWORKS_DECODE_THREADS"] = str(self.threads_per_process)
         name = f"gpu{gpu}@%h" if gpu is not None else f"cpu{index}@%h"
         return celery_worker_argv(settings.queue_name, self.concurrency, name, self.loglevel), env
 
-    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
+    def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
         """Start the `index`-th Celery worker process, pinned to one GPU (or the CPU)."""
-        cmd, env = self.command(gpu, index)
+        cmd, env = self.command(gpu, index, instance)
         log.info("starting %s", " ".join(cmd))
         return subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argv (sys.executable -m celery), no shell
 
@@ -163,10 +176,12 @@ def run_worker(args: argparse.Namespace) -> int:
     devices, threads = plan_processes(args.gpus, args.cpu_procs)
     concurrency = args.concurrency or settings.prefetch_jobs
     launcher = CeleryLauncher(concurrency, args.loglevel, threads)
-    return supervise(devices, launcher, on_death=hand_back_jobs)
+    return supervise(
+        devices, launcher, on_death=hand_back_jobs, stale_for_s=heartbeat_age_s(settings)
+    )
 
 
-def hand_back_jobs(pid: int) -> None:
+def hand_back_jobs(instance: str) -> None:
     """Give a dead child's held jobs back to the queue now, not when its lease expires."""
     import redis
 
@@ -174,12 +189,34 @@ def hand_back_jobs(pid: int) -> None:
     from workers.leases import hand_back
 
     try:
-        count = hand_back(make_redis(get_settings(), socket_timeout_s=5), socket.gethostname(), pid)
+        count = hand_back(make_redis(get_settings(), socket_timeout_s=5), instance)
     except redis.RedisError as exc:
-        log.warning("could not hand back the jobs of process %d (%s): its lease expires", pid, exc)
+        log.warning("could not hand back the jobs of %s (%s): its leases expire", instance, exc)
         return
     if count:
-        log.warning("handed back the %d jobs process %d held", count, pid)
+        log.warning("handed back the %d jobs worker %s held", count, instance)
+
+
+def heartbeat_age_s(settings: Settings) -> Callable[[str], float]:
+    """How long ago a child (by instance id) last beat, in seconds; 0 when it has no heartbeat
+    (still loading its model) or Redis cannot say. Compared on this host's clock, the one the
+    child wrote it with."""
+    import redis
+
+    from schema.heartbeat import Heartbeat, heartbeat_key
+    from schema.queue import make_redis
+
+    client = make_redis(settings, socket_timeout_s=5)
+
+    def age_s(instance: str) -> float:
+        try:
+            raw = client.get(heartbeat_key(settings.queue_name, instance))
+            return Heartbeat.from_json(raw).age_s() if raw is not None else 0.0
+        except (redis.RedisError, ValueError) as exc:
+            log.warning("could not read the heartbeat of %s (%s)", instance, exc)
+            return 0.0
+
+    return age_s
 
 
 def supervise(
@@ -188,10 +225,15 @@ def supervise(
     *,
     restart_delay_s: float = RESTART_DELAY_S,
     poll_s: float = POLL_S,
-    on_death: Callable[[int], None] | None = None,
+    on_death: Callable[[str], None] | None = None,
+    stale_for_s: Callable[[str], float] | None = None,
+    stale_after_s: float | None = None,
+    check_every_s: float = CHECK_STALE_EVERY_S,
 ) -> int:
     """Run one process per GPU, restart each that dies, until SIGTERM or SIGINT; `on_death`
-    gets the pid of each process that died (to hand its jobs back at once).
+    gets the instance id of each process that died (to hand its jobs back at once). A process
+    whose heartbeat `stale_for_s` says is `stale_after_s` old (default `heartbeat_stale_s`) is
+    killed, and handled as one that died.
 
     The signal handler only notes the request; this loop does the stopping, so a process
     started while the signal arrived is recorded first and stopped with the others.
@@ -205,23 +247,29 @@ def supervise(
     # Before the first start: a SIGTERM's default action would leave the children running.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    children = [
-        Child(g, launcher.start(g, i), time.monotonic(), restart_delay_s)
-        for i, g in enumerate(gpus)
-    ]
+    if stale_after_s is None:
+        stale_after_s = get_settings().heartbeat_stale_s
+
+    def start(gpu: str | None, index: int, delay_s: float) -> Child:
+        instance = new_instance_id()
+        return Child(gpu, launcher.start(gpu, index, instance), time.monotonic(), delay_s, instance)
+
+    children = [start(g, i, restart_delay_s) for i, g in enumerate(gpus)]
     restart_at: dict[int, float] = {}
+    checked_s = time.monotonic()
     while not stopping:
         now = time.monotonic()
+        if stale_for_s is not None and now - checked_s >= check_every_s:
+            checked_s = now
+            kill_stale(children, restart_at, stale_for_s, stale_after_s)
         for i, child in enumerate(children):
             if i in restart_at:
                 if now >= restart_at[i] and not stopping:
                     del restart_at[i]
-                    children[i] = Child(
-                        child.gpu, launcher.start(child.gpu, i), time.monotonic(), child.delay_s
-                    )
+                    children[i] = start(child.gpu, i, child.delay_s)
             elif (code := child.proc.poll()) is not None:
                 if on_death is not None:
-                    on_death(child.proc.pid)
+                    on_death(child.instance)
                 child.delay_s = child.next_delay(now, restart_delay_s, code)
                 restart_at[i] = now + child.delay_s
                 log.warning(
@@ -237,3 +285,25 @@ def supervise(
     for child in children:
         child.proc.wait()
     return 0
+
+
+def kill_stale(
+    children: Sequence[Child],
+    restarting: dict[int, float],
+    stale_for_s: Callable[[str], float],
+    stale_after_s: float,
+) -> None:
+    """SIGKILL each running child whose heartbeat is `stale_after_s` old: its model thread is
+    hung, and only a new process gets the device back (the next poll hands its jobs back)."""
+    for i, child in enumerate(children):
+        if i in restarting or child.proc.poll() is not None:
+            continue
+        age = stale_for_s(child.instance)
+        if age >= stale_after_s:
+            log.error(
+                "worker %s (pid %d) has not beaten for %.0f s: killing it",
+                child.instance,
+                child.proc.pid,
+                age,
+            )
+            child.proc.kill()

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline_support import Pipeline, query
+from pipeline_support import Pipeline, instance_of, query
 from sqlalchemy import create_engine, delete, func, select
 
 from capworks.commands.worker import celery_worker_argv
@@ -43,7 +42,7 @@ def jobs_held(r: Any, pid: int) -> list[str]:
     """The ids of the jobs a worker process holds: its lease names their delivery tags, and
     kombu's `unacked` hash holds their messages."""
     ids = []
-    for tag in r.smembers(lease_key(socket.gethostname(), pid)):
+    for tag in r.smembers(lease_key(instance_of(pid))):
         raw = r.hget("unacked", tag)
         if raw is None:  # acknowledged since the last renewal
             continue
@@ -135,10 +134,10 @@ class Farm:
 
     def ready(self, r: Any) -> bool:
         """All N worker processes are alive and each has sent a heartbeat (its model is loaded)."""
-        queue, host = self.env["CAPWORKS_QUEUE_NAME"], socket.gethostname()
+        queue = self.env["CAPWORKS_QUEUE_NAME"]
         pids = self.workers()
         return len(pids) == self.procs and all(
-            r.exists(heartbeat_key(queue, host, pid)) for pid in pids
+            r.exists(heartbeat_key(queue, instance_of(pid))) for pid in pids
         )
 
     def wait_ready(self, r: Any, timeout_s: float = 300) -> None:

@@ -34,7 +34,7 @@ class StandInLauncher:
         self.random = random.Random(seed)
         self.started = 0
 
-    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
+    def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
         self.started += 1
         exits = self.started <= self.exit_first or self.random.random() >= self.live_share
         proc = subprocess.Popen(["false"] if exits else ["sleep", "300"])

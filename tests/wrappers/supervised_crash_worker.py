@@ -16,8 +16,8 @@ WRAPPER = Path(__file__).with_name("fake_crash_worker.py")
 class CrashWorkerLauncher(CeleryLauncher):
     """CeleryLauncher's command and environment, run through the crash wrapper."""
 
-    def start(self, gpu: str | None, index: int) -> subprocess.Popen[bytes]:
-        cmd, env = self.command(gpu, index)
+    def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
+        cmd, env = self.command(gpu, index, instance)
         cmd[1:6] = [str(WRAPPER), "worker"]  # `python -m celery -A workers.tasks worker`
         return subprocess.Popen(cmd, env=env)
 
