@@ -104,6 +104,16 @@ def any_db(any_db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
         yield p
 
 
+def queued_models(p: Pipeline) -> dict[tuple[str, ...] | None, list[str]]:
+    """The model each queued job names (None: any model) -> its image URIs."""
+    jobs: dict[tuple[str, ...] | None, list[str]] = {}
+    for raw in p.redis().lrange(p.queue, 0, -1):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+        model = tuple(body["model"]) if "model" in body else None
+        jobs.setdefault(model, []).extend(item[0] for item in body["images"])
+    return jobs
+
+
 # The replay decision, branch by branch (no server).
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -312,3 +322,34 @@ def test_replay_waits_while_the_queue_is_full_and_goes_on_when_it_drains(pg: Pip
             proc.kill()
     assert proc.returncode == 0 and "replayed 1 " in out, err
     assert list(queued_jobs(pg).values()) == [[GONE]]
+
+
+def test_replay_sends_jobs_that_name_each_letters_model(any_db: Pipeline) -> None:
+    db = connect(any_db.db_url)
+    fail(db, (GONE, Code.NOT_FOUND))
+    upgraded = CheckpointConfig(model_dir=Path("."), model_id="m-next", revision="r2")
+    wrong = CapworksError(Code.WRONG_MODEL, "job is for m-next; the worker serves m")
+    # A worker of the old model dead-letters a job made for the new one under the job's model.
+    ResultWriter(db, CONFIG).save([Outcome(ImageRef(BROKEN), wrong)], model=upgraded.identity)
+    legacy = "s3://photos/legacy/e.jpg"
+    fail(db, (legacy, Code.NOT_FOUND))
+    with db.begin() as conn:  # a letter written before letters knew their model
+        legacy_id = select(Image.id).where(Image.uri == legacy).scalar_subquery()
+        conn.execute(
+            update(Failure)
+            .where(Failure.image_id == legacy_id)
+            .values(model_id="", revision="", settings_hash="")
+        )
+    replayed = dlq(any_db, "replay", "--rate", "1000/s")
+    assert replayed.returncode == 0 and "replayed 3 " in replayed.stdout, replayed.stderr
+    assert queued_models(any_db) == {
+        CONFIG.identity: [GONE],
+        upgraded.identity: [BROKEN],
+        None: [legacy],
+    }
+    listed = [json.loads(line) for line in dlq(any_db, "list", "--json").stdout.splitlines()]
+    assert {(d["uri"], d["model_id"]) for d in listed} == {
+        (GONE, "m"),
+        (BROKEN, "m-next"),
+        (legacy, ""),
+    }

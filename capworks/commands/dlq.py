@@ -5,6 +5,10 @@ the job is sent and marked as sent in Redis. A run cut off between the two leave
 replay job was never marked sent; the next run sends that job again under the same id (workers
 drop a job id they have committed). A row whose replay was sent is left alone until it fails
 again (`last_seen` after `last_replayed`), so running a replay twice sends nothing twice.
+
+A dead letter names the caption identity it was written for (a `wrong_model` letter: the job's),
+and its replay is a job naming that identity: only workers serving it caption the image. A letter
+written before letters knew their model (identity "") is replayed as a job any model takes.
 """
 
 from __future__ import annotations
@@ -118,6 +122,9 @@ def as_dict(row: Any) -> dict[str, Any]:
     f, i = row.Failure, row.Image
     return {
         "uri": i.uri,
+        "model_id": f.model_id,
+        "revision": f.revision,
+        "settings_hash": f.settings_hash,
         "code": f.code,
         "message": f.message,
         "attempts": f.attempts,
@@ -131,13 +138,18 @@ def as_dict(row: Any) -> dict[str, Any]:
 
 
 def show(db: Engine, uri: str) -> int:
-    """Print everything about one dead letter."""
+    """Print everything about the dead letters of one image (one per model), a blank line
+    between two."""
+    query = select(Failure, Image).join(Image).where(Image.uri == uri).order_by(Failure.id)
     with Session(db) as session:
-        row = session.execute(select(Failure, Image).join(Image).where(Image.uri == uri)).first()
-    if row is None:
+        rows = list(session.execute(query).all())
+    if not rows:
         raise InputError(f"no dead letter for {uri}")
-    for key, value in as_dict(row).items():
-        print(f"{key}: {value}")
+    for n, row in enumerate(rows):
+        if n:
+            print()
+        for key, value in as_dict(row).items():
+            print(f"{key}: {value}")
     return 0
 
 
@@ -173,6 +185,9 @@ class DeadLetter:
     last_seen: datetime
     replay_job: str | None
     last_replayed: datetime | None
+    # The caption identity the letter was written for; None for a letter from before letters
+    # knew their model (its replay may be captioned by any model).
+    model: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -241,14 +256,19 @@ def replay(
     )
     size = max(1, min(job_images, int(rate_per_s)))
     # (job, failures whose replay it records): a cut-off replay was recorded by an earlier run.
+    # A job names one model, so each is made of letters of one model (a cut-off one was too).
     jobs: list[tuple[Job, list[int]]] = [
-        (Job.new([d.ref for d in letters], job_id=job_id), [])
+        (Job.new([d.ref for d in letters], job_id=job_id, model=letters[0].model), [])
         for job_id, letters in plan.resend.items()
     ]
-    for n in range(0, len(plan.fresh), size):
-        chunk = plan.fresh[n : n + size]
-        job = Job.new([d.ref for d in chunk], job_id=f"replay-{new_job_id()}")
-        jobs.append((job, [d.failure_id for d in chunk]))
+    by_model: dict[tuple[str, str, str] | None, list[DeadLetter]] = {}
+    for letter in plan.fresh:
+        by_model.setdefault(letter.model, []).append(letter)
+    for model, letters in by_model.items():
+        for n in range(0, len(letters), size):
+            chunk = letters[n : n + size]
+            job = Job.new([d.ref for d in chunk], job_id=f"replay-{new_job_id()}", model=model)
+            jobs.append((job, [d.failure_id for d in chunk]))
     started, sent_images = time.monotonic(), 0
     for job, failure_ids in jobs:
         # Pace by images: the n-th image leaves no sooner than n / rate seconds after the start.
@@ -277,6 +297,7 @@ def load_letters(db: Engine, selection: Selection) -> list[DeadLetter]:
                 f.last_seen,
                 f.replay_job,
                 f.last_replayed,
+                (f.model_id, f.revision, f.settings_hash) if f.model_id else None,
             )
             for f, i in session.execute(query).tuples()
         ]
