@@ -73,7 +73,11 @@ def change_from_json(doc: dict[str, Any], path_prefix: str = "/buckets/") -> Fil
     sized = int(str(size)) if str(size or "").isdigit() else None
     # The change's time is when the filer stored the entry: the upload time a job carries.
     uploaded_s = ts_ns / 1_000_000_000 if ts_ns > 0 else None  # int / int: correctly rounded
-    return FilerChange(ts_ns, ObjectCreated(bucket, key, _etag(entry), sized, None, uploaded_s))
+    # Its `tsNs` orders it against other writes of the key: an overwrite without an MD5 is new.
+    created = ObjectCreated(
+        bucket, key, _etag(entry), sized, None, uploaded_s, event_ns=ts_ns if ts_ns > 0 else None
+    )
+    return FilerChange(ts_ns, created)
 
 
 def _etag(entry: dict[str, Any]) -> str | None:

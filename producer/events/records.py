@@ -9,13 +9,18 @@ the database cannot hold, is bad: it is reported with the reason and its neighbo
 The event's time (`eventTime` of a record, `time` of an EventBridge event) is kept as the upload
 time that jobs carry for the workers' upload -> caption latency; a missing or unreadable time
 leaves it out and the object is captioned all the same.
+
+What orders two announcements of one key is kept too: the record's `sequencer` (hex, AWS and
+MinIO; EventBridge has it under `detail.object`) and the event time in nanoseconds. The sink
+captions the latest version of an object by them (`producer/events/versions.py`).
 """
 
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -26,6 +31,8 @@ from schema.uris import ImageRef, s3_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_BAD_BODY_CHARS = 10_000
+MAX_SEQUENCER_CHARS = 64  # AWS sends 18 hex digits
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class MalformedEvent(CapworksError):
@@ -47,6 +54,10 @@ class ObjectCreated:
     # When it was uploaded (Unix seconds), where the event says; two deliveries of one object
     # version are the same object whatever times they carry.
     upload_time_s: float | None = field(default=None, compare=False)
+    # What orders announcements of one key (S3's hex `sequencer`, the event time in ns): two
+    # deliveries of one version carry the same, and they are left out of equality like the time.
+    sequencer: str | None = field(default=None, compare=False)
+    event_ns: int | None = field(default=None, compare=False)
 
     @property
     def uri(self) -> str:
@@ -150,7 +161,8 @@ def _s3_record(record: Any) -> Parsed:
         obj.get("size"),
         obj.get("versionId"),
         record,
-        event_time_s(record.get("eventTime")),
+        event_time_ns(record.get("eventTime")),
+        obj.get("sequencer"),
     )
 
 
@@ -170,7 +182,8 @@ def _eventbridge(doc: dict[str, Any]) -> Parsed:
         obj.get("size"),
         obj.get("version-id"),
         doc,
-        event_time_s(doc.get("time")),
+        event_time_ns(doc.get("time")),
+        obj.get("sequencer"),
     )
 
 
@@ -178,6 +191,13 @@ def event_time_s(value: Any) -> float | None:
     """An event's ISO 8601 time ("2026-12-02T06:00:00.000Z") as Unix seconds; a time without a
     zone is UTC (as S3 and EventBridge send it); None when missing, unreadable or before 1970
     (a job's upload time is never negative)."""
+    ns = event_time_ns(value)
+    return ns / 1_000_000_000 if ns is not None else None  # int / int: correctly rounded
+
+
+def event_time_ns(value: Any) -> int | None:
+    """An event's ISO 8601 time as whole nanoseconds since 1970 (exact: no float between), read
+    as `event_time_s` reads it."""
     if not isinstance(value, str):
         return None
     try:
@@ -186,8 +206,16 @@ def event_time_s(value: Any) -> float | None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    seconds = when.timestamp()
-    return seconds if seconds >= 0 else None
+    ns = (when - EPOCH) // timedelta(microseconds=1) * 1000
+    return ns if ns >= 0 else None
+
+
+def sequencer_of(value: Any) -> str | None:
+    """A record's `sequencer` in upper case; None when missing or not a short hex string (it is
+    optional: moto sends none)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SEQUENCER_CHARS:
+        return None
+    return value.upper() if all(c in string.hexdigits for c in value) else None
 
 
 def _created(
@@ -197,7 +225,8 @@ def _created(
     size: Any,
     version: Any,
     source: Any,
-    upload_time_s: float | None = None,
+    event_ns: int | None = None,
+    sequencer: Any = None,
 ) -> Parsed:
     if not is_image_key(key):
         return Parsed(ignored=1)
@@ -220,7 +249,9 @@ def _created(
                 (etag or "").strip('"') or None,
                 sized,
                 version or None,
-                upload_time_s,
+                event_ns / 1_000_000_000 if event_ns is not None else None,
+                sequencer_of(sequencer),
+                event_ns,
             )
         ]
     )
