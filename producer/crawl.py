@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, escaped, new_job_id, unstorable
 from schema.redact import redact
@@ -76,17 +77,30 @@ class Publisher:
     """Sends jobs to the queue and tells how many images wait there."""
 
     def __init__(
-        self, send: Callable[[dict[str, Any]], None], redis: Any, queue: str, job_images: int
+        self,
+        send: Callable[[dict[str, Any]], None],
+        redis: Any,
+        queue: str,
+        job_images: int,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._send = send
         self.redis = redis
         self._queue = queue
         self._job_images = job_images
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
 
     def publish(self, job: Job) -> None:
         """Send one job and mark it as sent."""
         self._send(job.to_wire())
         self.redis.set(SENT_KEY.format(job.job_id), 1, ex=SENT_TTL_S)
+
+    def confirm(self) -> None:
+        """Return once the configured number of Redis replicas hold every job published so
+        far (none by default); raises `ReplicasBehind` (a `RedisError`) when they do not."""
+        wait_for_replicas(self.redis, self._wait_replicas, self._wait_timeout_ms)
 
     def was_sent(self, job_id: str) -> bool:
         """True when a job id was published before."""
@@ -173,6 +187,7 @@ def run_crawl(
                 for job in jobs:
                     wait_for_room(publisher, max_queued_images)
                     publisher.publish(job)
+                publisher.confirm()  # the position moves on only once replicas hold the page
                 stats.enqueued += len(keep)
                 stats.jobs += len(jobs)
             _save(session, crawl, stats, last_key=page[-1][0])
@@ -215,6 +230,7 @@ def _finish_pending(
             publisher.publish(job)
         stats.enqueued += len(job.images)
         stats.jobs += 1
+    publisher.confirm()
     _save(session, crawl, stats, last_key=pending["last_key"])
 
 

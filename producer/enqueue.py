@@ -36,7 +36,14 @@ def make_publisher(settings: Settings) -> Publisher:
     def send(body: dict[str, Any]) -> None:
         app.send_task(CAPTION_TASK, args=[body], queue=settings.queue_name, **task_reprs(body))
 
-    return Publisher(send, make_redis(settings), settings.queue_name, settings.job_images)
+    return Publisher(
+        send,
+        make_redis(settings),
+        settings.queue_name,
+        settings.job_images,
+        settings.enqueue_wait_replicas,
+        settings.enqueue_wait_timeout_ms,
+    )
 
 
 def enqueue(
@@ -53,6 +60,7 @@ def enqueue(
         job = Job.new(refs[start : start + settings.job_images])
         publisher.publish(job)
         job_ids.append(job.job_id)
+    publisher.confirm()  # the caller acts on the ids: replicas hold the jobs first, if asked
     return job_ids
 
 

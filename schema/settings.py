@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     max_queued_images: int = 200_000
     # Queued jobs live only in Redis: a broker that may evict keys is refused unless this is on.
     allow_evicting_broker: bool = False
+    # Producers (crawl, events, enqueue()) move their position on (crawl row, SQS delete, filer
+    # position, webhook 200) only once this many Redis replicas hold the batch they published
+    # (Redis WAIT, up to the timeout); 0: as soon as the primary has it (RELIABILITY.md).
+    enqueue_wait_replicas: int = Field(default=0, ge=0)
+    enqueue_wait_timeout_ms: int = Field(default=1000, ge=1)
 
     # Storage events (`capworks events`). The webhook needs a bearer token or an HMAC secret
     # (either one authenticates a request); without one it refuses to start.

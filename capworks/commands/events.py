@@ -63,7 +63,15 @@ def run_events(
     for warning in check_broker(broker, settings.allow_evicting_broker):
         log.warning("%s", warning)
     sender = BulkSender(make_celery(settings), broker, settings.queue_name)
-    sink = EventSink(sender.send, broker, identity, db, dedup_ttl_s=settings.events_dedup_ttl_s)
+    sink = EventSink(
+        sender.send,
+        broker,
+        identity,
+        db,
+        dedup_ttl_s=settings.events_dedup_ttl_s,
+        wait_replicas=settings.enqueue_wait_replicas,
+        wait_timeout_ms=settings.enqueue_wait_timeout_ms,
+    )
     try:
         if options.source == "webhook":
             _serve_webhook(options, settings, sink, auth, stop)

@@ -30,6 +30,7 @@ from sqlalchemy import Engine, insert, select
 from producer.crawl import Publisher
 from producer.events.records import BadRecord, ObjectCreated
 from producer.events.versions import Order, Version, compare_versions
+from producer.replicas import wait_for_replicas
 from schema.jobs import Job, escaped
 from schema.redact import redact
 from schema.tables import BadMessage, utcnow
@@ -135,6 +136,8 @@ class EventSink:
         db: Engine,
         dedup_ttl_s: int = 7 * 24 * 3600,
         claim_ttl_s: int = 60,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._send = send
         self._redis = redis
@@ -142,6 +145,8 @@ class EventSink:
         self.db = db
         self._dedup_ttl_s = dedup_ttl_s
         self._claim_ttl_s = claim_ttl_s
+        self._wait_replicas = wait_replicas  # 0: do not wait (producer/replicas.py)
+        self._wait_timeout_ms = wait_timeout_ms
         self._commit_if_claimed = redis.register_script(COMMIT_IF_CLAIMED)
         self._release_if_claimed = redis.register_script(RELEASE_IF_CLAIMED)
 
@@ -171,6 +176,8 @@ class EventSink:
         to_send = [d for d in claimed if decided[d] is Outcome.PUBLISHED]
         try:
             self._send([self._job(events[newest[d]]) for d in to_send])
+            if to_send:  # the source acts once this returns: replicas hold the jobs first
+                wait_for_replicas(self._redis, self._wait_replicas, self._wait_timeout_ms)
         except BaseException:
             self._release(claimed, token)  # a retry must publish these: leave no claim behind
             raise
