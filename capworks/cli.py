@@ -6,16 +6,18 @@ import argparse
 import ipaddress
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
-from schema.redact import install_log_redaction, redact
+from schema.redact import escape_controls, install_log_redaction, redact
 from schema.settings import BadSetting, get_settings
 
 log = logging.getLogger("capworks")
 MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint"})
+MAX_ERROR_CHARS = 500  # of an unexpected error's first line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -395,11 +397,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))
         return 0
     except (CapworksError, CheckpointError, ValueError) as exc:
-        print(f"capworks: error: {redact(str(exc))}", file=sys.stderr)
+        print(f"capworks: error: {escape_controls(redact(str(exc)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("capworks: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - one redacted line (the traceback with -v), exit 1
+        if args.verbose:
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(f"capworks: error: {unexpected_error_line(exc, args.verbose > 0)}", file=sys.stderr)
+        return 1
+
+
+def unexpected_error_line(exc: BaseException, verbose: bool) -> str:
+    """An error nobody expected (a database's, a library's) as one redacted line: its type and
+    its message's first line (SQLAlchemy's go on with the statement and its parameters)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0][:MAX_ERROR_CHARS] if lines else ""
+    hint = "" if verbose else " (-v shows the traceback)"
+    return escape_controls(redact(f"{type(exc).__name__}: {first}")) + hint
 
 
 def configure_logging(verbosity: int, quiet_transformers: bool = True) -> None:

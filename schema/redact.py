@@ -35,6 +35,14 @@ _QUERY_SECRET = re.compile(
 )
 _BEARER = re.compile(r"(?P<name>\bBearer\s+)(?P<value>[^\s\"',;]+)", re.IGNORECASE)
 
+# What a terminal or a log reader would act on rather than show: C0 and C1 controls, DEL, the
+# Unicode line and paragraph separators and the bidirectional overrides ("Trojan source").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_OR_NEWLINE_KEPT = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
 _lock = threading.Lock()
 _secrets: frozenset[str] = frozenset()
 
@@ -72,6 +80,21 @@ def redact(text: str) -> str:
     return text
 
 
+def escape_controls(text: str, *, newlines: bool = False) -> str:
+    """`text` with control characters written as escapes (`\\n`, `\\x1b`, `\\u202e`), so that
+    a name from outside can neither forge a log line nor drive a terminal; with `newlines`,
+    line breaks are kept (a traceback shown as such)."""
+    pattern = _CONTROL_OR_NEWLINE_KEPT if newlines else _CONTROL
+    return pattern.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match[0]
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 def redact_uri(uri: str) -> str:
     """An image URI as capworks stores and shows it: an http(s) URL redacted (a presigned URL
     loses its signature, which expires anyway); any other URI as it is, since an object key may
@@ -82,7 +105,8 @@ def redact_uri(uri: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Rewrites each record's message (arguments merged in) and traceback through `redact`."""
+    """Rewrites each record's message (arguments merged in) and traceback through `redact`; the
+    message's control characters are escaped, so a name with a newline cannot forge a line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Always keeps the record, with its text redacted."""
@@ -90,7 +114,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # a bad format string: keep what logging would show
             message = str(record.msg)
-        record.msg, record.args = redact(message), None
+        record.msg, record.args = escape_controls(redact(message)), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

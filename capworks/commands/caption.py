@@ -21,7 +21,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from capworks.plain import plain
 from producer.sources import InputError, iter_refs
 from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
 from schema.db import connect
@@ -200,9 +202,10 @@ def print_results(outcomes: list[Outcome[CaptionedImage]], as_json: bool) -> Non
         name = d["uri"] if len(d["uri"]) <= 60 else "…" + d["uri"][-59:]
         if "caption" in d:
             tags = ", ".join(list(d["tags"])[:4])
-            table.add_row(name, d["caption"], tags, f"{d['score']:.3f}")
+            table.add_row(plain(name), plain(d["caption"]), plain(tags), f"{d['score']:.3f}")
         else:
-            table.add_row(name, f"[red]{d['error']}[/red]: {d['message'][:60]}", "", "-")
+            why = Text.assemble(plain(d["error"], "red"), ": ", plain(d["message"][:60]))
+            table.add_row(plain(name), why, "", "-")
     console = Console()
     console.print(table)
     failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))

@@ -27,12 +27,14 @@ from rich.table import Table
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from capworks.plain import plain
 from producer.crawl import Publisher, wait_for_room
 from producer.enqueue import make_publisher
 from producer.sources import InputError
 from schema.db import connect
 from schema.errors import Code
 from schema.jobs import Job, new_job_id
+from schema.redact import escape_controls
 from schema.settings import get_settings
 from schema.tables import Failure, Image, utcnow
 from schema.uris import ImageRef
@@ -106,11 +108,11 @@ def list_rows(db: Engine, selection: Selection, limit: int, as_json: bool) -> in
     for r in rows:
         d = as_dict(r)
         table.add_row(
-            d["uri"],
-            d["code"],
+            plain(d["uri"]),
+            plain(d["code"]),
             str(d["attempts"]),
             d["last_seen"][:16].replace("T", " "),
-            d["message"],
+            plain(d["message"]),
         )
     Console().print(table)
     print(f"{total} dead letters" + (f" (showing {len(rows)})" if total > len(rows) else ""))
@@ -148,8 +150,8 @@ def show(db: Engine, uri: str) -> int:
     for n, row in enumerate(rows):
         if n:
             print()
-        for key, value in as_dict(row).items():
-            print(f"{key}: {value}")
+        for key, value in as_dict(row).items():  # a traceback keeps its lines, nothing its controls
+            print(f"{key}: {escape_controls(str(value), newlines=key == 'traceback')}")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Engine, func, select
 
 from capworks.evaluation import (
@@ -27,6 +28,7 @@ from capworks.evaluation import (
     choose_tokenizer,
     score_captions,
 )
+from capworks.plain import plain
 from capworks.references import References, load_references
 from schema.tables import Caption, Image
 from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
@@ -242,25 +244,39 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     model = report["model"]
     revision = f" @ {model['revision']}" if model["revision"] else ""
-    console.print(f"[bold]capworks eval[/bold]: {model['model_id']}{revision}")
+    console.print(
+        Text.assemble(("capworks eval", "bold"), ": ", plain(model["model_id"] + revision))
+    )
     table = Table("metric", "score")
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
     console.print(table)
     console.print(
-        f"{report['images_scored']} images scored against {report['reference_captions']} "
-        f"reference captions (tokenizer: {report['tokenizer']}, settings {model['settings_hash']})"
+        plain(
+            f"{report['images_scored']} images scored against {report['reference_captions']} "
+            f"reference captions (tokenizer: {report['tokenizer']}, "
+            f"settings {model['settings_hash']})"
+        )
     )
     if report["worst"]:
         worst = Table("CIDEr-D", "image", "caption", "a reference", title="lowest CIDEr-D")
         worst.columns[1].overflow = "fold"
         for row in report["worst"]:
-            worst.add_row(f"{row['cider_d']:.3f}", row["uri"], row["caption"], row["references"][0])
+            worst.add_row(
+                f"{row['cider_d']:.3f}",
+                plain(row["uri"]),
+                plain(row["caption"]),
+                plain(row["references"][0]),
+            )
         console.print(worst)
     missing = report["not_scored"]
     if missing:
         shown = "; ".join(f"{m['uri']} ({m['reason']})" for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        console.print(f"[yellow]{len(missing)} images not scored[/yellow]: {shown}{more}")
+        console.print(
+            Text.assemble(
+                (f"{len(missing)} images not scored", "yellow"), ": ", plain(shown + more)
+            )
+        )
     for note in report["notes"]:
-        console.print(f"[dim]{note}[/dim]")
+        console.print(plain(note, "dim"))

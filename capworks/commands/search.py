@@ -10,8 +10,13 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.table import Table
 
+from capworks.plain import plain
 from schema.db import connect
-from schema.search import MAX_RANKED, Filters, Hit, search
+from schema.search import MAX_RANKED, Filters, Hit, SearchQueryError, parse_query, search
+
+# Words a query may hold, phrases' words included: PostgreSQL refuses a statement of ~20,000
+# (StatementTooComplex), and no caption needs more than a few to be found.
+MAX_QUERY_WORDS = 64
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class SearchRequest:
 
 def run_search(request: SearchRequest) -> int:
     """Print the best-ranked captions as a table, or JSON lines; 0 even when none match."""
+    check_query_size(request.query)
     max_ranked = None if request.rank_all else MAX_RANKED
     found = search(
         connect(request.db_url), request.query, request.filters, request.limit, max_ranked
@@ -49,13 +55,22 @@ def run_search(request: SearchRequest) -> int:
     return 0
 
 
+def check_query_size(query: str) -> None:
+    """Raise `SearchQueryError` for a query of more than `MAX_QUERY_WORDS` words."""
+    words = sum(len(term.words) for term in parse_query(query))
+    if words > MAX_QUERY_WORDS:
+        raise SearchQueryError(
+            f"the query has {words:,} words; at most {MAX_QUERY_WORDS}: keep the telling ones"
+        )
+
+
 def hits_table(hits: list[Hit], query: str) -> Table:
     """The hits, best first; a URI keeps its end and the caption wraps."""
-    table = Table("rank", "uri", "caption", "tags", title=f"captions matching {query!r}")
+    table = Table("rank", "uri", "caption", "tags", title=plain(f"captions matching {query!r}"))
     table.columns[1].overflow = "fold"
     for hit in hits:
         tags = " ".join(sorted(hit.tags, key=hit.tags.__getitem__, reverse=True)[:5])
-        table.add_row(f"{hit.rank:.3g}", hit.uri, hit.caption, tags)
+        table.add_row(f"{hit.rank:.3g}", plain(hit.uri), plain(hit.caption), plain(tags))
     return table
 
 

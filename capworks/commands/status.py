@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
 from capworks.farm_metrics import FarmCollector
+from capworks.plain import plain, plain_line
 from schema.db import connect
 from schema.errors import CapworksError
 from schema.heartbeat import read_heartbeats
@@ -146,7 +147,7 @@ def run_status(request: StatusRequest) -> int:
         with Live(console=Console(), auto_refresh=False) as live:
             while True:
                 found = _read_or_error(client, db, farm)
-                shown = render(found) if isinstance(found, FarmStatus) else found["error"]
+                shown = render(found) if isinstance(found, FarmStatus) else plain(found["error"])
                 live.update(shown, refresh=True)
                 time.sleep(request.interval_s)
     except KeyboardInterrupt:
@@ -211,9 +212,9 @@ def render(status: FarmStatus) -> Group:
             hb = w.heartbeat
             state = "gone" if w.gone else "STALE" if w.stale else "ok"
             workers.add_row(
-                f"{hb.host}:{hb.pid}",
-                hb.device,
-                hb.model,
+                plain(f"{hb.host}:{hb.pid}"),
+                plain(hb.device),
+                plain(hb.model),
                 str(hb.jobs_in_flight),
                 str(hb.images_waiting),
                 f"{w.age_s:.0f} s ago ({state})",
@@ -225,8 +226,8 @@ def render(status: FarmStatus) -> Group:
         crawls = Table("crawl", "state", "listed", "skipped", "enqueued", "rate", "updated")
         for c in status.crawls:
             crawls.add_row(
-                c.source,
-                c.state,
+                plain(c.source),
+                plain(c.state),
                 f"{c.listed:,}",
                 f"{c.skipped:,}",
                 f"{c.enqueued:,}",
@@ -267,8 +268,8 @@ def run_health(request: HealthRequest) -> int:
         beat_problems, fine = health_problems(workers, request.host, farm.stale_after_s)
         problems.extend(beat_problems)
     for line in problems:
-        print(f"unhealthy: {line}")
+        print(f"unhealthy: {plain_line(line)}")
     if problems:
         return 1
-    print("healthy: " + ("; ".join(fine) if fine else "Redis and the database answer"))
+    print("healthy: " + plain_line("; ".join(fine) if fine else "Redis and the database answer"))
     return 0

@@ -1,0 +1,19 @@
+"""Outside values (keys, URIs, captions, messages, host names) as terminal text that shows them
+and does nothing else: Rich markup stays literal (`photos/[/b].jpg`, `[link=...]`) and control
+characters are escaped (`\\x1b`), whatever an uploader put in a name."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from schema.redact import escape_controls
+
+
+def plain(value: object, style: str = "") -> Text:
+    """`value` as Rich text that is never parsed as markup, its control characters escaped."""
+    return Text(escape_controls(str(value)), style=style)
+
+
+def plain_line(value: object) -> str:
+    """`value` as one line for `print`: control characters (newlines too) escaped."""
+    return escape_controls(str(value))
