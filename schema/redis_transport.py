@@ -24,11 +24,12 @@ falls back to kombu's BRPOP, with a warning. `global_keyprefix` is not supported
 
 from __future__ import annotations
 
+import base64
 import logging
 import uuid
 from queue import Empty
 from time import monotonic, time
-from typing import Any
+from typing import Any, Protocol
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -77,6 +78,108 @@ while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'RIGHT') do moved = moved +
 redis.call('ZREM', KEYS[1], KEYS[2])
 return moved
 """
+
+QUARANTINE_KEY = "capworks:quarantine:{queue}"  # list: entries of a queue that were no messages
+QUARANTINE_MAX_ENTRIES = 10_000  # per queue; the oldest are dropped past it
+
+# KEYS: fetching list, quarantine list. ARGV: the raw entry, the quarantine's length bound.
+# Moves a fetched entry that is no message to the quarantine in one step, so the sweep can never
+# put it back in the queue for the next worker. 0: the entry was swept back first.
+_QUARANTINE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+return 1
+"""
+
+
+class BadEntry(ValueError):
+    """A queue entry that is not a kombu message: kombu cannot deliver, acknowledge or requeue
+    it, and raising it out of a fetch ends the worker (Celery calls it unrecoverable)."""
+
+
+def quarantine_key(queue: str) -> str:
+    """The list a queue's entries that were no messages are moved to (`capworks dlq` shows it)."""
+    return QUARANTINE_KEY.format(queue=queue)
+
+
+def envelope_of(item: bytes | str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """A raw queue entry's kombu message, its delivery tag and delivery info, each checked
+    where kombu would index it; raises `BadEntry` with the reason when it is not one."""
+    try:
+        payload = loads(as_text(item))
+    except (ValueError, TypeError, KeyError) as exc:  # UTF-8 and JSON errors are ValueErrors
+        raise BadEntry(f"not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadEntry(f"JSON {type(payload).__name__}, not a kombu message")
+    props = payload.get("properties")
+    if not isinstance(props, dict):
+        raise BadEntry("JSON object with no kombu properties")
+    if not isinstance(payload.get("headers") or {}, dict):
+        raise BadEntry("kombu message whose headers are not an object")
+    tag = props.get("delivery_tag")
+    if not isinstance(tag, str) or not tag:
+        raise BadEntry("kombu message with no delivery tag")
+    info = props.get("delivery_info")
+    if not isinstance(info, dict) or not {"exchange", "routing_key"} <= info.keys():
+        raise BadEntry("kombu message with no delivery info (exchange, routing key)")
+    body, encoding = payload.get("body"), props.get("body_encoding")
+    if body is not None and not isinstance(body, str):
+        raise BadEntry(f"kombu message whose body is a JSON {type(body).__name__}")
+    if body and encoding == "base64":
+        try:
+            base64.b64decode(body)  # as kombu decodes it: junk is skipped, bad padding raises
+        except ValueError as exc:
+            raise BadEntry(f"kombu message whose body is not base64: {exc}") from exc
+    elif encoding not in (None, "base64", "utf-8"):
+        raise BadEntry(f"kombu message with an unknown body encoding {encoding!r}")
+    return payload, tag, info
+
+
+class QuarantineRecorder(Protocol):
+    """Keeps a record of an entry moved to its queue's quarantine (the worker writes a
+    `bad_messages` row)."""
+
+    def __call__(self, queue: str, item: bytes, reason: str) -> None: ...
+
+
+_recorder: QuarantineRecorder | None = None
+
+
+def record_quarantined_with(recorder: QuarantineRecorder | None) -> None:
+    """Have `recorder` keep a record of every entry this process's channels quarantine (the
+    transport cannot import the worker that owns the database)."""
+    global _recorder
+    _recorder = recorder
+
+
+def quarantine_entry(
+    client: Any,
+    fetching: str,
+    queue: str,
+    item: bytes,
+    reason: str,
+    max_entries: int = QUARANTINE_MAX_ENTRIES,
+) -> bool:
+    """Move `item` from the fetching list to `queue`'s quarantine, atomically, and have the
+    recorder keep it; False where the sweep had already put it back in the queue. A failure to
+    record is logged, never raised: the entry is kept in the quarantine list either way."""
+    move = client.register_script(_QUARANTINE)
+    if not move(keys=[fetching, quarantine_key(queue)], args=[item, max_entries], client=client):
+        return False
+    log.error(
+        "queue %r held an entry that is no message (%s): moved to %s: %r",
+        queue,
+        reason,
+        quarantine_key(queue),
+        item[:200],
+    )
+    if _recorder is not None:
+        try:
+            _recorder(queue, item, reason)
+        except Exception:  # noqa: BLE001 - the entry is kept in the list; the cause is logged
+            log.exception("could not record the quarantined entry of %r", queue)
+    return True
 
 
 def fetching_key(instance: str, token: str, queue: str) -> str:
@@ -253,11 +356,15 @@ class Channel(kombu_redis.Channel):
 
     def _claimed_payload(self, queue: str, item: bytes) -> Any:
         """Claim a moved message (out of the fetching list, into `unacked`, in one script);
-        its payload, or None where the sweep had already put it back in the queue."""
-        payload = loads(as_text(item))
-        props = payload["properties"]
-        tag = props["delivery_tag"]
-        info = props["delivery_info"]
+        its payload, or None where the sweep had already put it back in the queue or the entry
+        was no message (then it is quarantined: raising here would end the worker, and the
+        sweep would hand the entry to the next one)."""
+        try:
+            payload, tag, info = envelope_of(item)
+        except BadEntry as exc:
+            with self.conn_or_acquire() as client:
+                quarantine_entry(client, self.fetching_key(queue), queue, item, str(exc))
+            return None
         record = dumps([payload, info["exchange"], info["routing_key"]])
         no_ack = "1" if self._no_ack.get(queue, False) else "0"
         with self.conn_or_acquire() as client:

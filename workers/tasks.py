@@ -24,6 +24,7 @@ from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
 from schema.metrics_endpoint import check_bind
 from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
 from schema.redact import install_log_redaction
+from schema.redis_transport import quarantine_key, record_quarantined_with
 from schema.settings import get_settings
 from schema.startup import wait_until_reachable
 from workers import metrics, policy
@@ -72,6 +73,22 @@ def load_before_taking_jobs(**_: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker
         log.critical("cannot start the worker: %s", exc)
         raise SystemExit(1) from exc
+
+
+def record_quarantined(queue: str, item: bytes, reason: str) -> None:
+    """Keep a queue entry that was no Celery message (the transport moved it to the queue's
+    quarantine list) in `bad_messages`. One try, not `durably`: this runs in the consumer's
+    loop, and the entry is kept in the list whatever happens here."""
+    where = quarantine_key(queue)
+    error = CapworksError(
+        Code.MALFORMED_MESSAGE, f"not a Celery message, moved to {where}: {reason}"
+    )
+    body = item.decode("utf-8", "backslashreplace") if isinstance(item, bytes) else item
+    get_runtime(settings).writer.save_message_failure(where, error, body)
+    metrics.JOBS.labels("malformed").inc()
+
+
+record_quarantined_with(record_quarantined)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
