@@ -19,8 +19,12 @@ from sqlalchemy.orm import Session
 
 from producer.crawl import run_crawl
 from producer.enqueue import make_publisher
+from producer.events.bulk import BulkSender
+from producer.events.records import ObjectCreated
+from producer.events.sink import EventSink, Outcome
 from producer.replicas import ReplicasBehind, wait_for_replicas
 from schema.db import connect
+from schema.queue import make_celery
 from schema.settings import Settings
 from schema.tables import Crawl
 
@@ -127,6 +131,30 @@ def test_the_crawl_position_moves_on_only_once_a_replica_holds_the_jobs(
     assert replicated.client().llen(queue) == 5
     assert replicated.replica_client().llen(queue) == 5
     db.dispose()
+
+
+def test_an_event_batch_no_replica_holds_is_not_acknowledged_and_its_retry_publishes(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    queue = f"test-wait-{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=replicated.primary.url, queue_name=queue)
+    primary = replicated.client()
+    sender = BulkSender(make_celery(settings), primary, queue)
+    db = connect(f"sqlite:///{tmp_path / 'capworks.db'}")
+    sink = EventSink(sender.send, primary, IDENTITY, db, wait_replicas=1, wait_timeout_ms=300)
+    try:
+        assert sink.publish([ObjectCreated("b", "one.png", etag="e1")]) == [Outcome.PUBLISHED]
+        replicated.replica.stop()
+        late = ObjectCreated("b", "two.png", etag="e2")
+        # What the webhook answers 503 to, SQS leaves undeleted, the filer does not commit.
+        with pytest.raises(ReplicasBehind):
+            sink.publish([late])
+        replicated.start_replica()
+        assert sink.publish([late]) == [Outcome.PUBLISHED]  # no claim was left behind
+        assert replicated.replica_client().llen(queue) == 3  # the first try's copy, and the retry
+    finally:
+        sender.close()
+        db.dispose()
 
 
 def test_without_the_setting_the_position_moves_on_with_no_replica(tmp_path: Path) -> None:
