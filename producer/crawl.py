@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 
 from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
-from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, escaped, new_job_id, unstorable
-from schema.redact import redact
+from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
+from schema.redact import redact, stored_text
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
 from schema.uris import ImageRef, is_http, is_s3
 
@@ -275,7 +275,7 @@ def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[Ima
         if reason is None:
             keep.append(ref)
         else:
-            bad[redact(escaped(ref.uri))[:10_000]] = reason
+            bad[stored_text(ref.uri, 10_000)] = reason  # cut before it is redacted
     if bad:
         job_key = f"crawl:{crawl_id}"
         known = set(

@@ -6,6 +6,8 @@ presigned-URL signatures and credentials (`X-Amz-Signature`, `X-Amz-Credential`,
 registered from the settings (`register_secrets`), wherever it appears. Logging goes through
 `RedactingFilter` (`install_log_redaction`), error messages bound for the `failures` and
 `bad_messages` tables, Celery's `argsrepr` (what Flower shows) and CLI output through `redact`.
+What is stored from outside is cut before it is redacted (`stored_text`); log messages and what
+the CLI prints have their control characters escaped (`escape_controls`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import threading
 from collections.abc import Iterable
 from urllib.parse import unquote
 
+from schema.jobs import escaped
+
 MASK = "***"
+# What a stored text (a bad message's body, a reason) keeps by default: a 100 MiB job message
+# cost 8 s of the regexes below and ~600 MiB when it was redacted whole before being cut.
+MAX_STORED_CHARS = 64 * 1024
+# Redaction sees this much past the cut, so a secret that straddles it is masked whole: every
+# pattern but a bare query value is bounded well below it, and a cut query value is masked too.
+_CUT_MARGIN_CHARS = 4096
 # A secret shorter than this is not searched for as a bare value: masking every "1" or "test"
 # in a log would hide more than it protects. URL passwords and tokens are masked by shape anyway.
 MIN_SECRET_CHARS = 6
@@ -93,6 +103,16 @@ def _escape_one(match: re.Match[str]) -> str:
     if char in _SHORT_ESCAPES:
         return _SHORT_ESCAPES[char]
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def stored_text(text: str, max_chars: int = MAX_STORED_CHARS) -> str:
+    """`text` as a table keeps it: cut to `max_chars` (its full length noted) *before* it is
+    escaped (NUL, stray surrogates) and redacted, so neither ever runs over more than
+    `max_chars` and a margin."""
+    kept = redact(escaped(text[: max_chars + _CUT_MARGIN_CHARS]))
+    if len(text) <= max_chars and len(kept) <= max_chars:
+        return kept
+    return f"{kept[:max_chars]} ... [cut: {len(text):,} characters in all]"
 
 
 def redact_uri(uri: str) -> str:
