@@ -5,6 +5,10 @@ With `CAPWORKS_METRICS_TOKEN` set, every request must carry `Authorization: Bear
 (compared in constant time) or gets 401. Without one, an endpoint may listen on loopback only:
 `bind_refusal` (a pure function) refuses any other address at start, unless the operator opts in
 with `CAPWORKS_METRICS_ALLOW_OPEN=1` (a network where nothing else can reach the port).
+
+A connection has `IDLE_DEADLINE_S` to send its whole request, and at most `MAX_CONNECTIONS` are
+handled at once (`schema/http_limits.py`): 50 silent half-requests held 50 threads and file
+descriptors of a worker process for as long as their clients liked.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -23,8 +27,13 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
+from schema.http_limits import CappedThreadingMixIn, deadline_rfile
+
 log = logging.getLogger(__name__)
 REALM = 'Bearer realm="capworks metrics"'
+IDLE_DEADLINE_S = 10.0  # for a connection to send its request: a scrape sends it at once
+MAX_CONNECTIONS = 16  # handled at once; Prometheus holds one per target
+WRITE_TIMEOUT_S = 10.0  # for the reply to leave
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -93,9 +102,9 @@ def require_bearer(app: WsgiApp, token: SecretStr | None) -> WsgiApp:
     return guarded
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a slow scraper never holds the process up at exit
+class _Server(CappedThreadingMixIn, WSGIServer):
     allow_reuse_address = True
+    max_connections = MAX_CONNECTIONS
 
 
 class _IPv6Server(_Server):
@@ -103,6 +112,25 @@ class _IPv6Server(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    deadline_at = 0.0  # monotonic seconds by which the request must have arrived
+
+    def setup(self) -> None:
+        super().setup()
+        self.deadline_at = time.monotonic() + IDLE_DEADLINE_S
+        self.rfile.close()
+        self.rfile = deadline_rfile(self.connection, lambda: self.deadline_at)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:
+            log.debug("%s sent no whole request in %.0f s", self.address_string(), IDLE_DEADLINE_S)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(WRITE_TIMEOUT_S)  # the reads left it at what time was left
+        return parsed
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
         # One line per scrape would drown the worker's log; debug level keeps it findable.
         log.debug("%s %s", self.address_string(), format % args)
