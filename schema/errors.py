@@ -21,6 +21,7 @@ class Code(enum.Enum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     TOO_LARGE_BYTES = "too_large_bytes"
     TOO_LARGE_PIXELS = "too_large_pixels"
+    TOO_MANY_SCANS = "too_many_scans"  # a JPEG whose scans would cost a decoder pass each
     NOT_FOUND = "not_found"
     ACCESS_DENIED = "access_denied"
     BAD_URI = "bad_uri"

@@ -40,6 +40,7 @@ from workers.preprocess import (
     PreparedImage,
     decode_safely,
     host_pixels,
+    jpeg_scan_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,12 @@ def resize_normalize(images: Sequence[torch.Tensor], norm: Normalization) -> tor
 def jpeg_upright_size(data: bytes, limits: ImageLimits) -> tuple[int, int] | None:
     """The upright (width, height) of a whole RGB or greyscale JPEG within the limits, from its
     header; None for anything the exact path must judge (other formats and modes, CMYK, a
-    file cut short, a header Pillow refuses, an image over the limits)."""
+    file cut short, a header Pillow refuses, an image over the limits, too many scans)."""
     if not data.startswith(JPEG_MAGIC) or len(data) > limits.max_bytes:
         return None
     if not data.rstrip(b"\0").endswith(JPEG_END):  # cut short: the exact path says `truncated`
+        return None
+    if jpeg_scan_refusal(data) is not None:  # the exact path refuses it before decoding
         return None
     try:
         with Image.open(io.BytesIO(data)) as img:

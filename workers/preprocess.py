@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Palette images with Transparency", module="PIL")
 warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+# libjpeg makes a pass over the whole image per scan: a normal progressive JPEG has about 10, a
+# hostile one hundreds of thousands in 10 MB (each a few bytes long, each a pass).
+MAX_JPEG_SCANS = 100
+# Walking marker segments costs Python time per segment; real files have a few dozen.
+MAX_JPEG_SEGMENTS = 10_000
+_SOS, _EOI = 0xDA, 0xD9
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
+# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything
+# else (after optional 0xFF fill bytes) is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,10 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
             Code.TOO_LARGE_PIXELS,
             f"{width}x{height} px is over the limit of {limits.max_px}x{limits.max_px}",
         )
+    if img.format in ("JPEG", "MPO"):
+        too_costly = jpeg_scan_refusal(data)
+        if too_costly is not None:
+            raise ImageError(Code.TOO_MANY_SCANS, f"JPEG refused before decoding: {too_costly}")
     if draft_px and img.format == "JPEG":
         img.draft("RGB", (draft_px, draft_px))
     try:
@@ -106,6 +121,42 @@ def decode_image(data: bytes, limits: ImageLimits, draft_px: int = 0) -> Decoded
     else:  # pragma: no cover - exif_transpose keeps or swaps the size
         upright = rgb.size
     return DecodedImage(rgb, *upright)
+
+
+def jpeg_scan_refusal(data: bytes) -> str | None:
+    """Why a JPEG's scans make it too costly to decode (None: they do not): more than
+    `MAX_JPEG_SCANS` start-of-scan segments, or more than `MAX_JPEG_SEGMENTS` segments in all,
+    counted by walking the marker segments up to the end of the first image, stopping at the
+    first bound passed. What the walk cannot read (a file cut short) is left to the decoder."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    scans = segments = 0
+    pos = 2
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return None  # not a marker where one is due: the decoder judges it
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        if marker == _EOI:
+            return None
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"more than {MAX_JPEG_SEGMENTS} marker segments"
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == _SOS:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return f"more than {MAX_JPEG_SCANS} scans (a decoder pass each)"
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    return None
 
 
 # Leading bytes of what is often stored under an image's name but is not one Pillow reads.
