@@ -46,7 +46,7 @@ from producer.events.bulk import BulkSender
 from producer.events.filer import FilerFollower, FilerPosition
 from producer.events.sink import EventSink
 from producer.events.sqs import SqsConsumer
-from producer.events.webhook import InsecureWebhook, WebhookAuth, WebhookServer, sign
+from producer.events.webhook import InsecureWebhook, WebhookAuth, WebhookServer, signed_headers
 from schema.checkpoint import resolve_identity
 from schema.db import connect
 from schema.queue import make_celery
@@ -162,7 +162,7 @@ def test_webhook_answers_bad_requests_with_4xx_enqueues_nothing_and_keeps_servin
         cases = [
             (good, {"Authorization": "Bearer wrong"}, 401),
             (good, {}, 401),
-            (good, {"X-Capworks-Signature": sign("other", good)}, 401),
+            (good, signed_headers("other", good), 401),
             (b"{not json", bearer(), 400),
             (b'{"hello": "world"}', bearer(), 400),
             (records({"eventName": "ObjectCreated:Put", "s3": {}}), bearer(), 400),
@@ -175,7 +175,7 @@ def test_webhook_answers_bad_requests_with_4xx_enqueues_nothing_and_keeps_servin
             assert queued_images(p) == []
         assert post(server.url.replace("/events", "/other"), good, bearer())[0] == 404
         # Still serving: a signed request and a bearer request both publish.
-        assert post(server.url, good, {"X-Capworks-Signature": sign(secret, good)})[0] == 200
+        assert post(server.url, good, signed_headers(secret, good))[0] == 200
         assert post(server.url, records(s3_record("photos", "two.png")), bearer())[0] == 200
     assert sorted(queued_images(p)) == ["s3://photos/ok.png", "s3://photos/two.png"]
     # Authenticated malformed bodies are kept, one row each; unauthenticated ones are not.
