@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -34,3 +36,35 @@ def make_s3_client(settings: Settings) -> Any:
         verify=str(settings.s3_ca_bundle) if settings.s3_ca_bundle else None,
         config=config,
     )
+
+
+class LazyS3Client:
+    """The S3 client, built on the first `s3://` reference rather than when a worker starts:
+    building one resolves AWS credentials, and without any set botocore's chain asks the cloud
+    metadata address (169.254.169.254), which a worker for local files or http(s) must never
+    do. Stands in for the client: any attribute (`get_object`, ...) is the built client's."""
+
+    def __init__(
+        self, settings: Settings, make: Callable[[Settings], Any] = make_s3_client
+    ) -> None:
+        self._settings = settings
+        self._make = make
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        """Whether the client has been built yet."""
+        return self._client is not None
+
+    def client(self) -> Any:
+        """The S3 client, built by the first caller (fetch threads share it)."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._make(self._settings)
+            return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # never the client's private parts (nor ours, mid-copy)
+            raise AttributeError(name)
+        return getattr(self.client(), name)

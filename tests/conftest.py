@@ -23,6 +23,11 @@ if "PYTEST_XDIST_WORKER" in os.environ and "CAPWORKS_TEST_REDIS_DB" not in os.en
     _worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw") or 0)
     os.environ["CAPWORKS_TEST_REDIS_DB"] = str(15 - _worker)
 
+# Without AWS credentials botocore's chain asks the cloud metadata address (169.254.169.254):
+# no test may send a packet off loopback, so the suite (and every process it starts) skips that
+# step; tests/test_no_packet_off_loopback.py runs without it, under a connect() spy.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
 from capworks.seaweed import SeaweedServer, s3_client  # noqa: F401 - s3_client is for the tests
 
 REPO = Path(__file__).resolve().parents[1]

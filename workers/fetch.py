@@ -42,7 +42,9 @@ class Fetcher(Protocol):
 class StoreFetcher:
     """Reads the bytes behind a reference; reads at most `max_bytes + 1` so a huge object costs
     little (the decoder then refuses it as too large). The S3 endpoint is the operator's and is
-    not guarded; http(s) URIs go through `http`, local paths through `file_roots`."""
+    not guarded; http(s) URIs go through `http`, local paths through `file_roots`. `s3_client`
+    is a client or a `schema.storage.LazyS3Client`, which builds one on the first `s3://` fetch
+    (the worker's: no credential lookup, so no metadata probe, without an S3 reference)."""
 
     def __init__(
         self, s3_client: Any, max_bytes: int, http: GuardedHttp, file_roots: FileRoots

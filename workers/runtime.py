@@ -23,7 +23,7 @@ from schema.errors import CapworksError
 from schema.queue import make_redis
 from schema.settings import Settings
 from schema.startup import wait_until_reachable
-from schema.storage import make_s3_client
+from schema.storage import LazyS3Client
 from workers import metrics
 from workers.batcher import Batcher, Captioner, Stager
 from workers.device_preprocess import DevicePreprocessor, JpegPassThrough
@@ -112,7 +112,7 @@ def build_path(
         batcher.close()
         raise
     return ImagePath(
-        fetcher or StoreFetcher.from_settings(settings, make_s3_client(settings)),
+        fetcher or StoreFetcher.from_settings(settings, LazyS3Client(settings)),
         decoder or default_decoder,
         batcher,
         images_in_flight=images_in_flight(settings),

@@ -29,7 +29,7 @@ from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoin
 from schema.db import connect
 from schema.redact import redact, redact_uri
 from schema.settings import Settings, get_settings
-from schema.storage import make_s3_client
+from schema.storage import LazyS3Client
 from schema.uris import ImageRef, is_http, is_s3
 from workers.engine import CaptionedImage
 from workers.fetch import StoreFetcher
@@ -85,7 +85,8 @@ def run_caption(request: CaptionRequest) -> int:
             raise InputError(f"no such file or directory: {item}")
     db = connect(request.db)
     config = resolve_model(request.model, request.revision, settings)
-    s3 = make_s3_client(settings) if any(is_s3(i) for i in request.inputs) else None
+    # Built on the first s3:// reference (an input or a line of a URI list), never before.
+    s3 = LazyS3Client(settings)
     refs = list(iter_refs(request.inputs, s3))
     model = ModelOptions(request.device, request.dtype, request.generator, request.batch_size)
     # A one-shot command reads the local paths it was given (and the configured roots), no more.
