@@ -17,6 +17,7 @@ from schema.errors import Code, ImageError
 from workers.device_preprocess import DevicePreprocessor, JpegPassThrough
 from workers.preprocess import (
     MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
     ExactDecoder,
     ImageLimits,
     JpegBytes,
@@ -130,3 +131,14 @@ def test_the_device_stage_never_decodes_a_many_scan_jpeg_on_the_device() -> None
     batch = device.prepare_many([many_scan_jpeg(10_000), progressive_jpeg(64)])
     assert batch.index == [1]
     assert batch.errors[0].code is Code.TOO_MANY_SCANS
+
+
+def test_a_jpeg_of_ten_thousand_comment_segments_is_refused_without_a_slow_walk() -> None:
+    """The walk itself is bounded: a file of tiny segments costs at most 10,000 steps."""
+    data = progressive_jpeg(64)
+    comments = b"\xff\xfe\x00\x02" * (MAX_JPEG_SEGMENTS * 20)
+    data = data[:2] + comments + data[2:]
+    started = time.perf_counter()
+    refusal = jpeg_scan_refusal(data)
+    assert refusal == f"more than {MAX_JPEG_SEGMENTS} marker segments"
+    assert time.perf_counter() - started < 0.1
