@@ -62,6 +62,15 @@ def refuse(sock: socket.socket, reply: bytes) -> None:
     try:
         sock.settimeout(REFUSE_WRITE_TIMEOUT_S)
         sock.sendall(reply)
+    except OSError:  # the client is gone
+        return
+    discard_arrived(sock)
+
+
+def discard_arrived(sock: socket.socket) -> None:
+    """Read and drop what has arrived on `sock` without waiting for more: a socket closed with
+    unread data resets the connection, and the reply just sent may be lost with it."""
+    try:
         sock.setblocking(False)
         while sock.recv(65536):
             pass

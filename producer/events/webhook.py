@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from producer.events.records import BadRecord, MalformedEvent, Parsed, parse_body
 from producer.events.sink import EventSink, Outcome
-from schema.http_limits import CappedThreadingMixIn, deadline_rfile
+from schema.http_limits import CappedThreadingMixIn, deadline_rfile, discard_arrived
 from schema.metrics_endpoint import is_loopback
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,8 @@ class EventHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
+        if close:
+            discard_arrived(self.connection)  # a body left unread would reset the reply away
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
         """Access lines go to our logger at debug level, not to stderr."""
