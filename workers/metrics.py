@@ -57,6 +57,11 @@ WRITE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 WAITING_IMAGES = Gauge("capworks_batcher_waiting_images", "Images waiting for a model batch")
+WORKING_BATCH_IMAGES = Gauge(
+    "capworks_batcher_working_batch_images",
+    "The most images the next model batch may hold: the batch size, lowered after CUDA out of"
+    " memory",
+)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 FETCH_SECONDS = Histogram(
     "capworks_fetch_seconds",
