@@ -11,12 +11,19 @@ Position: after each batch is published, the newest event time (`tsNs`) is commi
 `crawls` row of its own. A restarted follower subscribes from a little before that time and
 drops what is not newer, so it neither misses a window nor publishes one twice (a batch cut off
 between publishing and committing is absorbed by the sink as duplicates).
+
+What the child prints is read with an incremental UTF-8 decoder (a key's multi-byte character
+may be split between two reads). A change that is not JSON, is longer than `max_change_chars`, or
+is not the shape of a change is kept in `bad_messages` and the stream goes on; a reader that
+fails anyway ends the stream, so the follower subscribes again instead of waiting for ever. A
+child that does not exit within `stop_grace_s` of SIGTERM is killed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import json
 import logging
@@ -33,7 +40,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from producer.events.records import ObjectCreated, is_image_key
+from producer.events.records import MAX_BAD_BODY_CHARS, BadRecord, ObjectCreated, is_image_key
 from producer.events.sink import EventSink, Outcome
 from schema.tables import Crawl, utcnow
 
@@ -42,6 +49,9 @@ ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
 OVERLAP_NS = 2_000_000_000  # subscribe this much before the stored position (clock skew)
 BATCH_EVENTS = 1000
 BATCH_WAIT_S = 0.02
+# A change is an entry's metadata (its chunk list included): a few KB, a few MB for a huge file.
+MAX_CHANGE_CHARS = 16 * 1024 * 1024
+STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -91,25 +101,60 @@ def _etag(entry: dict[str, Any]) -> str | None:
         return None
 
 
-def iter_json_objects(stream: IO[bytes]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a stream of concatenated (pretty-printed) objects."""
+def read_change(doc: dict[str, Any], path_prefix: str = "/buckets/") -> FilerChange | BadRecord:
+    """`change_from_json`, or what was wrong with a change that is not the shape it knows."""
+    try:
+        return change_from_json(doc, path_prefix)
+    except (AttributeError, TypeError, ValueError) as exc:
+        reason = f"filer change is not a metadata event: {type(exc).__name__}: {exc}"[:300]
+        return BadRecord(reason, json.dumps(doc, ensure_ascii=False)[:MAX_BAD_BODY_CHARS])
+
+
+def iter_json_objects(
+    stream: IO[bytes], max_change_chars: int = MAX_CHANGE_CHARS
+) -> Iterator[dict[str, Any] | BadRecord]:
+    """The JSON objects of a stream of concatenated (pretty-printed) objects, each one that
+    cannot be read as a `BadRecord` in its place.
+
+    `weed filer.meta.tail` starts each object on a line of its own ("{" in the first column;
+    nested ones are indented, and a JSON string holds no raw newline), so an object that fails
+    to parse while the next has begun is broken, not incomplete, and reading resumes there.
+    """
     decoder = json.JSONDecoder()
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     buffer = ""
+    skipping = False  # inside an over-long object: drop text up to the next object's start
     for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-        buffer += chunk.decode("utf-8", "replace")
+        buffer += text.decode(chunk)
         while True:
+            if skipping:
+                following = buffer.find("\n{")
+                if following < 0:
+                    buffer = buffer[-1:]  # a "\n" whose "{" is still to come
+                    break
+                buffer, skipping = buffer[following + 1 :], False
             start = buffer.find("{")
             if start < 0:
                 buffer = ""
                 break
             try:
                 doc, end = decoder.raw_decode(buffer, start)
-            except ValueError:
+            except ValueError as exc:
+                following = buffer.find("\n{", start)
+                if following >= 0:
+                    reason = f"filer change is not JSON: {exc}"[:300]
+                    yield BadRecord(reason, buffer[start:following][:MAX_BAD_BODY_CHARS])
+                    buffer = buffer[following + 1 :]
+                    continue
+                if len(buffer) - start > max_change_chars:
+                    reason = f"filer change longer than {max_change_chars} characters: dropped"
+                    yield BadRecord(reason, buffer[start : start + 1000])
+                    buffer, skipping = buffer[-1:], True
+                    break
                 buffer = buffer[start:]  # incomplete: wait for more
                 break
             buffer = buffer[end:]
-            if isinstance(doc, dict):
-                yield doc
+            yield doc  # raw_decode from a "{" gives an object
 
 
 class FilerPosition:
@@ -160,12 +205,17 @@ class FilerFollower:
         sink: EventSink,
         position: FilerPosition,
         path_prefix: str = "/buckets/",
+        max_change_chars: int = MAX_CHANGE_CHARS,
+        stop_grace_s: float = STOP_GRACE_S,
     ) -> None:
         self._weed = weed
         self._filer = filer
         self._sink = sink
         self._position = position
         self._prefix = path_prefix
+        self._max_change_chars = max_change_chars
+        self._stop_grace_s = stop_grace_s
+        self._job_key = f"events:filer:{filer}{path_prefix}"
         self.published = 0
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
@@ -177,7 +227,7 @@ class FilerFollower:
         failures = 0
         while not stop.is_set():
             proc = self._subscribe(since_ns)
-            changes: queue.Queue[FilerChange | None] = queue.Queue()
+            changes: queue.Queue[FilerChange | BadRecord | None] = queue.Queue()
             reader = threading.Thread(target=self._read, args=(proc, changes), daemon=True)
             reader.start()
             if ready is not None:
@@ -187,9 +237,8 @@ class FilerFollower:
             except (RedisError, SQLAlchemyError) as exc:  # waited out; the position is safe
                 log.error("filer follower: %s", exc)
             finally:
-                proc.terminate()
-                proc.wait(timeout=10)
-                reader.join(timeout=10)
+                self._stop_child(proc)
+                reader.join(timeout=self._stop_grace_s)
             if not stop.is_set():
                 failures += 1
                 log.warning("filer stream ended (%s); subscribing again", proc.returncode)
@@ -206,15 +255,34 @@ class FilerFollower:
         ]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603 - the configured weed binary, an argv list
 
-    def _read(self, proc: subprocess.Popen[bytes], out: queue.Queue[FilerChange | None]) -> None:
-        if proc.stdout is None:  # never: `_subscribe` opens it with stdout=PIPE
-            raise RuntimeError("filer.meta.tail was started without a pipe to read")
-        for doc in iter_json_objects(proc.stdout):
-            out.put(change_from_json(doc, self._prefix))
-        out.put(None)  # the stream ended
+    def _stop_child(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within the grace time; never raises."""
+        proc.terminate()
+        try:
+            proc.wait(timeout=self._stop_grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("filer.meta.tail ignored SIGTERM for %.0f s: killed", self._stop_grace_s)
+            proc.kill()
+            proc.wait()
+
+    def _read(
+        self, proc: subprocess.Popen[bytes], out: queue.Queue[FilerChange | BadRecord | None]
+    ) -> None:
+        try:
+            if proc.stdout is None:  # never: `_subscribe` opens it with stdout=PIPE
+                raise RuntimeError("filer.meta.tail was started without a pipe to read")
+            for item in iter_json_objects(proc.stdout, self._max_change_chars):
+                out.put(item if isinstance(item, BadRecord) else read_change(item, self._prefix))
+        except Exception:  # a reader that dies silently would stall the follower for ever
+            log.exception("filer follower: reading the stream failed; subscribing again")
+        finally:
+            out.put(None)  # the stream ended
 
     def _follow(
-        self, changes: queue.Queue[FilerChange | None], since_ns: int, stop: threading.Event
+        self,
+        changes: queue.Queue[FilerChange | BadRecord | None],
+        since_ns: int,
+        stop: threading.Event,
     ) -> int:
         while not stop.is_set():
             try:
@@ -237,8 +305,13 @@ class FilerFollower:
             since_ns = self._publish(batch, since_ns, stop)
         return since_ns
 
-    def _publish(self, batch: list[FilerChange], since_ns: int, stop: threading.Event) -> int:
-        fresh = [c for c in batch if c.ts_ns > since_ns]
+    def _publish(
+        self, batch: list[FilerChange | BadRecord], since_ns: int, stop: threading.Event
+    ) -> int:
+        bad = [c for c in batch if isinstance(c, BadRecord)]
+        if bad:
+            self._sink.record_bad(self._job_key, bad)
+        fresh = [c for c in batch if isinstance(c, FilerChange) and c.ts_ns > since_ns]
         if not fresh:
             return since_ns
         created = [c.created for c in fresh if c.created is not None]
