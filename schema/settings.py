@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # backoff growing from retry_base_s to this cap, for as long as the outage lasts.
     database_retry_cap_s: float = Field(default=30.0, gt=0)
     poison_deliveries: int = Field(default=3, ge=1)
+    # A message whose outcome cannot be recorded (an error the database keeps giving, not an
+    # outage) is handed back this many times, then set aside in Redis (`capworks:gave-up`).
+    max_record_requeues: int = Field(default=5, ge=0)
     # A worker starting while its broker or database is down (a restart, a failover) waits this
     # long for them before it exits (schema/startup.py).
     start_wait_s: float = Field(default=120.0, ge=0)

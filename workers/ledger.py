@@ -1,12 +1,21 @@
 """The Redis ledger of job runs: how many runs of a job started and never finished (its process
-died each time: the poison count), and which jobs are committed (a redelivered copy is dropped)."""
+died each time: the poison count), which jobs are committed (a redelivered copy is dropped), and
+how often a message was handed back because its outcome could not be recorded (bounded: then it
+is set aside in `capworks:gave-up`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from schema.redact import redact
 
 RUNS_KEY = "capworks:runs:{}"
 DONE_KEY = "capworks:done:{}"
+REQUEUES_KEY = "capworks:requeues:{}"
+# Messages handed back too often because their outcome could not be recorded, newest first.
+GAVE_UP_KEY = "capworks:gave-up"
+GAVE_UP_KEPT = 10_000
 KEY_TTL_S = 7 * 24 * 3600
 
 
@@ -36,3 +45,19 @@ class RunLedger:
         """Remember that a job is committed, so a redelivered copy is dropped."""
         self.redis.set(DONE_KEY.format(job_id), 1, ex=KEY_TTL_S)
         self.redis.delete(RUNS_KEY.format(job_id))
+
+    def count_requeue(self, message_id: str) -> int:
+        """Count one more hand-back of a message whose outcome could not be recorded; the total."""
+        key = REQUEUES_KEY.format(message_id)
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, KEY_TTL_S)
+        return int(pipe.execute()[0])
+
+    def give_up(self, message_id: str, entry: dict[str, Any]) -> None:
+        """Set a message aside (newest first, the last `GAVE_UP_KEPT` kept) for an operator."""
+        pipe = self.redis.pipeline()
+        pipe.lpush(GAVE_UP_KEY, redact(json.dumps(entry, default=repr)))
+        pipe.ltrim(GAVE_UP_KEY, 0, GAVE_UP_KEPT - 1)
+        pipe.delete(REQUEUES_KEY.format(message_id))
+        pipe.execute()

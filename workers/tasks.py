@@ -14,6 +14,7 @@ import traceback
 from functools import partial
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
@@ -31,6 +32,7 @@ from workers import metrics, policy
 from workers.engine import CaptionedImage
 from workers.job import run_job
 from workers.leases import LeaseStep
+from workers.ledger import GAVE_UP_KEY
 from workers.outcome import Outcome
 from workers.policy import Before
 from workers.runtime import Runtime, built_runtime, get_runtime
@@ -110,17 +112,64 @@ def caption_job(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
     """Caption one job message `(body, attempt=1)`; see the module docstring for the policy.
 
     Whatever arrives ends as captions, dead letters or a `bad_messages` row. If even recording
-    an outcome fails, the message is handed back to the queue rather than acknowledged: its run
-    count, left behind, makes it a suspect and in the end poison, so it cannot loop for ever.
+    an outcome fails, the message is handed back to the queue rather than acknowledged, at most
+    `max_record_requeues` times (`hand_back`).
     """
     rt = get_runtime(settings)
     try:
         return handle_message(rt, args, kwargs, str(self.request.id))
     except Exception as exc:  # noqa: BLE001 - nothing was recorded: requeue, never acknowledge
-        log.exception("task %s: recording its outcome failed; handing it back", self.request.id)
-        metrics.JOBS.labels("requeued").inc()
-        time.sleep(settings.retry_base_s)  # no hot loop when the cause lasts
-        raise Reject(exc, requeue=True) from exc
+        return hand_back(rt, str(self.request.id), args, kwargs, exc)
+
+
+def hand_back(
+    rt: Runtime, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+) -> dict[str, int]:
+    """A message whose outcome could not be recorded goes back to the queue; once it has gone
+    back `max_record_requeues` times (an error the database keeps giving: a dropped table, a
+    revoked grant), it is set aside in Redis with the cause, logged at error, and acknowledged,
+    instead of coming back every few seconds for ever. A database outage never gets here: writes
+    wait it out (`Runtime.durably`)."""
+    try:
+        requeues = rt.ledger.count_requeue(task_id)
+    except redis.RedisError as count_exc:
+        log.warning("task %s: hand-back not counted (%s)", task_id, count_exc)
+        requeues = 0
+    if requeues > settings.max_record_requeues:
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+        entry = {
+            "task_id": task_id,
+            "args": list(args),
+            "kwargs": kwargs,
+            "reason": f"{type(exc).__name__}: {cause}",
+            "requeues": requeues - 1,
+            "at": time.time(),
+        }
+        try:
+            rt.ledger.give_up(task_id, entry)
+        except redis.RedisError as give_up_exc:
+            log.warning("task %s: not set aside (%s); handing it back", task_id, give_up_exc)
+        else:
+            log.error(
+                "task %s: recording its outcome failed %d times (%s); gave up: set aside in %s "
+                "and dropped from the queue",
+                task_id,
+                requeues,
+                entry["reason"],
+                GAVE_UP_KEY,
+                exc_info=exc,
+            )
+            metrics.JOBS.labels("gave_up").inc()
+            return {"gave_up": 1}
+    log.exception(
+        "task %s: recording its outcome failed; handing it back (%d of %d)",
+        task_id,
+        requeues,
+        settings.max_record_requeues,
+    )
+    metrics.JOBS.labels("requeued").inc()
+    time.sleep(settings.retry_base_s)  # no hot loop when the cause lasts
+    raise Reject(exc, requeue=True) from exc
 
 
 def handle_message(
