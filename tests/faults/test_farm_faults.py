@@ -1,0 +1,298 @@
+"""What farms do to workers, with real Celery worker processes on a real Redis and PostgreSQL:
+a model thread that hangs, a Redis restart under running jobs, a deploy's SIGTERM during a job
+three leases long, twin containers (one hostname, the supervisor PID 1 in each), and clocks
+skewed by 30 s. Each test counts how many times each image was fetched (one fetch per run of
+the job's image: tests/wrappers/fake_farm_worker.py), so a job that ran twice is seen, not
+hidden behind the captions table's unique constraint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import REPO, png_bytes, s3_client
+from pipeline_support import Pipeline, captions, failures, instance_of, own_queue, wait_until
+from redis_server import RedisServer, own_redis
+
+from capworks.checkpoints.shapes_world import sample_scenes
+from faults.harness import children_of
+from schema.settings import Settings
+from workers.leases import EXIT_STALLED, lease_key
+
+pytestmark = pytest.mark.slow
+WRAPPERS = REPO / "tests" / "wrappers"
+WORKER = WRAPPERS / "fake_farm_worker.py"
+SUPERVISED = WRAPPERS / "supervised_farm_worker.py"
+RUNS_KEY = "capworks:test:runs"
+LEASE_S = Settings.model_fields["lease_s"].default
+
+
+def slow_images(p: Pipeline, bucket: str, count: int, seed: int) -> list[str]:
+    """`count` images under slow/ (each takes CAPWORKS_TEST_SLOW_S to fetch)."""
+    s3 = s3_client(p.s3_endpoint)
+    s3.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    uris = []
+    for i, (img, _) in enumerate(sample_scenes(count, seed)):
+        s3.put_object(Bucket=bucket, Key=f"slow/{i:03d}.png", Body=png_bytes(img))  # type: ignore[attr-defined]
+        uris.append(f"s3://{bucket}/slow/{i:03d}.png")
+    return uris
+
+
+def runs(p: Pipeline) -> list[tuple[str, str]]:
+    """Every fetch so far, as (instance, uri)."""
+    entries = [e.decode().split(" ", 1) for e in p.redis().lrange(RUNS_KEY, 0, -1)]
+    return [(instance, uri) for instance, uri in entries]
+
+
+def runs_per_image(p: Pipeline) -> Counter[str]:
+    return Counter(uri for _, uri in runs(p))
+
+
+def held(p: Pipeline, pid: int) -> set[str]:
+    try:
+        return {t.decode() for t in p.redis().smembers(lease_key(instance_of(pid)))}
+    except (LookupError, FileNotFoundError):
+        return set()
+
+
+def enqueue(p: Pipeline, bucket: str) -> None:
+    done = p.cli("enqueue", f"s3://{bucket}/", "--no-progress")
+    assert done.returncode == 0, done.stderr
+
+
+def ready(p: Pipeline, name: str) -> None:
+    """Until the worker's log says it consumes (its model is loaded)."""
+    wait_until(lambda: "ready." in p.log_text(name), 180, f"worker {name} to be ready")
+
+
+def start_supervisor(
+    p: Pipeline, name: str, prefix: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    log = (p.tmp / f"{name}.log").open("ab")
+    env = {**p.env, "CUDA_VISIBLE_DEVICES": "", "CAPWORKS_METRICS_PORT": "0"}
+    cmd = [*(prefix or []), sys.executable, str(SUPERVISED)]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for child in children_of(pid):
+        found += [child, *descendants(child)]
+    return found
+
+
+def test_a_hung_model_threads_jobs_go_to_another_worker_within_the_stale_limit(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    stale_s = 10.0
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(
+            CAPWORKS_JOB_IMAGES="1",
+            CAPWORKS_HEARTBEAT_STALE_S=str(stale_s),
+            CAPWORKS_TEST_SLOW_S="0.2",
+        )
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)  # the default lease
+        uris = slow_images(p, "hung", 6, seed=201)
+        p.extra_env["CAPWORKS_TEST_HANG"] = "1"
+        hung = p.start_worker("hung", WORKER)
+        ready(p, "hung")
+        enqueue(p, "hung")
+        wait_until(lambda: len(held(p, hung.pid)) >= 2, 60, "the hung worker to hold jobs")
+        taken_s = time.monotonic()
+        p.extra_env["CAPWORKS_TEST_HANG"] = "0"
+        healthy = p.start_worker("healthy", WORKER)
+        wait_until(
+            lambda: set(captions(p.db_url)) == set(uris),
+            stale_s + 15 + 120,
+            "every caption",
+            lambda: p.log_text("hung")[-3000:],
+        )
+        back_s = time.monotonic() - taken_s
+        print(f"hung model thread: every job captioned {back_s:.1f} s after it took them")
+        assert hung.wait(timeout=30) == EXIT_STALLED
+        assert "made no progress" in p.log_text("hung")
+        assert healthy.poll() is None
+        assert failures(p.db_url) == {}
+        # The hung worker's jobs were captioned once, by the healthy one, in time.
+        assert back_s <= stale_s + 15 + 30, f"the hung worker's jobs took {back_s:.1f} s"
+
+
+def test_the_supervisor_kills_a_child_whose_heartbeat_is_stale(tmp_path: Path) -> None:
+    from capworks.commands.worker import Child, kill_stale
+
+    sleeper = subprocess.Popen(["sleep", "300"])
+    fresh = subprocess.Popen(["sleep", "300"])
+    try:
+        children = [
+            Child(None, sleeper, 0.0, instance="stale"),
+            Child(None, fresh, 0.0, instance="ok"),
+        ]
+        ages = {"stale": 61.0, "ok": 3.0}
+        kill_stale(children, {}, ages.__getitem__, 60.0)
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert fresh.poll() is None
+    finally:
+        fresh.kill()
+        fresh.wait()
+
+
+@contextmanager
+def queue_on_own_redis(
+    pg_url: str, tmp_path: Path, s3_endpoint: str
+) -> Iterator[tuple[RedisServer, Pipeline]]:
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_redis(tmp_path / "redis", aof) as server:
+        with own_queue(pg_url, tmp_path, s3_endpoint, broker_url=server.url) as p:
+            yield server, p
+
+
+def test_jobs_running_across_a_redis_restart_run_once_and_no_worker_dies(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with queue_on_own_redis(pg_url, tmp_path, s3_endpoint) as (server, p):
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_TEST_SLOW_S="20")
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        uris = slow_images(p, "across-restart", 2, seed=202)
+        workers = [
+            p.start_worker("a", WORKER, concurrency=1),
+            p.start_worker("b", WORKER, concurrency=1),
+        ]
+        ready(p, "a")
+        ready(p, "b")
+        enqueue(p, "across-restart")
+        wait_until(lambda: all(held(p, w.pid) for w in workers), 60, "each worker to run one job")
+        time.sleep(2)
+        server.stop()
+        time.sleep(2)
+        server.start()
+        wait_until(
+            lambda: set(captions(p.db_url)) == set(uris),
+            180,
+            "every caption",
+            lambda: p.log_text("a")[-3000:] + p.log_text("b")[-3000:],
+        )
+        time.sleep(LEASE_S * 2)  # long enough for a wrongly reaped job to run again
+        dead = [n for n, w in zip("ab", workers, strict=True) if w.poll() is not None]
+        assert not dead, [p.log_text(n)[-3000:] for n in dead]
+        assert runs_per_image(p) == Counter(dict.fromkeys(uris, 1))
+        assert failures(p.db_url) == {}
+
+
+def test_a_deploys_sigterm_during_a_job_three_leases_long_runs_it_once(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_TEST_SLOW_S=str(3 * LEASE_S))
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        uris = slow_images(p, "deploy", 1, seed=203)
+        supervisor = start_supervisor(p, "deployed")
+        try:
+            ready(p, "deployed")
+            enqueue(p, "deploy")
+            child = wait_until_child(supervisor.pid)
+            wait_until(lambda: held(p, child), 60, "the child to take the job")
+            idle = p.start_worker("idle", WORKER)
+            ready(p, "idle")
+            supervisor.send_signal(signal.SIGTERM)  # the deploy: a warm shutdown
+            assert supervisor.wait(timeout=120) == 0
+        finally:
+            stop(supervisor)
+        wait_until(lambda: set(captions(p.db_url)) == set(uris), 60, "the caption")
+        time.sleep(LEASE_S * 2)
+        assert runs_per_image(p) == Counter(dict.fromkeys(uris, 1)), p.log_text("idle")[-2000:]
+        assert idle.poll() is None
+
+
+def wait_until_child(pid: int) -> int:
+    wait_until(lambda: bool(descendants(pid)), 60, "a child process")
+    return descendants(pid)[-1]
+
+
+def container(hostname: str) -> list[str]:
+    """The command prefix of a host that looks like a container: its own UTS and PID
+    namespaces, `hostname` as its name, and what it runs as PID 1."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("twin containers need root and unshare")
+    return ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
+            f'hostname {hostname} && exec "$0" "$@"']  # fmt: skip
+
+
+def test_twin_containers_never_hand_back_or_rerun_each_others_jobs(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_TEST_SLOW_S="6")
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        uris = slow_images(p, "twins", 12, seed=204)
+        twins = [start_supervisor(p, f"twin{i}", container("worker")) for i in (1, 2)]
+        try:
+            for name in ("twin1", "twin2"):
+                ready(p, name)
+            workers = [wait_until_child(t.pid) for t in twins]
+            # Inside, each supervisor is PID 1 with the same hostname: what compose replicas get.
+            pids_inside = {
+                Path(f"/proc/{w}/status").read_text().split("NSpid:")[1].split()[-1]
+                for w in workers
+            }
+            assert len(pids_inside) == 1, pids_inside
+            enqueue(p, "twins")
+            wait_until(lambda: all(held(p, w) for w in workers), 60, "both twins to run jobs")
+            victim, survivor = workers
+            survivor_instance = instance_of(survivor)
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: set(captions(p.db_url)) == set(uris), 240, "every caption")
+            time.sleep(LEASE_S * 2)
+        finally:
+            for twin in twins:
+                stop(twin)
+        counts = Counter(uri for _, uri in runs(p))
+        # An image the survivor fetched ran there once and nowhere else; only the victim's
+        # images may have run twice (the victim's run was cut short).
+        survivors = {uri for instance, uri in runs(p) if instance == survivor_instance}
+        assert survivors and all(counts[uri] == 1 for uri in survivors), counts
+        assert failures(p.db_url) == {}
+
+
+@pytest.mark.parametrize("skew", ["+30s", "-30s"])
+def test_a_worker_whose_clock_is_30_s_off_loses_no_job_and_runs_none_twice(
+    skew: str, pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    if shutil.which("faketime") is None:
+        pytest.skip("faketime is not installed (scripts/install.sh installs it)")
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_TEST_SLOW_S=str(2 * LEASE_S))
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        uris = slow_images(p, f"skew{skew[0] == '+'}", 2, seed=205)
+        # libfaketime moves the wall clock only: monotonic timers (Celery's) stay true.
+        skewed = p.start_worker(
+            "skewed", WORKER, concurrency=2,
+            prefix=["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", skew],
+        )  # fmt: skip
+        ready(p, "skewed")
+        enqueue(p, f"skew{skew[0] == '+'}")
+        wait_until(lambda: len(held(p, skewed.pid)) == 2, 60, "the skewed worker to run both")
+        honest = p.start_worker("honest", WORKER)
+        ready(p, "honest")
+        wait_until(lambda: set(captions(p.db_url)) == set(uris), 120, "both captions")
+        time.sleep(LEASE_S * 2)
+        assert runs_per_image(p) == Counter(dict.fromkeys(uris, 1))
+        assert skewed.poll() is None and honest.poll() is None

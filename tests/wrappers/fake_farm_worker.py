@@ -1,0 +1,76 @@
+"""A real Celery worker that counts every image it fetches (one fetch per run of a job's image,
+so a job that runs twice is seen twice), for the farm-fault tests. Images under a "slow/" prefix
+take CAPWORKS_TEST_SLOW_S to fetch, so that jobs are mid-run when the fault lands. With
+CAPWORKS_TEST_HANG=1 its captioner hangs for ever on its first batch (a stand-in for a GPU that
+stops answering, which cannot be made on purpose here). Everything else is the production
+worker, plugged in through the runtime's seams; run it as `fake_farm_worker.py worker ...` or
+supervised by `supervised_farm_worker.py`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from schema.instance import instance_id
+from schema.queue import make_redis
+from schema.settings import Settings
+from schema.storage import make_s3_client
+from schema.uris import ImageRef
+from workers import runtime
+from workers.batcher import ModelPixels
+from workers.engine import Caption
+from workers.fetch import Fetched, StoreFetcher
+from workers.tasks import app
+
+RUNS_KEY = os.environ.get("CAPWORKS_TEST_RUNS_KEY", "capworks:test:runs")
+SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
+HANG = os.environ.get("CAPWORKS_TEST_HANG") == "1"
+
+
+class FakeCountingFetcher:
+    """The production fetcher; each fetch is recorded as `<instance> <uri>` in a Redis list."""
+
+    def __init__(self, real: StoreFetcher, settings: Settings) -> None:
+        self._real = real
+        self._redis = make_redis(settings, socket_timeout_s=5)
+
+    def fetch(self, ref: ImageRef) -> bytes | Fetched:
+        self._record(ref.uri)
+        if "/slow/" in ref.uri:
+            time.sleep(SLOW_S)
+        return self._real.fetch(ref)
+
+    def _record(self, uri: str) -> None:
+        for _ in range(120):  # Redis may be restarting: the count must not be lost
+            try:
+                self._redis.rpush(RUNS_KEY, f"{instance_id()} {uri}")
+                return
+            except Exception:  # noqa: BLE001 - retried; a test double
+                time.sleep(0.5)
+
+
+class FakeHangingCaptioner:
+    """A captioner whose first batch never returns, like a GPU that stopped answering."""
+
+    device = "cpu"
+
+    def caption_pixels(self, pixels: Sequence[ModelPixels]) -> list[Caption]:
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def build(settings: Settings) -> runtime.Runtime:
+    real = StoreFetcher.from_settings(settings, make_s3_client(settings))
+    captioner = FakeHangingCaptioner if HANG else None
+    return runtime.Runtime.build(
+        settings, fetcher=FakeCountingFetcher(real, settings), captioner=captioner
+    )
+
+
+runtime.configure(build)
+
+if __name__ == "__main__":
+    app.worker_main(argv=sys.argv[1:])
