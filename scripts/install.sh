@@ -30,10 +30,3 @@ if ! command -v java >/dev/null 2>&1; then
         echo "install.sh: could not install a JRE: capworks eval will skip METEOR" >&2
     fi
 fi
-# The clock-skew fault test runs a worker under Debian's libfaketime (`faketime`); without it
-# that test is skipped locally (and CI, which runs this script, has it).
-if ! command -v faketime >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    { apt_as_root install -y -qq faketime || { apt_as_root update -qq && apt_as_root install -y -qq faketime; }; } \
-        >/dev/null 2>&1 || echo "install.sh: could not install faketime: the clock-skew test will skip" >&2
-fi
