@@ -30,6 +30,8 @@ from capworks.evaluation import (
 )
 from capworks.plain import plain
 from capworks.references import References, load_references
+from schema.checkpoint import folder_model_id
+from schema.settings import get_settings
 from schema.tables import Caption, Image
 from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
 
@@ -105,9 +107,12 @@ def run_eval(request: EvalRequest) -> int:
 
 
 def model_id_of(model: str) -> str:
-    """The model id captions are stored under: a local folder's absolute path, else the name."""
+    """The model id captions are stored under: a local folder's content identity (the same
+    `local:<hash>` workers store, whatever the path), else the name."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
+    if not path.is_dir():
+        return model
+    return folder_model_id(path.resolve(), get_settings().checkpoint_dir)
 
 
 def hypotheses_from_db(db: Engine, uris: Sequence[str], request: EvalRequest) -> Hypotheses:
