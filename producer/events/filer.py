@@ -46,7 +46,10 @@ from schema.tables import Crawl, utcnow
 
 log = logging.getLogger(__name__)
 ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
-OVERLAP_NS = 2_000_000_000  # subscribe this much before the stored position (clock skew)
+# Subscribe this long before the stored position: the position is the filer's clock, the "ago"
+# this host's; 60 s covers hosts whose clocks disagree by far more than NTP allows, and the sink
+# drops every repeat of a version it has published (producer/events/sink.py).
+OVERLAP_NS = 60_000_000_000
 BATCH_EVENTS = 1000
 BATCH_WAIT_S = 0.02
 # A change is an entry's metadata (its chunk list included): a few KB, a few MB for a huge file.
