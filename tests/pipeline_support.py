@@ -112,6 +112,7 @@ class Pipeline:
             "CAPWORKS_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:12]}",
         }
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        INSTANCES[proc.pid] = env["CAPWORKS_INSTANCE_ID"]
         self.workers.append(proc)
         return proc
 
@@ -278,8 +279,15 @@ def queued_images(p: Pipeline) -> list[str]:
     return uris
 
 
+# The instance id of each worker process `Pipeline.start_worker` started, by pid: a process that
+# died at once (a zombie) no longer shows its environment in /proc.
+INSTANCES: dict[int, str] = {}
+
+
 def instance_of(pid: int) -> str:
     """A worker process's instance id (the `CAPWORKS_INSTANCE_ID` its starter gave it)."""
+    if pid in INSTANCES:
+        return INSTANCES[pid]
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     for entry in environ:
         if entry.startswith(b"CAPWORKS_INSTANCE_ID="):
