@@ -1,0 +1,1 @@
+"""A farm of hosts in Linux namespaces and the faults injected into it (issue 27)."""
