@@ -30,3 +30,10 @@ if ! command -v java >/dev/null 2>&1; then
         echo "install.sh: could not install a JRE: capworks eval will skip METEOR" >&2
     fi
 fi
+# The farm tests (tests/farm/) cut hosts off with iptables inside network namespaces; Debian's
+# `iptables` is about 2 MB. Without it those tests skip locally (and fail in CI).
+if ! command -v iptables >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    ipt=(install -y -qq --no-install-recommends iptables)
+    { apt_as_root "${ipt[@]}" || { apt_as_root update -qq && apt_as_root "${ipt[@]}"; }; } \
+        >/dev/null 2>&1 || echo "install.sh: could not install iptables: tests/farm will skip" >&2
+fi
