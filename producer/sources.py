@@ -10,6 +10,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from producer.walk import walk_files
 from schema.errors import Code, StorageError
 from schema.uris import ImageRef, file_uri, is_http, is_s3, parse_s3, s3_uri
 
@@ -45,8 +46,13 @@ def local_ref(path: Path) -> ImageRef:
         st = path.stat()
     except FileNotFoundError:
         return ImageRef(uri=file_uri(path))
+    return stat_ref(file_uri(path), st)
+
+
+def stat_ref(uri: str, st: os.stat_result) -> ImageRef:
+    """A local file's reference from its stat (`local_ref` without the lookup)."""
     return ImageRef(
-        uri=file_uri(path),
+        uri=uri,
         etag=f"{st.st_size:x}-{st.st_mtime_ns:x}",
         size_bytes=st.st_size,
         last_modified=datetime.fromtimestamp(st.st_mtime, UTC),
@@ -54,18 +60,21 @@ def local_ref(path: Path) -> ImageRef:
 
 
 def iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]:
-    """A file, or the image files under a folder (by suffix, recursively, in URI order)."""
+    """A file, or the image files under a folder (by suffix, recursively, in path order)."""
+    for _, ref in iter_local_positions(path, start_after):
+        yield ref
+
+
+def iter_local_positions(
+    path: Path, start_after: str | None = None
+) -> Iterator[tuple[str, ImageRef]]:
+    """(walked path, reference) of a file, or of the image files under a folder, streamed as
+    the folder is walked (`producer/walk.py`), after the walked path `start_after`."""
     if path.is_file():
-        yield local_ref(path)
+        yield file_uri(path), local_ref(path)
     elif path.is_dir():
-        files = sorted(
-            file_uri(p)
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        for uri in files:
-            if start_after is None or uri > start_after:
-                yield local_ref(Path(uri))
+        for found in walk_files(path, IMAGE_SUFFIXES, start_after):
+            yield found.path, stat_ref(found.target, found.stat)
     else:
         raise InputError(f"no such file or directory: {path}")
 
@@ -129,8 +138,9 @@ def iter_positions(
 ) -> Iterator[tuple[str, ImageRef]]:
     """(resume position, reference) pairs of one source, in a stable order.
 
-    A position is the S3 key, the local URI, or the line number of a URI list (`@FILE`); every
-    position can be stored in the database (see `local_position`).
+    A position is the S3 key, the walked path of a local file (its URI, unless it is a
+    symlink: the walk goes by the links' paths), or the line number of a URI list (`@FILE`);
+    every position can be stored in the database (see `local_position`).
     """
     if is_s3(source):
         if s3_client is None:
@@ -143,9 +153,9 @@ def iter_positions(
             raise InputError(f"no such URI list: {path}")
         yield from iter_uri_file(path, start_after)
     else:
-        start_uri = _local_uri_at(start_after) if start_after else None
-        for ref in iter_local(Path(source), start_uri):
-            yield local_position(ref.uri), ref
+        start_path = _local_uri_at(start_after) if start_after else None
+        for walked, ref in iter_local_positions(Path(source), start_path):
+            yield local_position(walked), ref
 
 
 def local_position(uri: str) -> str:
