@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="s3://bucket/prefix, a local folder, or @FILE with one URI per line",
+        help="s3://bucket/prefix, a local folder, @FILE with one URI per line, or an S3 "
+        "Inventory: s3-inventory://bucket/path/manifest.json or a local manifest.json",
     )
     enq.add_argument("--model", default=settings.model, help="model whose captions count as done")
     enq.add_argument("--revision", default=settings.revision)
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="about how many objects the source holds, for the ETA (a URI list is counted)",
     )
     enq.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    enq.add_argument(
+        "--list-streams",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="list an s3:// source with N concurrent ListObjectsV2 streams over its prefixes",
+    )
+    enq.add_argument(
+        "--prefixes",
+        type=lambda text: tuple(p for p in text.split(",") if p),
+        default=(),
+        metavar="A/,B/",
+        help="with --list-streams: cut the key space at these prefixes (under the source's "
+        "prefix) instead of discovering folders; keys outside them are listed too",
+    )
 
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")
     work.add_argument("--gpus", default="all", help="all, cpu, or a list such as 0,1")

@@ -25,10 +25,12 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from producer.inventory import is_inventory, iter_inventory
+from producer.listing import ONE_STREAM, ListingPlan, is_range_position, iter_parallel_pages
 from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
-from schema.redact import redact, stored_text
+from schema.redact import redact, redact_uri, stored_text
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
 from schema.uris import ImageRef, is_http, is_s3
 
@@ -140,6 +142,8 @@ def run_crawl(
     force: bool = False,
     reconcile: bool = False,
     on_progress: Callable[[CrawlStats], None] | None = None,
+    listing: ListingPlan = ONE_STREAM,
+    page_size: int = PAGE_SIZE,
 ) -> CrawlStats:
     """Crawl `source` to the end (or resume it), publishing jobs; returns the counts.
 
@@ -162,9 +166,9 @@ def run_crawl(
         # must not reuse an id whose done mark would make workers drop the new job. Only the
         # jobs of a cut-off page keep their ids (above), so a resume does not send them twice.
         run_id = f"{crawl_id}-{new_job_id()[:8]}"
-        positions = iter_positions(source, s3_client, crawl.last_key)
-        for page in _pages(positions, PAGE_SIZE):
-            keep = _storable(session, crawl_id, [ref for _, ref in page if filters.accept(ref)])
+        pages = source_pages(source, s3_client, crawl.last_key, listing, page_size)
+        for position, page in pages:
+            keep = _storable(session, crawl_id, [ref for ref in page if filters.accept(ref)])
             if not force:
                 keep = _drop_done(session, keep, identity, failed_too=reconcile)
             stats.listed += len(page)
@@ -180,7 +184,7 @@ def run_crawl(
             ]
             if jobs:
                 crawl.pending_job = json.dumps(
-                    {"jobs": [job.to_wire() for job in jobs], "last_key": page[-1][0]}
+                    {"jobs": [job.to_wire() for job in jobs], "last_key": position}
                 )
                 crawl.listed, crawl.skipped = stats.listed, stats.skipped
                 session.commit()
@@ -190,7 +194,7 @@ def run_crawl(
                 publisher.confirm()  # the position moves on only once replicas hold the page
                 stats.enqueued += len(keep)
                 stats.jobs += len(jobs)
-            _save(session, crawl, stats, last_key=page[-1][0])
+            _save(session, crawl, stats, last_key=position)
             if on_progress:
                 on_progress(stats)
         crawl.state = "done"
@@ -243,17 +247,33 @@ def _save(session: Session, crawl: Crawl, stats: CrawlStats, last_key: str | Non
     session.commit()
 
 
+def source_pages(
+    source: str, s3_client: Any | None, position: str | None, listing: ListingPlan, size: int
+) -> Iterator[tuple[str, list[ImageRef]]]:
+    """(resume position after the page, page) of one source from a position: an S3 Inventory,
+    a bucket listed by concurrent streams (also a crawl begun so, whatever `listing` says now),
+    or one stream of (position, reference) pairs cut into pages."""
+    if is_inventory(source):
+        return _pages(iter_inventory(source, s3_client, position), size)
+    if is_s3(source) and (listing.streams > 1 or is_range_position(position)):
+        if s3_client is None:
+            raise InputError(f"{source}: no S3 client configured")
+        return iter_parallel_pages(source, s3_client, position, listing, size)
+    return _pages(iter_positions(source, s3_client, position), size)
+
+
 def _pages(
     items: Iterator[tuple[str, ImageRef]], size: int
-) -> Iterator[list[tuple[str, ImageRef]]]:
-    page: list[tuple[str, ImageRef]] = []
-    for item in items:
-        page.append(item)
+) -> Iterator[tuple[str, list[ImageRef]]]:
+    page: list[ImageRef] = []
+    position = ""
+    for position, ref in items:
+        page.append(ref)
         if len(page) == size:
-            yield page
+            yield position, page
             page = []
     if page:
-        yield page
+        yield position, page
 
 
 def unstorable_reason(uri: str) -> str | None:
@@ -302,7 +322,9 @@ def _drop_done(
     if not refs:
         return refs
     model_id, revision, settings_hash = identity
-    uris = [ref.uri for ref in refs]
+    # Rows name an http(s) image by its masked URI: one object, one row, whatever its token.
+    stored = {ref.uri: redact_uri(ref.uri) for ref in refs}
+    uris = list(dict.fromkeys(stored.values()))
     done: dict[str, str | None] = dict(
         session.execute(
             select(Image.uri, Image.etag)
@@ -322,7 +344,8 @@ def _drop_done(
     return [
         ref
         for ref in refs
-        if ref.uri not in done or (ref.etag is not None and done[ref.uri] != ref.etag)
+        if stored[ref.uri] not in done
+        or (ref.etag is not None and done[stored[ref.uri]] != ref.etag)
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -18,15 +19,18 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from capworks.models import resolve_model_identity
 from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from producer.enqueue import crawl_lock, make_publisher
+from producer.inventory import SCHEME as INVENTORY_SCHEME
+from producer.listing import ListingPlan
 from producer.sources import InputError, count_uri_file
 from schema.broker_check import check_broker
-from schema.checkpoint import resolve_identity
 from schema.db import connect
 from schema.settings import get_settings
 from schema.storage import make_s3_client
 from schema.uris import is_s3
+from workers.fileroots import FileRoots
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,15 @@ def run_enqueue(args: argparse.Namespace) -> int:
     for warning in check_broker(publisher.redis, settings.allow_evicting_broker):
         log.warning("%s", warning)
     db = connect(args.db)
-    identity = resolve_identity(args.model, args.revision, settings.checkpoint_dir)
-    s3 = make_s3_client(settings) if any(is_s3(s) for s in args.sources) else None
+    identity = resolve_model_identity(args.model, args.revision, settings, say=say)
+    for line in file_root_notes(args.sources, settings.file_roots):
+        say(line)
+    s3 = (
+        make_s3_client(settings)
+        if any(is_s3(s) or s.startswith(INVENTORY_SCHEME) for s in args.sources)
+        else None
+    )
+    listing = ListingPlan(args.list_streams, args.prefixes)
     filters = Filters(
         frozenset(s.lower() for s in args.suffix),
         args.min_bytes,
@@ -70,6 +81,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 force=args.force,
                 reconcile=args.reconcile,
                 on_progress=bar.show,
+                listing=listing,
             )
         resumed = f", resumed after {stats.resumed_from!r}" if stats.resumed_from else ""
         print(
@@ -128,6 +140,27 @@ class CrawlProgress:
                 f"skipped {stats.skipped:,}  enqueued {stats.enqueued:,}"
             ),
         )
+
+
+def file_root_notes(sources: list[str], roots: tuple[Path, ...]) -> list[str]:
+    """One line per local folder that the file roots of this host's settings do not cover:
+    workers read no local file unless told, so every image of such a crawl would be
+    dead-lettered as `forbidden_path` on a worker started the same way."""
+    inside = FileRoots(roots).covers
+    notes = []
+    for source in sources:
+        folder = Path(source).expanduser().absolute()
+        if "://" not in source and folder.is_dir() and not inside(folder):
+            notes.append(
+                f"note: workers read local files only under their file roots: start them with "
+                f"`capworks worker --file-root {folder}` or CAPWORKS_FILE_ROOTS={folder}"
+            )
+    return notes
+
+
+def say(line: str) -> None:
+    """A line for the person at the terminal, on stderr at once."""
+    print(f"capworks: {line}", file=sys.stderr, flush=True)
 
 
 def expected_objects(source: str, expect: int | None) -> int | None:

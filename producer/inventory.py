@@ -1,0 +1,265 @@
+"""S3 Inventory as a crawl source: the objects named by an inventory's `manifest.json` (on S3 as
+`s3-inventory://bucket/key`, or a local copy), read from its CSV.gz or Parquet files without
+listing the bucket, which is how AWS recommends handling billions of objects.
+
+Rows are taken in manifest order, each with the position `<file number>:<row number>`, so a
+crawl resumes by file and row: files before the position are not opened, and a Parquet file's
+row groups before it are not read. Delete markers and versions that are not the latest are
+skipped; each row's ETag, size and modification time go into its reference, so the crawl's
+filters and its "already captioned" check work as they do for a listing.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote_plus
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from producer.sources import InputError
+from schema.errors import Code, StorageError
+from schema.uris import ImageRef, s3_uri
+
+SCHEME = "s3-inventory://"
+# The manifest's column names, normalised (CSV says `ETag`, Parquet `e_tag`): lower case, no `_`.
+_COLUMNS = ("bucket", "key", "size", "etag", "lastmodifieddate", "islatest", "isdeletemarker")
+_VERSION = "versionid"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One inventory file as the manifest names it."""
+
+    key: str
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a crawl needs of an inventory's `manifest.json`."""
+
+    file_format: str  # "CSV" or "Parquet"
+    columns: tuple[str, ...]  # normalised names, in the CSV files' column order
+    destination_bucket: str | None
+    files: tuple[DataFile, ...]
+
+
+def is_inventory(source: str) -> bool:
+    """True for `s3-inventory://bucket/key` and for a local file named like `manifest.json`."""
+    return source.startswith(SCHEME) or (
+        "://" not in source and not source.startswith("@") and source.endswith("manifest.json")
+    )
+
+
+def normalise(column: str) -> str:
+    """A column name as both formats can be compared: `ETag`, `e_tag` -> `etag`."""
+    return column.strip().lower().replace("_", "")
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """The manifest's format, columns and files; an `InputError` naming what is wrong."""
+    try:
+        doc = json.loads(raw)
+        file_format = str(doc["fileFormat"])
+        schema = str(doc["fileSchema"])
+        files = tuple(
+            DataFile(str(f["key"]), int(f["size"]) if f.get("size") is not None else None)
+            for f in doc["files"]
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{where} is not an S3 Inventory manifest ({exc})") from exc
+    if file_format.upper() == "ORC":
+        raise InputError(f"{where}: ORC inventories are not read; configure CSV or Parquet")
+    if file_format.upper() not in ("CSV", "PARQUET"):
+        raise InputError(f"{where}: unknown inventory fileFormat {file_format!r}")
+    columns = _schema_columns(schema) if file_format.upper() == "CSV" else ()
+    if file_format.upper() == "CSV" and not {"bucket", "key"} <= set(columns):
+        raise InputError(f"{where}: the fileSchema names no Bucket and Key columns: {schema!r}")
+    destination = str(doc.get("destinationBucket") or "").removeprefix("arn:aws:s3:::") or None
+    return Manifest(file_format.upper(), columns, destination, files)
+
+
+def _schema_columns(schema: str) -> tuple[str, ...]:
+    """A CSV inventory's column names from its fileSchema ("Bucket, Key, Size, ...")."""
+    return tuple(normalise(name) for name in schema.split(","))
+
+
+def parse_position(position: str | None) -> tuple[int, int]:
+    """(file number, rows done in it) from a resume position; (0, 0) from the start."""
+    if not position:
+        return 0, 0
+    try:
+        file_number, row = position.split(":")
+        return int(file_number), int(row)
+    except ValueError as exc:
+        raise InputError(f"not an inventory position: {position!r}") from exc
+
+
+def iter_inventory(
+    source: str, s3_client: Any | None, start_after: str | None
+) -> Iterator[tuple[str, ImageRef]]:
+    """(position, reference) of every current object in the inventory, in manifest order."""
+    manifest_path = None if source.startswith(SCHEME) else Path(source)
+    manifest = parse_manifest(_read_manifest(source, manifest_path, s3_client), source)
+    start_file, start_row = parse_position(start_after)
+    for number, data in enumerate(manifest.files):
+        if number < start_file:
+            continue
+        skip = start_row if number == start_file else 0
+        with _opened(source, manifest, manifest_path, data, s3_client) as stream:
+            rows = (
+                _csv_rows(stream, manifest.columns, data.key)
+                if manifest.file_format == "CSV"
+                else _parquet_rows(stream, skip)
+            )
+            for row_number, row in rows:
+                if row_number <= skip:
+                    continue
+                ref = row_ref(row)
+                if ref is not None:
+                    yield f"{number}:{row_number}", ref
+
+
+def row_ref(row: dict[str, Any]) -> ImageRef | None:
+    """The reference of one inventory row; None for a delete marker, an older version or a
+    folder marker (a key ending in `/`)."""
+    if _truthy(row.get("isdeletemarker")) or row.get("islatest") in (False, "false", "False"):
+        return None
+    bucket, key = str(row["bucket"]), str(row["key"])
+    if not key or key.endswith("/"):
+        return None
+    size = row.get("size")
+    etag = row.get("etag")
+    return ImageRef(
+        uri=s3_uri(bucket, key),
+        bucket=bucket,
+        key=key,
+        version_id=str(row[_VERSION]) if row.get(_VERSION) else None,
+        etag=str(etag).strip('"') if etag else None,
+        size_bytes=int(size) if size not in (None, "") else None,
+        last_modified=_as_utc(row.get("lastmodifieddate")),
+    )
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or value in ("true", "True", "TRUE")
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """An aware datetime (the crawl's `--modified-since` compares aware times)."""
+    if value in (None, ""):
+        return None
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _csv_rows(stream: IO[bytes], columns: tuple[str, ...], name: str) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a CSV.gz file; keys arrive URL-encoded and are decoded."""
+    text = io.TextIOWrapper(gzip.GzipFile(fileobj=stream), encoding="utf-8", newline="")
+    try:
+        for number, values in enumerate(csv.reader(text), 1):
+            if len(values) != len(columns):
+                raise InputError(
+                    f"inventory file {name} row {number}: {len(values)} columns, "
+                    f"the manifest's fileSchema names {len(columns)}"
+                )
+            row = dict(zip(columns, values, strict=True))
+            row["key"] = unquote_plus(row["key"])
+            yield number, row
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"inventory file {name} cannot be read: {exc}") from exc
+
+
+def _parquet_rows(stream: IO[bytes], skip: int) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a Parquet file, one row group at a time; row groups wholly before
+    `skip` are not read."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(stream)
+    names = {normalise(name): name for name in parquet.schema_arrow.names}
+    if not {"bucket", "key"} <= set(names):
+        raise InputError(f"inventory Parquet file has no bucket and key columns: {list(names)}")
+    wanted = [names[c] for c in (*_COLUMNS, _VERSION) if c in names]
+    first = 0
+    for group in range(parquet.num_row_groups):
+        count = parquet.metadata.row_group(group).num_rows
+        if first + count > skip:
+            table = parquet.read_row_group(group, columns=wanted)
+            columns = {normalise(name): table.column(name).to_pylist() for name in wanted}
+            for offset in range(count):
+                yield first + offset + 1, {c: values[offset] for c, values in columns.items()}
+        first += count
+
+
+def _read_manifest(source: str, path: Path | None, s3_client: Any | None) -> bytes:
+    if path is not None:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read the manifest {path}: {exc.strerror}") from exc
+    bucket, _, key = source.removeprefix(SCHEME).partition("/")
+    return _get_object(s3_client, bucket, key, source).read()  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _opened(
+    source: str, manifest: Manifest, path: Path | None, data: DataFile, s3_client: Any | None
+) -> Iterator[IO[bytes]]:
+    """A data file opened for reading: beside a local manifest when it is there, else from the
+    inventory's destination bucket. Parquet needs to seek, so it is spooled to a temporary file
+    (CSV.gz streams)."""
+    local = _local_copy(path, data.key) if path is not None else None
+    if local is not None:
+        with local.open("rb") as f:
+            yield f
+        return
+    bucket = manifest.destination_bucket or source.removeprefix(SCHEME).partition("/")[0]
+    if path is not None and s3_client is None:
+        raise InputError(f"inventory file {data.key} is not beside {path} (and S3 is not set up)")
+    body = _get_object(s3_client, bucket, data.key, f"s3://{bucket}/{data.key}")
+    try:
+        if manifest.file_format == "CSV":
+            yield body
+            return
+        with tempfile.TemporaryFile() as spool:
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                spool.write(chunk)
+            spool.seek(0)
+            yield spool
+    finally:
+        body.close()
+
+
+def _local_copy(manifest: Path, key: str) -> Path | None:
+    """A data file of a local manifest: its key under one of the manifest's folders, or the
+    standard layout (`<config>/<time>/manifest.json` beside `<config>/data/<file>`)."""
+    parts = Path(key).parts
+    for folder in manifest.resolve().parents[:3]:
+        for start in range(len(parts)):
+            candidate = folder.joinpath(*parts[start:])
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _get_object(s3_client: Any | None, bucket: str, key: str, where: str) -> Any:
+    """The streaming body of one object, with one-line errors."""
+    if s3_client is None:
+        raise InputError(f"{where}: no S3 client configured")
+    try:
+        return s3_client.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise InputError(f"cannot read {where}: {code or exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot read {where}: {exc}") from exc
