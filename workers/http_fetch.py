@@ -212,20 +212,21 @@ class PinnedBackend(httpcore.NetworkBackend):
 
 
 class PinnedTransport(httpx.HTTPTransport):
-    """httpx's transport on a `PinnedBackend`, proxies never taken from the environment."""
+    """httpx's transport on a `PinnedBackend`, proxies never taken from the environment;
+    https verified against `ssl_context` (the default CAs when None)."""
 
-    def __init__(self, backend: PinnedBackend) -> None:
+    def __init__(self, backend: PinnedBackend, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(trust_env=False)
         # httpx takes no network backend of its own, so its pool is rebuilt with ours
         # (tests/test_ssrf.py fails if a connection ever bypasses it).
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), network_backend=backend
+            ssl_context=ssl_context or httpx.create_ssl_context(), network_backend=backend
         )
 
 
 class GuardedHttp:
     """http(s) GETs that reach only the addresses the guard lets through: public ones, and
-    those in `allow`."""
+    those in `allow`. `ssl_context` is the seam for a private CA (the default CAs when None)."""
 
     def __init__(
         self,
@@ -235,6 +236,7 @@ class GuardedHttp:
         *,
         resolver: Resolver | None = None,
         connector: httpcore.NetworkBackend | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._max_bytes = max_bytes
         self._deadline_s = deadline_s
@@ -242,7 +244,7 @@ class GuardedHttp:
             allow, resolver or SystemResolver(), connector or httpcore.SyncBackend()
         )
         self._client = httpx.Client(
-            transport=PinnedTransport(backend),
+            transport=PinnedTransport(backend, ssl_context),
             # No cookie one job's server set is sent along with another job's fetch.
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             trust_env=False,
@@ -257,10 +259,12 @@ class GuardedHttp:
         url = uri
         token = _deadline.set(deadline)
         try:
+            previous = None
             for _hop in range(MAX_REDIRECTS + 1):
-                scheme = httpx.URL(url).scheme
-                if scheme not in ("http", "https"):
-                    raise forbidden(url, f"{scheme}: is not http or https")
+                why = redirect_refusal(previous, url)
+                if why is not None:
+                    raise forbidden(url, why)
+                previous = url
                 timeout = self._remaining_s(deadline, uri)
                 with self._client.stream("GET", url, timeout=timeout) as resp:
                     location = resp.headers.get("location")
@@ -304,6 +308,18 @@ class GuardedHttp:
         return StorageError(
             Code.STORAGE_UNAVAILABLE, f"{uri}: not fetched within {self._deadline_s:g} s"
         )
+
+
+def redirect_refusal(previous: str | None, url: str) -> str | None:
+    """Why a fetch may not go on to `url` after `previous` (None for the first hop): a scheme
+    other than http(s), or https handing over to plain http, where anyone on the path could
+    read the request (a presigned query, say) and answer in the server's name."""
+    scheme = httpx.URL(url).scheme
+    if scheme not in ("http", "https"):
+        return f"{scheme}: is not http or https"
+    if previous is not None and httpx.URL(previous).scheme == "https" and scheme == "http":
+        return "a redirect from https to plain http"
+    return None
 
 
 def check_status(uri: str, status: int) -> None:
