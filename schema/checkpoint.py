@@ -3,6 +3,10 @@
 A checkpoint folder has the hub's layout: `configuration.json` (ModelScope's task settings),
 `config.json` (the OFA architecture), `pytorch_model.bin`, `vocab.json` and `merges.txt`.
 
+Both JSON files are checked before anything loads (`schema.checkpoint_limits`): `config.json`
+may not name `resnet_model_path` (a file ModelScope would `torch.load`), and the sizes, the
+resolution and the beam-search numbers are bounded.
+
 A hub checkpoint is known by its id and revision, an offline-built one by its name, and a local
 folder by its contents (`folder_model_id`), never its path: hosts that mount one checkpoint at
 different paths serve one caption identity.
@@ -18,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from schema.checkpoint_limits import check_architecture, check_configuration
 from schema.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,7 @@ def read_config(model_dir: Path, model_id: str, revision: str = "") -> Checkpoin
     missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
     if missing:
         raise CheckpointError(f"{model_dir} is not an OFA checkpoint: missing {', '.join(missing)}")
+    check_architecture(model_dir / "config.json")
     return _from_configuration(model_dir, model_id, revision)
 
 
@@ -107,7 +113,10 @@ def _from_configuration(model_dir: Path, model_id: str, revision: str) -> Checkp
         cfg = json.loads((model_dir / "configuration.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}/configuration.json cannot be read: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{model_dir}/configuration.json: not a JSON object")
     model = cfg.get("model", {})
+    check_configuration(model, model_dir / "configuration.json")
     known = GenerationSettings.__dataclass_fields__
     beam = {k: v for k, v in model.get("beam_search", {}).items() if k in known}
     return CheckpointConfig(
