@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: tuple(p for p in text.split(",") if p),
         default=(),
         metavar="A/,B/",
-        help="with --list-streams: cut the key space at these prefixes (under the source's "
-        "prefix) instead of discovering folders; keys outside them are listed too",
+        help="with --list-streams: list these prefixes (under the source's prefix) instead of "
+        "discovering folders; only their keys are crawled",
     )
 
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from producer.inventory import is_inventory, iter_inventory
-from producer.listing import ONE_STREAM, ListingPlan, is_range_position, iter_parallel_pages
+from producer.listing import ONE_STREAM, ListingPlan, is_parts_position, iter_parallel_pages
 from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
@@ -251,11 +251,13 @@ def source_pages(
     source: str, s3_client: Any | None, position: str | None, listing: ListingPlan, size: int
 ) -> Iterator[tuple[str, list[ImageRef]]]:
     """(resume position after the page, page) of one source from a position: an S3 Inventory,
-    a bucket listed by concurrent streams (also a crawl begun so, whatever `listing` says now),
-    or one stream of (position, reference) pairs cut into pages."""
+    a bucket listed by concurrent streams (a crawl begun so resumes so, whatever `listing` says
+    now, and one begun with one stream goes on with one), or one stream of (position,
+    reference) pairs cut into pages."""
     if is_inventory(source):
         return _pages(iter_inventory(source, s3_client, position), size)
-    if is_s3(source) and (listing.streams > 1 or is_range_position(position)):
+    parallel = listing.streams > 1 and not position  # a crawl begun with one stream ends so
+    if is_s3(source) and (parallel or is_parts_position(position)):
         if s3_client is None:
             raise InputError(f"{source}: no S3 client configured")
         return iter_parallel_pages(source, s3_client, position, listing, size)

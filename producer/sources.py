@@ -79,14 +79,19 @@ def iter_local_positions(
         raise InputError(f"no such file or directory: {path}")
 
 
-def iter_s3(prefix_uri: str, s3_client: Any, start_after: str | None = None) -> Iterator[ImageRef]:
-    """Every object under an `s3://bucket/prefix`, via paginated ListObjectsV2, in key order.
+def iter_s3(
+    prefix_uri: str, s3_client: Any, start_after: str | None = None, flat: bool = False
+) -> Iterator[ImageRef]:
+    """Every object under an `s3://bucket/prefix`, via paginated ListObjectsV2, in key order;
+    with `flat`, only those directly under it (delimiter `/`).
 
     `start_after` is a key: listing resumes after it (continuation tokens expire; keys do not).
     """
     loc = parse_s3(prefix_uri)
     paginator = s3_client.get_paginator("list_objects_v2")
     extra = {"StartAfter": start_after} if start_after else {}
+    if flat:
+        extra["Delimiter"] = "/"
     try:
         for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key, **extra):
             for obj in page.get("Contents", []):

@@ -23,7 +23,7 @@ from capworks.models import resolve_model_identity
 from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from producer.enqueue import crawl_lock, make_publisher
 from producer.inventory import SCHEME as INVENTORY_SCHEME
-from producer.listing import ListingPlan
+from producer.listing import ListingPlan, describe_position
 from producer.sources import InputError, count_uri_file
 from schema.broker_check import check_broker
 from schema.db import connect
@@ -83,7 +83,9 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 on_progress=bar.show,
                 listing=listing,
             )
-        resumed = f", resumed after {stats.resumed_from!r}" if stats.resumed_from else ""
+        resumed = (
+            f", resumed after {describe_position(stats.resumed_from)}" if stats.resumed_from else ""
+        )
         print(
             f"crawl {crawl_id} of {source}: listed {stats.listed}, skipped {stats.skipped}, "
             f"enqueued {stats.enqueued} in {stats.jobs} jobs{resumed}"
