@@ -25,11 +25,11 @@ from scratch_pg import scratch_database
 
 from schema.checkpoint import CheckpointConfig
 from schema.db import connect
+from schema.tags import derive_tags
 from schema.uris import ImageRef
 from workers.engine import Alternative, Caption, CaptionedImage
 from workers.outcome import Outcome
 from workers.persist import ResultWriter
-from workers.tags import derive_tags
 
 SUBJECTS = """man woman boy girl child person skier surfer player dog cat horse cow sheep bird
 elephant giraffe zebra bear train bus truck car motorcycle bicycle airplane boat plate pizza
@@ -78,7 +78,7 @@ def outcome(i: int) -> Outcome:
         size_bytes=100_000 + i,
     )
     # Tags are derived when the engine decodes a caption, before the write path.
-    tags = tuple(derive_tags(text_, alternatives))
+    tags = tuple(derive_tags([(text_, -0.4), *((a.text, a.score) for a in alts)]))
     return Outcome(ref, CaptionedImage(Caption(text_, -0.4, alts, (0, 1, 2), tags), 640, 480))
 
 

@@ -148,7 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     find = sub.add_parser("search", help="find images by words of their captions and tags")
     find.add_argument(
-        "query", help='words and "quoted phrases", all to match; -word excludes (after --)'
+        "query",
+        help='words and "quoted phrases", all to match; -word excludes, inside the quotes: '
+        '"red -blue"',
+    )
+    find.add_argument(
+        "--in",
+        dest="fields",
+        default="caption",
+        metavar="FIELDS",
+        help="what to search, comma-separated from caption,alternatives,tags (default caption: "
+        "alternatives are captions the beam rejected)",
     )
     find.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     find.add_argument("--limit", type=positive_int, default=20)
@@ -328,13 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_dlq(args)
         if args.command == "search":
             from capworks.commands.search import SearchRequest, as_utc, run_search
-            from schema.search import Filters
+            from schema.search import Filters, parse_fields
 
             filters = Filters(
                 args.prefix, args.bucket, args.model, as_utc(args.since), as_utc(args.until)
             )
+            fields = parse_fields(args.fields)
             return run_search(
-                SearchRequest(args.db, args.query, filters, args.limit, args.json, args.rank_all)
+                SearchRequest(
+                    args.db, args.query, filters, args.limit, args.json, args.rank_all, fields
+                )
             )
         if args.command == "events":
             from capworks.commands.events import EventsOptions, run_events

@@ -2,35 +2,66 @@
 
 A query is words and "quoted phrases", each of which must match; a leading `-` excludes one
 (`dog -"red ball"`). Words are stemmed (English on PostgreSQL, Porter on SQLite), so "dogs"
-finds "dog". PostgreSQL ranks with `ts_rank` over the stored `captions.search` vector (caption
-and tags weigh more than alternatives) through its GIN index; SQLite ranks with FTS5's `bm25`
-over `captions_fts` with the same emphasis. PostgreSQL drops English stop words ("a", "on");
-FTS5 keeps them.
+finds "dog". A search looks in the fields it is given (`caption` alone by default; the beam
+alternatives and tags are words the model rejected or shares with them, so an image is not
+about them), and an exclusion applies to those same fields only.
+
+Rank: an image whose caption matches every wanted term ranks 1 + s, any other match s, where
+s in [0, 1) is the text score over the searched fields (the caption weighing ten times an
+alternative or tag): a caption match always outranks a match through alternatives or tags.
+PostgreSQL finds candidates with the stored `captions.search` vector's GIN index and checks
+them against the searched fields; SQLite matches FTS5 column filters over `captions_fts`.
+PostgreSQL drops English stop words ("a", "on"); FTS5 keeps them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sqlalchemy import Engine, Float, Select, column, func, literal_column, select, table, text
+from sqlalchemy import (
+    Engine,
+    Float,
+    Select,
+    case,
+    column,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+    text,
+)
 from sqlalchemy.orm import Session
 
 from schema.tables import Caption, Image
 
-# bm25 weights of the FTS5 columns (text, alternatives, tags): the same emphasis as the
-# PostgreSQL vector's weights (text and tags A, alternatives C).
-SQLITE_WEIGHTS = "10.0, 1.0, 10.0"
+Field = Literal["caption", "alternatives", "tags"]
+FIELDS: tuple[Field, ...] = get_args(Field)
+DEFAULT_FIELDS: tuple[Field, ...] = ("caption",)
+# Text-score weight of each field: the caption far above the words the beam rejected.
+FIELD_WEIGHTS: dict[Field, float] = {"caption": 1.0, "alternatives": 0.1, "tags": 0.1}
 # Matches ranked at most by default: a common word's top 20 out of 10,000 matches took about
 # 30 ms on 2 cores, out of 200,000 over half a second (bench/search.py).
 MAX_RANKED = 10_000
 _TERM = re.compile(r'(-?)"([^"]*)"?|(-?)(\S+)')
+# The SQL of each field: FTS5 column of captions_fts, and the tsvector of a captions row.
+_FTS_COLUMN: dict[Field, str] = {"caption": "text", "alternatives": "alternatives", "tags": "tags"}
+_PG_VECTOR: dict[Field, str] = {
+    "caption": "to_tsvector('english'::regconfig, captions.text)",
+    "alternatives": (
+        "json_to_tsvector('english'::regconfig, captions.alternatives, '[\"string\"]')"
+    ),
+    "tags": "jsonb_to_tsvector('english'::regconfig, captions.tags, '[\"key\"]')",
+}
+_PG_LABEL: dict[Field, str] = {"caption": "A", "tags": "B", "alternatives": "C"}
 
 
 class SearchQueryError(ValueError):
-    """A query with nothing to search for."""
+    """A query with nothing to search for, or fields that do not exist."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +85,8 @@ class Filters:
 
 @dataclass(frozen=True)
 class Hit:
-    """One caption found, with its rank (higher is better)."""
+    """One caption found, with its rank (higher is better) and the searched fields holding a
+    wanted term (`matched`): what made it a match."""
 
     uri: str
     caption: str
@@ -64,6 +96,7 @@ class Hit:
     revision: str
     created: datetime
     tags: dict[str, float]
+    matched: tuple[Field, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able values."""
@@ -71,6 +104,7 @@ class Hit:
             "uri": self.uri,
             "caption": self.caption,
             "rank": self.rank,
+            "matched": list(self.matched),
             "score": self.score,
             "model": self.model,
             "revision": self.revision,
@@ -93,6 +127,17 @@ def parse_query(query: str) -> list[Term]:
     return terms
 
 
+def parse_fields(spec: str) -> tuple[Field, ...]:
+    """`caption,tags` as fields in their canonical order; `SearchQueryError` names a bad one."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FIELDS]
+    if unknown or not names:
+        raise SearchQueryError(
+            f"cannot search in {spec!r}: choose from {','.join(FIELDS)} (comma-separated)"
+        )
+    return tuple(field for field in FIELDS if field in names)
+
+
 @dataclass(frozen=True)
 class Found:
     """The hits of a search, and how many matches were ranked to choose them."""
@@ -108,18 +153,22 @@ def search(
     filters: Filters | None = None,
     limit: int = 20,
     max_ranked: int | None = MAX_RANKED,
+    fields: Sequence[Field] = DEFAULT_FIELDS,
 ) -> Found:
-    """The `limit` best-ranked captions matching `query` and `filters`.
+    """The `limit` best-ranked captions whose `fields` match `query`, within `filters`.
 
     Ranking sorts every match, so a word in a fifth of a million captions costs a second; with
     `max_ranked` only the first that many matches the index yields (about the oldest rows) are
     ranked and `Found.capped` says so. None ranks every match.
     """
     terms = parse_query(query)
+    chosen = tuple(field for field in FIELDS if field in fields)
+    if not chosen:
+        raise SearchQueryError("no field to search in: choose from " + ",".join(FIELDS))
     if db.dialect.name == "postgresql":
-        stmt = _postgres_matches(terms)
+        stmt = _postgres_matches(terms, chosen)
     elif db.dialect.name == "sqlite":
-        stmt = _sqlite_matches(terms)
+        stmt = _sqlite_matches(terms, chosen)
     else:
         raise SearchQueryError(f"search is not supported on {db.dialect.name}")
     stmt = _filtered(stmt, filters or Filters())
@@ -140,9 +189,10 @@ def search(
     )
     with Session(db) as session:
         rows = list(session.execute(hits_query))
+        matched = _matched_fields(session, terms, chosen, [row.id for row in rows])
     hits = [
         Hit(row.uri, row.text, float(row.rank), row.score, row.model_id, row.revision,
-            row.created, dict(row.tags or {}))
+            row.created, dict(row.tags or {}), matched.get(row.id, ()))
         for row in rows
     ]  # fmt: skip
     total = rows[0].ranked if rows else 0
@@ -163,48 +213,116 @@ def _columns() -> tuple[Any, ...]:
     )
 
 
-def _postgres_matches(terms: list[Term]) -> Select[Any]:
-    # The tsquery is a one-row subquery of immutable calls, so the planner folds it into a
-    # constant and the GIN index answers `@@`.
-    # It has two columns: `q` matches, `wanted` (q without its negated terms) ranks, as
-    # ts_rank scores a negated term's absence as nothing.
-    matching, wanted, params = [], [], {}
+def _pg_tsquery(terms: list[Term], negated: bool = True, joiner: str = " && ") -> str:
+    """The tsquery SQL of `terms` (bind parameters :term0...), negated ones kept or left out."""
+    parts = []
     for n, term in enumerate(terms):
-        params[f"term{n}"] = " ".join(term.words)
         phrase = f"phraseto_tsquery('english', :term{n})"
-        matching.append(f"!!{phrase}" if term.negated else phrase)
         if not term.negated:
-            wanted.append(phrase)
+            parts.append(phrase)
+        elif negated:
+            parts.append(f"!!{phrase}")
+    return joiner.join(parts)
+
+
+def _pg_params(terms: list[Term]) -> dict[str, str]:
+    return {f"term{n}": " ".join(term.words) for n, term in enumerate(terms)}
+
+
+def _pg_document(fields: Sequence[Field]) -> str:
+    return " || ".join(f"setweight({_PG_VECTOR[f]}, '{_PG_LABEL[f]}')" for f in fields)
+
+
+def _postgres_matches(terms: list[Term], fields: tuple[Field, ...]) -> Select[Any]:
+    # The tsquery is a one-row subquery of immutable calls, so the planner folds it into a
+    # constant and the GIN index answers `@@`: `wanted` (the query without its exclusions)
+    # over the stored vector of all fields finds candidates, `q` over the searched fields
+    # decides. ts_rank scores a negated term's absence as nothing, so `wanted` ranks.
     tsquery = (
-        text(f"SELECT {' && '.join(matching)} AS q, {' && '.join(wanted)} AS wanted")
-        .bindparams(**params)
+        text(f"SELECT {_pg_tsquery(terms)} AS q, {_pg_tsquery(terms, negated=False)} AS wanted")
+        .bindparams(**_pg_params(terms))
         .columns(column("q"), column("wanted"))
         .subquery("query")
     )
-    vector = literal_column("captions.search", Float)
-    rank = literal_column("ts_rank(captions.search, query.wanted)", Float).label("rank")
-    return (
-        select(*_columns(), rank).select_from(Caption).join(tsquery, vector.op("@@")(tsquery.c.q))
+    document = _pg_document(fields)
+    # ts_rank's weights are {D, C, B, A}; normalisation 32 maps a score s to s / (s + 1).
+    alt, tag, cap = (FIELD_WEIGHTS[f] for f in ("alternatives", "tags", "caption"))
+    weights = f"{{0, {alt}, {tag}, {cap}}}"
+    tier = (
+        f"CASE WHEN {_PG_VECTOR['caption']} @@ query.wanted THEN 1 ELSE 0 END"
+        if "caption" in fields
+        else "0"
     )
+    rank = literal_column(
+        f"{tier} + ts_rank('{weights}', {document}, query.wanted, 32)", Float
+    ).label("rank")
+    candidates = literal_column("captions.search", Float).op("@@")(tsquery.c.wanted)
+    decides = literal_column(f"({document})", Float).op("@@")(tsquery.c.q)
+    return select(*_columns(), rank).select_from(Caption).join(tsquery, candidates).where(decides)
 
 
-def _sqlite_matches(terms: list[Term]) -> Select[Any]:
-    fts = table("captions_fts", column("rowid"))
+def _fts_match(terms: list[Term], fields: Sequence[Field], negated: bool = True) -> str:
+    """An FTS5 MATCH string for `terms` within the columns of `fields`."""
     wanted = " AND ".join(_fts_phrase(t) for t in terms if not t.negated)
-    unwanted = "".join(f" NOT {_fts_phrase(t)}" for t in terms if t.negated)
-    # bm25 is lower for better matches; negated it reads like PostgreSQL's rank.
-    rank = literal_column(f"-bm25(captions_fts, {SQLITE_WEIGHTS})", Float).label("rank")
+    unwanted = "".join(f" NOT {_fts_phrase(t)}" for t in terms if t.negated) if negated else ""
+    columns = " ".join(_FTS_COLUMN[f] for f in fields)
+    return f"{{{columns}}} : ({wanted}{unwanted})"
+
+
+def _sqlite_matches(terms: list[Term], fields: tuple[Field, ...]) -> Select[Any]:
+    fts = table("captions_fts", column("rowid"))
+    # bm25 is lower for better matches; negated it reads like PostgreSQL's rank. A field not
+    # searched weighs nothing.
+    weights = ", ".join(str(FIELD_WEIGHTS[f] * 10 if f in fields else 0.0) for f in FIELDS)
+    score = f"-bm25(captions_fts, {weights})"
+    tier: Any = literal(0)
+    if "caption" in fields:
+        # The table-valued form of MATCH: an inner `captions_fts MATCH` would be the outer row's.
+        in_caption: Select[Any] = select(column("rowid")).select_from(
+            text("captions_fts(:caption_match)").bindparams(
+                caption_match=_fts_match(terms, ("caption",), negated=False)
+            )
+        )
+        tier = case((Caption.id.in_(in_caption.scalar_subquery()), 1), else_=0)
+    rank = (tier + literal_column(f"({score}) / (1 + {score})", Float)).label("rank")
     return (
         select(*_columns(), rank)
         .select_from(fts)
         .join(Caption, Caption.id == fts.c.rowid)
-        .where(text("captions_fts MATCH :match").bindparams(match=wanted + unwanted))
+        .where(text("captions_fts MATCH :match").bindparams(match=_fts_match(terms, fields)))
     )
 
 
 def _fts_phrase(term: Term) -> str:
     # Words are \w+ runs, so they hold no quote; quoting keeps AND/OR/NOT/NEAR literal.
     return '"' + " ".join(term.words) + '"'
+
+
+def _matched_fields(
+    session: Session, terms: list[Term], fields: tuple[Field, ...], ids: list[int]
+) -> dict[int, tuple[Field, ...]]:
+    """For each caption id, the searched fields holding at least one wanted term."""
+    if not ids:
+        return {}
+    wanted = [t for t in terms if not t.negated]
+    found: dict[int, list[Field]] = {caption_id: [] for caption_id in ids}
+    for field in fields:
+        if session.get_bind().dialect.name == "postgresql":
+            stmt = text(
+                f"SELECT id FROM captions WHERE id = ANY(:ids) AND "  # noqa: S608 - SQL from this module's constants
+                f"{_PG_VECTOR[field]} @@ ({_pg_tsquery(wanted, joiner=' || ')})"
+            ).bindparams(ids=ids, **_pg_params(wanted))
+        else:
+            any_term = " OR ".join(_fts_phrase(t) for t in wanted)
+            match = f"{{{_FTS_COLUMN[field]}}} : ({any_term})"
+            marks = ", ".join(str(int(i)) for i in ids)
+            stmt = text(
+                f"SELECT rowid AS id FROM captions_fts WHERE captions_fts MATCH :match "  # noqa: S608 - ids are ints
+                f"AND rowid IN ({marks})"
+            ).bindparams(match=match)
+        for (caption_id,) in session.execute(stmt):
+            found[caption_id].append(field)
+    return {caption_id: tuple(names) for caption_id, names in found.items()}
 
 
 def _filtered(stmt: Select[Any], filters: Filters) -> Select[Any]:

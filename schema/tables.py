@@ -75,7 +75,8 @@ class Caption(Base):
     text: Mapped[str] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float)
     alternatives: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    # Content-word lemmas scored by the share of hypotheses that contain them, best first:
+    # Content-word lemmas scored by the probability (softmax of beam scores) of the hypotheses
+    # that contain them, best first (schema/tags.py, migration 0007):
     # {"dog": 1.0, "beach": 0.6}. JSONB with a GIN index on PostgreSQL (tags ? 'dog').
     tags: Mapped[dict[str, float]] = mapped_column(
         JSON().with_variant(JSONB(), "postgresql"), default=dict

@@ -1,5 +1,6 @@
 """Migrations move existing data: tags rows of revision 0002 become the `tags` column of their
-caption in 0003 and come back as rows on downgrade, on SQLite and PostgreSQL."""
+caption in 0003 and come back as rows on downgrade; 0007 recomputes tags weighted by hypothesis
+probability; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_tags_rows_become_a_caption_column_and_back(engine: Engine) -> None:
                 "VALUES (1, 10, 'dog', 1.0), (1, 10, 'two', 0.5)"
             )
         )
-    migrate(engine)
+    migrate(engine, "0006")  # 0007 recomputes tags from the captions
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, tags FROM captions ORDER BY id")).all()
     tags = {cid: t if isinstance(t, dict) else json.loads(t) for cid, t in rows}
@@ -106,4 +107,43 @@ def test_dead_letters_from_before_0006_survive_with_no_model_and_come_back_one_p
     with engine.connect() as conn:
         kept = conn.execute(text("SELECT id, image_id, code FROM failures")).all()
     assert kept == [(6, 1, "wrong_model")]  # the most recent letter of the image
+    engine.dispose()
+
+
+def stored_tags(engine: Engine) -> dict[int, dict[str, float]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, tags FROM captions ORDER BY id")).all()
+    return {cid: t if isinstance(t, dict) else json.loads(t) for cid, t in rows}
+
+
+def test_tags_of_existing_captions_are_reweighted_by_hypothesis_probability_and_back(
+    engine: Engine,
+) -> None:
+    migrate(engine, "0006")
+    alternatives = json.dumps(
+        [{"text": "a blue square", "score": -1.0}, {"text": "a green square", "score": -1.2}]
+    )
+    counted = json.dumps({"square": 1.0, "red": 1 / 3, "blue": 1 / 3, "green": 1 / 3})
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO images (id, uri, first_seen, updated_at) "
+                "VALUES (1, '/a.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO captions (id, image_id, model_id, revision, settings_hash, settings, "
+                "text, score, alternatives, tags, created) VALUES (10, 1, 'm', '', 'h', '{}', "
+                "'a red square', -0.2, :alternatives, :tags, CURRENT_TIMESTAMP)"
+            ),
+            {"alternatives": alternatives, "tags": counted},
+        )
+    migrate(engine)
+    tags = stored_tags(engine)[10]
+    assert tags["square"] == 1.0
+    assert tags["red"] > 0.5 > tags["blue"] > tags["green"] > 0
+    assert tags["red"] + tags["blue"] + tags["green"] == pytest.approx(1.0, abs=1e-5)
+    migrate(engine, "0006", down=True)
+    assert stored_tags(engine)[10] == pytest.approx(json.loads(counted), abs=1e-5)
     engine.dispose()

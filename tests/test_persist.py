@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,12 @@ from schema.checkpoint import CheckpointConfig, GenerationSettings
 from schema.db import connect
 from schema.errors import CapworksError, Code, ImageError, StorageError
 from schema.tables import BadMessage, Caption, Failure, Image
+from schema.tags import derive_tags
 from schema.uris import ImageRef
 from workers.engine import Alternative, CaptionedImage
 from workers.engine import Caption as EngineCaption
 from workers.outcome import Outcome
 from workers.persist import DatabaseUnavailable, ResultWriter
-from workers.tags import derive_tags
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
 
@@ -28,7 +29,7 @@ def captioned(text: str, *alts: str) -> CaptionedImage:
             -0.5,
             tuple(Alternative(a, -1.0) for a in alts),
             (1, 2, 3),
-            tuple(derive_tags(text, alts)),
+            tuple(derive_tags([(text, -0.5), *((a, -1.0) for a in alts)])),
         ),
         64,
         48,
@@ -110,7 +111,8 @@ def test_tags_are_scored_lemmas(db: Engine) -> None:
     ResultWriter(db, CONFIG).save(outcomes())
     with db.connect() as conn:
         tags = conn.scalar(select(Caption.tags).join(Image).where(Image.uri == "/data/x.png"))
-    assert tags == {"dog": 1.0, "run": 1.0, "two": 0.5}
+    # "two" is in the caption (beam score -0.5) alone, not its alternative (-1.0).
+    assert tags == {"dog": 1.0, "run": 1.0, "two": round(1 / (1 + math.exp(-0.5)), 6)}
 
 
 def test_a_new_caption_replaces_the_tags_of_the_old_one(db: Engine) -> None:

@@ -14,7 +14,15 @@ from sqlalchemy import Engine, create_engine, inspect, text, update
 
 from schema.checkpoint import CheckpointConfig
 from schema.db import connect, migrate
-from schema.search import Filters, SearchQueryError, Term, parse_query, search
+from schema.search import (
+    FIELDS,
+    Filters,
+    SearchQueryError,
+    Term,
+    parse_fields,
+    parse_query,
+    search,
+)
 from schema.tables import Caption, Image
 from schema.uris import ImageRef, parse_s3
 from workers.engine import Alternative, CaptionedImage
@@ -54,8 +62,14 @@ def db(any_db_url: str) -> Engine:
     return engine
 
 
-def uris(db: Engine, query: str, filters: Filters | None = None, limit: int = 20) -> list[str]:
-    return [hit.uri for hit in search(db, query, filters, limit).hits]
+def uris(
+    db: Engine,
+    query: str,
+    filters: Filters | None = None,
+    limit: int = 20,
+    fields: tuple[str, ...] = ("caption",),
+) -> list[str]:
+    return [hit.uri for hit in search(db, query, filters, limit, fields=fields).hits]  # type: ignore[arg-type]
 
 
 def test_words_of_caption_alternatives_and_tags_are_found_caption_first(db: Engine) -> None:
@@ -66,13 +80,92 @@ def test_words_of_caption_alternatives_and_tags_are_found_caption_first(db: Engi
         outcome("s3://photos/park/3.jpg", "a man on a bench", tags="puppy"),
     )
     # Stemmed: "dog" finds "dogs"; the caption (and tag) match outranks the alternative's.
-    assert uris(db, "dog") == ["s3://photos/beach/1.jpg", "s3://photos/park/2.jpg"]
-    assert uris(db, "puppy") == ["s3://photos/park/3.jpg"]
-    assert uris(db, "running dogs") == ["s3://photos/beach/1.jpg"]
-    hits = search(db, "dog").hits
+    assert uris(db, "dog", fields=FIELDS) == ["s3://photos/beach/1.jpg", "s3://photos/park/2.jpg"]
+    assert uris(db, "puppy", fields=FIELDS) == ["s3://photos/park/3.jpg"]
+    assert uris(db, "running dogs", fields=FIELDS) == ["s3://photos/beach/1.jpg"]
+    # The caption alone by default.
+    assert uris(db, "dog") == ["s3://photos/beach/1.jpg"]
+    assert uris(db, "puppy") == []
+    hits = search(db, "dog", fields=FIELDS).hits
     assert hits[0].rank > hits[1].rank > 0
+    assert hits[0].matched == ("caption", "tags") and hits[1].matched == ("alternatives",)
     assert hits[0].caption == "two dogs running on a beach"
     assert hits[0].tags == {"dog": 1.0, "beach": 1.0}
+
+
+def disagreeing(db: Engine) -> None:
+    """Three images whose beam alternatives (and tags) disagree with their captions."""
+    write(
+        db,
+        outcome(
+            "s3://d/yellow-on-red.jpg",
+            "a yellow square on a red background",
+            ("a red square on a yellow background", "a red square on a blue background"),
+        ),
+        outcome(
+            "s3://d/red-on-white.jpg",
+            "a red square on a white background",
+            ("a red square on a grey background",),
+        ),
+        outcome(
+            "s3://d/black-on-white.jpg",
+            "a black square on a white background",
+            ("a black square on a red background",),
+            tags="black square red",
+        ),
+    )
+
+
+ONLY_D = Filters(prefix="s3://d/")
+
+
+def test_the_caption_alone_is_searched_by_default_and_exclusions_apply_to_it(db: Engine) -> None:
+    disagreeing(db)
+    # The phrase is in the first image's alternatives only, "red" in the third's.
+    assert uris(db, '"red square"', ONLY_D) == ["s3://d/red-on-white.jpg"]
+    assert sorted(uris(db, "red background", ONLY_D)) == [
+        "s3://d/red-on-white.jpg",
+        "s3://d/yellow-on-red.jpg",
+    ]
+    # A rejected alternative's "blue" does not drop an image whose caption has none.
+    assert sorted(uris(db, "red -blue", ONLY_D)) == [
+        "s3://d/red-on-white.jpg",
+        "s3://d/yellow-on-red.jpg",
+    ]
+    assert uris(db, "square -white", ONLY_D) == ["s3://d/yellow-on-red.jpg"]
+    assert all(hit.matched == ("caption",) for hit in search(db, "square", ONLY_D).hits)
+
+
+def test_a_caption_match_outranks_any_match_through_alternatives_or_tags(db: Engine) -> None:
+    disagreeing(db)
+    found = search(db, "red background", ONLY_D, fields=FIELDS).hits
+    assert [h.uri for h in found][2] == "s3://d/black-on-white.jpg"
+    assert {h.uri: h.matched for h in found} == {
+        "s3://d/yellow-on-red.jpg": ("caption", "alternatives"),
+        "s3://d/red-on-white.jpg": ("caption", "alternatives"),
+        "s3://d/black-on-white.jpg": ("caption", "alternatives", "tags"),
+    }
+    # A caption holding both words ranks at 1 or more; red only in a rejected alternative and a
+    # tag, below 1.
+    assert found[1].rank >= 1 > found[2].rank > 0
+    phrase = search(db, '"red square"', ONLY_D, fields=("caption", "alternatives")).hits
+    assert [h.uri for h in phrase] == ["s3://d/red-on-white.jpg", "s3://d/yellow-on-red.jpg"]
+    assert phrase[0].rank >= 1 > phrase[1].rank
+    assert phrase[1].matched == ("alternatives",)
+    # An exclusion applies to every searched field.
+    assert uris(db, "red -blue", ONLY_D, fields=("caption", "alternatives")) == [
+        "s3://d/red-on-white.jpg",
+        "s3://d/black-on-white.jpg",
+    ]
+    assert uris(db, "red", ONLY_D, fields=("tags",)) == ["s3://d/black-on-white.jpg"]
+
+
+def test_fields_are_parsed_from_a_comma_list() -> None:
+    assert parse_fields("tags,caption") == ("caption", "tags")
+    assert parse_fields(" alternatives ") == ("alternatives",)
+    for bad in ("", "captions", "caption,alt"):
+        with pytest.raises(SearchQueryError, match="choose from caption,alternatives,tags"):
+            parse_fields(bad)
 
 
 def test_a_phrase_matches_words_in_order_and_a_dash_excludes(db: Engine) -> None:
@@ -156,16 +249,16 @@ def test_migration_indexes_existing_captions_and_downgrades(any_db_url: str) -> 
                 "'{\"coast\": 1.0}', CURRENT_TIMESTAMP)"
             )
         )
-    migrate(engine)
+    migrate(engine, "0005")  # 0007 would recompute the tags from the caption
     for word in ("lighthouse", "tower", "coast"):
-        assert uris(engine, word) == ["/a.png"], word
+        assert uris(engine, word, fields=FIELDS) == ["/a.png"], word
     migrate(engine, "0004", down=True)
     names = inspect(engine)
     assert "search" not in {c["name"] for c in names.get_columns("captions")}
     assert "captions_fts" not in names.get_table_names()
     assert "ix_captions_created" not in {i["name"] for i in names.get_indexes("captions")}
     migrate(engine)
-    assert uris(engine, "tower") == ["/a.png"]
+    assert uris(engine, "tower", fields=FIELDS) == ["/a.png"]
     engine.dispose()
 
 
@@ -206,3 +299,32 @@ def test_cli_prints_json_lines_and_rejects_an_empty_query_in_one_line(tmp_path: 
     assert bad.stderr.count("\n") == 1 and "nothing to search for" in bad.stderr
     bad_date = run_cli("search", "horse", "--db", url, "--since", "yesterday")
     assert bad_date.returncode == 2 and bad_date.stderr.count("\n") == 1
+
+
+def test_cli_searches_the_fields_asked_and_shows_where_each_hit_matched(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = connect(url)
+    write(db, *(outcome(f"/f/{n}.png", t) for n, t in enumerate(FILLER)))
+    write(
+        db,
+        outcome("/p/cart.png", "a horse and a cart", ("a horse and a blue cart",)),
+        outcome("/p/field.png", "a pony in a field", ("a horse in a field",), tags="pony field"),
+    )
+    # The README's exclusion form: inside the quoted query.
+    caption_only = run_cli("search", "horse -blue", "--db", url, "--json")
+    assert caption_only.returncode == 0, caption_only.stderr
+    hits = [json.loads(line) for line in caption_only.stdout.splitlines()]
+    assert [(h["uri"], h["matched"]) for h in hits] == [("/p/cart.png", ["caption"])]
+    both = run_cli("search", "horse", "--db", url, "--json", "--in", "alternatives,caption")
+    hits = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [(h["uri"], h["matched"]) for h in hits] == [
+        ("/p/cart.png", ["caption", "alternatives"]),
+        ("/p/field.png", ["alternatives"]),
+    ]
+    assert hits[0]["rank"] >= 1 > hits[1]["rank"]
+    table = run_cli("search", "horse", "--db", url, "--in", "caption,alternatives,tags")
+    assert table.returncode == 0, table.stderr
+    assert "found in" in table.stdout and "alternatives" in table.stdout
+    bad = run_cli("search", "horse", "--db", url, "--in", "captions")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert "choose from caption,alternatives,tags" in bad.stderr

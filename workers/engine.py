@@ -22,6 +22,7 @@ import torch
 from schema.checkpoint import CheckpointConfig
 from schema.errors import ImageError
 from schema.settings import Settings
+from schema.tags import derive_tags
 from schema.uris import ImageRef
 from workers.generators import Generator, Hypothesis, make_generator
 from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
@@ -34,7 +35,6 @@ from workers.preprocess import (
     host_pixels,
     preprocess_many,
 )
-from workers.tags import derive_tags
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMITS = ImageLimits()
@@ -183,7 +183,7 @@ class OfaEngine:
         alternatives = tuple(
             Alternative(t, h.score) for t, h in zip(texts[1:], hyps[1:], strict=True)
         )
-        tags = tuple(derive_tags(texts[0], texts[1:]))
+        tags = tuple(derive_tags([(t, h.score) for t, h in zip(texts, hyps, strict=True)]))
         return Caption(texts[0], hyps[0].score, alternatives, hyps[0].tokens, tags)
 
     def caption_pixels(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> list[Caption]:

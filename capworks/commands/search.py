@@ -1,4 +1,5 @@
-"""`capworks search QUERY`: captions found by words of their text, alternatives and tags."""
+"""`capworks search QUERY`: captions found by their words (or their alternatives' and tags' with
+`--in`), each hit with the fields it matched in."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from rich.table import Table
 
 from capworks.plain import plain
 from schema.db import connect
-from schema.search import MAX_RANKED, Filters, Hit, SearchQueryError, parse_query, search
+from schema.search import (
+    DEFAULT_FIELDS,
+    MAX_RANKED,
+    Field,
+    Filters,
+    Hit,
+    SearchQueryError,
+    parse_query,
+    search,
+)
 
 # Words a query may hold, phrases' words included: PostgreSQL refuses a statement of ~20,000
 # (StatementTooComplex), and no caption needs more than a few to be found.
@@ -29,6 +39,7 @@ class SearchRequest:
     limit: int
     as_json: bool
     rank_all: bool = False
+    fields: tuple[Field, ...] = DEFAULT_FIELDS
 
 
 def run_search(request: SearchRequest) -> int:
@@ -36,7 +47,12 @@ def run_search(request: SearchRequest) -> int:
     check_query_size(request.query)
     max_ranked = None if request.rank_all else MAX_RANKED
     found = search(
-        connect(request.db_url), request.query, request.filters, request.limit, max_ranked
+        connect(request.db_url),
+        request.query,
+        request.filters,
+        request.limit,
+        max_ranked,
+        request.fields,
     )
     if found.capped:
         print(
@@ -65,12 +81,21 @@ def check_query_size(query: str) -> None:
 
 
 def hits_table(hits: list[Hit], query: str) -> Table:
-    """The hits, best first; a URI keeps its end and the caption wraps."""
-    table = Table("rank", "uri", "caption", "tags", title=plain(f"captions matching {query!r}"))
+    """The hits, best first, with the fields each matched in; a URI keeps its end and the caption
+    wraps."""
+    table = Table(
+        "rank", "uri", "caption", "found in", "tags", title=plain(f"captions matching {query!r}")
+    )
     table.columns[1].overflow = "fold"
     for hit in hits:
         tags = " ".join(sorted(hit.tags, key=hit.tags.__getitem__, reverse=True)[:5])
-        table.add_row(f"{hit.rank:.3g}", plain(hit.uri), plain(hit.caption), plain(tags))
+        table.add_row(
+            f"{hit.rank:.3g}",
+            plain(hit.uri),
+            plain(hit.caption),
+            ",".join(hit.matched),
+            plain(tags),
+        )
     return table
 
 

@@ -1,15 +1,20 @@
-"""Tags: the content words of a caption and its alternatives, lemmatised, scored by agreement.
+"""Tags: the content words of a caption and its alternatives, lemmatised, scored by the
+probability of the hypotheses that hold them.
 
 Lemmas come from lemminflect's dictionary. Captions use "-ing" forms as participles ("a man
 riding a horse"), so those take the verb lemma; other words take the noun lemma when there is
-one. A tag's score is the share of the returned hypotheses (best caption and alternatives) whose
-lemmas contain it, so a word every beam agrees on scores 1.0.
+one. Each returned hypothesis (best caption and alternatives) weighs its probability among them,
+the softmax of the beam scores; a tag's score is the weight of the hypotheses whose lemmas
+contain it. A word every beam agrees on scores 1.0, and the caption's own words lead the words
+of any one rejected hypothesis (a plain count of hypotheses gave the caption's colour and four
+rejected colours the same 0.2). The stored tags were recomputed so by migration 0007; they are
+in `schema/` because that migration needs them.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -63,11 +68,26 @@ def content_lemmas(text: str) -> list[str]:
     return [lemma for lemma in found if lemma is not None]
 
 
-def derive_tags(caption: str, alternatives: Sequence[str]) -> list[tuple[str, float]]:
-    """Tags with scores in [0, 1], best first; ties keep first-seen order."""
-    hypotheses = [caption, *alternatives]
-    counts: Counter[str] = Counter()  # keeps first-seen order
-    for text in hypotheses:
-        counts.update(content_lemmas(text))
-    scored = [(tag, n / len(hypotheses)) for tag, n in counts.items()]
+def hypothesis_weights(scores: Sequence[float]) -> list[float]:
+    """The softmax of beam scores (log-probabilities): each hypothesis's share of the
+    probability of those returned, summing to 1."""
+    top = max(scores)
+    exps = [math.exp(score - top) for score in scores]  # shifted: no overflow
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def derive_tags(hypotheses: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Tags of (text, beam score) hypotheses, the caption first, with scores in [0, 1], best
+    first; ties keep first-seen order. A tag scores the summed weight of the hypotheses holding
+    it."""
+    if not hypotheses:
+        return []
+    weights = hypothesis_weights([score for _, score in hypotheses])
+    scores: dict[str, float] = {}  # keeps first-seen order
+    for (text, _), weight in zip(hypotheses, weights, strict=True):
+        for lemma in content_lemmas(text):
+            scores[lemma] = scores.get(lemma, 0.0) + weight
+    # Rounded: sums of floats would tell 1.0 from 0.9999999999999999 apart.
+    scored = [(tag, round(min(score, 1.0), 6)) for tag, score in scores.items()]
     return sorted(scored, key=lambda item: -item[1])
