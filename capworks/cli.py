@@ -170,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--since", type=iso_datetime, help="captioned at or after (ISO, UTC)")
     find.add_argument("--until", type=iso_datetime, help="captioned before (ISO, UTC)")
 
+    out = sub.add_parser("export", help="captions out as Parquet, JSON lines, CSV or tar shards")
+    out.add_argument("out", metavar="OUT", help="a file (a folder for wds), or s3://bucket/key")
+    out.add_argument("--format", choices=("parquet", "jsonl", "csv", "wds"), default="parquet")
+    out.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
+    out.add_argument("--model", help="only captions by this model id")
+    out.add_argument("--since", type=iso_datetime, help="captioned after (ISO, UTC)")
+    out.add_argument("--mark", help="incremental: export after this named mark, then move it")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     stat = sub.add_parser("status", help="queue, workers, recent throughput and crawls")
     stat.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     stat.add_argument("--json", action="store_true", help="print one JSON object")
@@ -336,6 +345,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from capworks.commands.dlq import run_dlq
 
             return run_dlq(args)
+        if args.command == "export":
+            from capworks.commands.export import ExportRequest, run_export
+
+            return run_export(
+                ExportRequest(
+                    args.out,
+                    args.format,
+                    args.db,
+                    args.model,
+                    args.since,
+                    args.mark,
+                    show_progress=not args.no_progress,
+                )
+            )
         if args.command == "search":
             from capworks.commands.search import SearchRequest, as_utc, run_search
             from schema.search import Filters, parse_fields

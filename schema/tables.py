@@ -57,6 +57,10 @@ class Image(Base):
     height_px: Mapped[int | None] = mapped_column(Integer)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # From a table enqueued with `--id-col` / `--keep-cols` (migration 0008): the dataset's own
+    # key of the image and the columns kept beside it, for exports to hand back.
+    source_id: Mapped[str | None] = mapped_column(String(1024))
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Caption(Base):
@@ -122,6 +126,18 @@ class BadMessage(Base):
     reason: Mapped[str] = mapped_column(Text)
     body: Mapped[str] = mapped_column(Text)
     received: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Export(Base):
+    """A named incremental export (`capworks export --mark NAME`): captions up to `high_water`
+    (their `created`) were written by earlier runs."""
+
+    __tablename__ = "exports"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    high_water: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Crawl(Base):
