@@ -2,12 +2,22 @@
 
 What it masks: the password in a URL's userinfo (`redis://:pw@host`, `postgresql://u:pw@db`),
 presigned-URL signatures and credentials (`X-Amz-Signature`, `X-Amz-Credential`,
-`X-Amz-Security-Token`, `Signature`, `AWSAccessKeyId`), bearer tokens, and every secret value
-registered from the settings (`register_secrets`), wherever it appears. Logging goes through
+`X-Amz-Security-Token`, `Signature`, `AWSAccessKeyId`), the value of every query or fragment
+parameter whose name says it is a credential (`token`, `access_token`, `key`, `api_key`,
+`X-Goog-Credential`, `X-Goog-Signature`, `sig`, `client_secret`, `password`, ...: see
+`is_secret_parameter`), bearer tokens, and every secret value registered from the settings
+(`register_secrets`), wherever it appears. Logging goes through
 `RedactingFilter` (`install_log_redaction`), error messages bound for the `failures` and
 `bad_messages` tables, Celery's `argsrepr` (what Flower shows) and CLI output through `redact`.
 What is stored from outside is cut before it is redacted (`stored_text`); log messages and what
 the CLI prints have their control characters escaped (`escape_controls`).
+
+An http(s) image URI is stored and shown masked rather than without its query: the query may be
+what tells one image from another (`/render?id=17`), so dropping it would merge images into one
+row, while masking only a credential's value keeps such URIs apart and gives one object one
+stable URI however often its token is rotated or its URL re-signed (the URI is the identity the
+crawl's "already captioned" check and the upserts go by). The price: two URIs that differ only
+in such a value (`?key=a.jpg`, `?key=b.jpg`) are one image to capworks.
 """
 
 from __future__ import annotations
@@ -43,6 +53,15 @@ _QUERY_SECRET = re.compile(
     r"(?P<value>[^&\s\"'#<>]+)",
     re.IGNORECASE,
 )
+# Any query or fragment parameter (after `?`, `&`, `;` or `#`): its name is judged by
+# `is_secret_parameter`, URL-decoded, so `%74oken=` is masked like `token=`.
+_PARAMETER = re.compile(r"(?<=[?&;#])(?P<name>[^=&;#\s\"'<>?]{1,128})=(?P<value>[^&;#\s\"'<>]+)")
+# A parameter name is a credential when it is, or ends in (after `_`, `-` or `.`), one of these.
+_CREDENTIAL_WORDS = (
+    "token|key|apikey|secret|password|passwd|pwd|sig|signature|credential|credentials"
+    "|auth|authorization|sessionid|jwt"
+)
+_CREDENTIAL_NAME = re.compile(rf"(?:.*[_\-.])?(?:{_CREDENTIAL_WORDS})", re.IGNORECASE)
 _BEARER = re.compile(r"(?P<name>\bBearer\s+)(?P<value>[^\s\"',;]+)", re.IGNORECASE)
 
 # What a terminal or a log reader would act on rather than show: C0 and C1 controls, DEL, the
@@ -83,11 +102,25 @@ def redact(text: str) -> str:
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@" if m["pw"] else m[0], text)
     text = _QUERY_SECRET.sub(lambda m: f"{m['name']}{MASK}", text)
+    text = _PARAMETER.sub(_mask_secret_parameter, text)
     text = _BEARER.sub(lambda m: f"{m['name']}{MASK}", text)
     for secret in sorted(_secrets, key=len, reverse=True):  # a longer one may contain a shorter
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def is_secret_parameter(name: str) -> bool:
+    """True for a query parameter name that carries a credential: `token`, `access_token`,
+    `key`, `api_key`, `x-api-key`, `X-Goog-Credential`, `sig`, `client_secret`, ... (URL-decoded,
+    any case); `monkey` or `keyword` are not."""
+    return _CREDENTIAL_NAME.fullmatch(unquote(name)) is not None
+
+
+def _mask_secret_parameter(match: re.Match[str]) -> str:
+    if match["value"] == MASK or not is_secret_parameter(match["name"]):
+        return match[0]
+    return f"{match['name']}={MASK}"
 
 
 def escape_controls(text: str, *, newlines: bool = False) -> str:
@@ -117,8 +150,9 @@ def stored_text(text: str, max_chars: int = MAX_STORED_CHARS) -> str:
 
 def redact_uri(uri: str) -> str:
     """An image URI as capworks stores and shows it: an http(s) URL redacted (a presigned URL
-    loses its signature, which expires anyway); any other URI as it is, since an object key may
-    spell anything, `sig=` included."""
+    loses its signature, which expires anyway; `?token=`, `key=` and the like their value, so
+    one object keeps one URI however its credential changes); any other URI as it is, since an
+    object key may spell anything, `sig=` included."""
     if uri[:8].lower().startswith(("http://", "https://")):
         return redact(uri)
     return uri

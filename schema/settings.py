@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from schema.redact import redact, register_secrets, url_password
 
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
+# The webhook token and HMAC secret and the metrics token: shorter ones are refused at start-up.
+MIN_SHARED_SECRET_CHARS = 16
 
 
 def default_cache_dir() -> Path:
@@ -161,6 +163,18 @@ class Settings(BaseSettings):
     def _split_path_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part for part in value.split(os.pathsep) if part)
+        return value
+
+    @field_validator("events_token", "events_hmac_secret", "metrics_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # A shared secret anyone may guess at over the network: refuse a short one at start-up
+        # (empty means unset). The value itself is never repeated (`describe_bad_settings`).
+        if value is not None and 0 < len(value.get_secret_value()) < MIN_SHARED_SECRET_CHARS:
+            raise ValueError(
+                f"a shared secret needs at least {MIN_SHARED_SECRET_CHARS} characters"
+                " (e.g. `openssl rand -hex 16`)"
+            )
         return value
 
     def secret_values(self) -> list[str | None]:

@@ -379,16 +379,14 @@ def test_flower_and_prometheus_watch_the_work(pipeline: Pipeline, shapes_engine:
     p.extra_env["CAPWORKS_JOB_IMAGES"] = "4"
     flower_port, metrics_port = free_port(), free_port()
     flower_log = (p.tmp / "flower.log").open("ab")
-    flower = subprocess.Popen(
+    flower = subprocess.Popen(  # as the README starts it: the broker URL in the environment
         [
             str(Path(sys.executable).parent / "celery"),
-            "--broker",
-            REDIS_URL,
             "flower",
             "--address=127.0.0.1",
             f"--port={flower_port}",
         ],
-        env={**p.env, "FLOWER_UNAUTHENTICATED_API": "true"},
+        env={**p.env, "CELERY_BROKER_URL": REDIS_URL, "FLOWER_UNAUTHENTICATED_API": "true"},
         stdout=flower_log,
         stderr=subprocess.STDOUT,
     )
