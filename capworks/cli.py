@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_.add_argument("--caption", action="store_true", help="caption the images first")
     ev_.add_argument("--images-root", help="folder, s3:// prefix or URL of relative image names")
     ev_.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="take absolute names and `..` in the references (read outside the images root)",
+    )
+    ev_.add_argument(
         "--worst", type=positive_int, default=10, metavar="N", help="list the N lowest CIDEr-D"
     )
     ev_.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"])
@@ -432,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.revision,
                     settings_hash=args.settings_hash,
                     images_root=args.images_root,
+                    allow_outside_root=args.allow_outside_root,
                     caption=run if args.caption else None,
                     worst=args.worst,
                     as_json=args.json,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from capworks.evaluation import (
     score_captions,
 )
 from capworks.plain import plain
-from capworks.references import References, load_references
+from capworks.references import References, ReferenceSet, RefusedRow, read_references
 from schema.checkpoint import folder_model_id
+from schema.redact import escape_controls
 from schema.settings import get_settings
 from schema.tables import Caption, Image
 from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
@@ -66,6 +68,8 @@ class EvalRequest:
     tokenizer: TokenizerName = "auto"
     meteor: bool | None = None  # None: when Java is there (it takes ~10 s to load its tables)
     show_progress: bool = True
+    # Take absolute names and `..` in the references file (read from outside the images root).
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -82,10 +86,15 @@ def run_eval(request: EvalRequest) -> int:
     from schema.db import connect
 
     tokenizer = choose_tokenizer(request.tokenizer)  # before any work: `ptb` needs Java
-    refs = load_references(request.references, request.images_root)
+    loaded = read_references(
+        request.references, request.images_root, allow_outside_root=request.allow_outside_root
+    )
+    refs = loaded.refs
+    print_refused(loaded.refused)
     db = connect(request.db_url)
     if request.caption is not None:
-        hyps = caption_references(list(refs), db, request, request.caption)
+        roots = file_roots(loaded, request.allow_outside_root)
+        hyps = caption_references(list(refs), db, request, request.caption, roots)
     else:
         hyps = hypotheses_from_db(db, list(refs), request)
     if not hyps.captions:
@@ -99,11 +108,27 @@ def run_eval(request: EvalRequest) -> int:
     with status if request.show_progress else contextlib.nullcontext():
         scores = score_captions(refs, hyps.captions, tokenizer, request.meteor)
     report = eval_report(refs, hyps, scores, request)
+    report["refused"] = [vars(row) for row in loaded.refused]
     if request.as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
         print_report(report)
     return 0
+
+
+def print_refused(refused: list[RefusedRow]) -> None:
+    """One line on stderr for each row whose name leaves the images root."""
+    for row in refused:
+        line = f"capworks: refused {row.where}: {row.name!r}: {row.reason}"
+        print(escape_controls(line), file=sys.stderr)
+
+
+def file_roots(loaded: ReferenceSet, allow_outside_root: bool) -> list[Path]:
+    """What `--caption` may read: the images root (no symlink under it followed), or with
+    `--allow-outside-root` each named file wherever it is."""
+    if allow_outside_root:
+        return [local_path(u) for u in loaded.refs if not is_s3(u) and not is_http(u)]
+    return [loaded.local_root] if loaded.local_root is not None else []
 
 
 def model_id_of(model: str) -> str:
@@ -157,9 +182,14 @@ def only_settings_hash(db: Engine, model_id: str, revision: str) -> str:
 
 
 def caption_references(
-    uris: Sequence[str], db: Engine, request: EvalRequest, options: CaptionOptions
+    uris: Sequence[str],
+    db: Engine,
+    request: EvalRequest,
+    options: CaptionOptions,
+    roots: Sequence[Path] = (),
 ) -> Hypotheses:
-    """Caption the reference images through the `capworks caption` path, storing the captions."""
+    """Caption the reference images through the `capworks caption` path, storing the captions;
+    local files are read from under `roots` only."""
     from capworks.commands.caption import ModelOptions, RateColumn, one_shot_path, resolve_model
     from schema.settings import get_settings
     from schema.storage import make_s3_client
@@ -178,8 +208,6 @@ def caption_references(
         console=Console(stderr=True),
         disable=not request.show_progress,
     )
-    # The images the references file names are the paths this one-shot command was given.
-    roots = [local_path(u) for u in uris if not is_s3(u) and not is_http(u)]
     with one_shot_path(settings, config, s3, model, file_roots=roots) as path, progress:
         task = progress.add_task("captioning", total=len(uris))
         outcomes = caption_refs(
@@ -199,15 +227,20 @@ def caption_references(
 
 
 def image_ref(uri: str) -> ImageRef:
-    """The reference the image path fetches (a missing file fails there, as `not_found`)."""
-    from producer.sources import local_ref
+    """The reference the image path fetches, under the URI the references name (a missing file
+    fails there as `not_found`; a symlink is not followed here, and the fetch refuses it)."""
+    from producer.sources import stat_ref
 
     if is_s3(uri):
         loc = parse_s3(uri)
         return ImageRef(uri=uri, bucket=loc.bucket, key=loc.key)
-    if not is_http(uri) and local_path(uri).is_file():
-        return local_ref(local_path(uri))
-    return ImageRef(uri=uri)
+    if is_http(uri):
+        return ImageRef(uri=uri)
+    try:
+        st = local_path(uri).lstat()
+    except OSError:
+        return ImageRef(uri=uri)
+    return stat_ref(uri, st) if stat.S_ISREG(st.st_mode) else ImageRef(uri=uri)
 
 
 def eval_report(
@@ -274,6 +307,14 @@ def print_report(report: dict[str, Any]) -> None:
                 plain(row["references"][0]),
             )
         console.print(worst)
+    if report["refused"]:
+        console.print(
+            plain(
+                f"{len(report['refused'])} reference rows refused: their names leave the images"
+                " root (listed on stderr; --allow-outside-root reads them)",
+                "yellow",
+            )
+        )
     missing = report["not_scored"]
     if missing:
         shown = "; ".join(f"{m['uri']} ({m['reason']})" for m in missing[:5])
