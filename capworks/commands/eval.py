@@ -307,10 +307,11 @@ def print_report(report: dict[str, Any]) -> None:
                 plain(row["references"][0]),
             )
         console.print(worst)
-    if report["refused"]:
+    refused = report.get("refused", [])
+    if refused:
         console.print(
             plain(
-                f"{len(report['refused'])} reference rows refused: their names leave the images"
+                f"{len(refused)} reference rows refused: their names leave the images"
                 " root (listed on stderr; --allow-outside-root reads them)",
                 "yellow",
             )
