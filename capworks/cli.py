@@ -16,7 +16,7 @@ from schema.redact import escape_controls, install_log_redaction, redact
 from schema.settings import BadSetting, get_settings
 
 log = logging.getLogger("capworks")
-MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint"})
+MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint", "finetune"})
 MAX_ERROR_CHARS = 500  # of an unexpected error's first line
 
 
@@ -218,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev_.add_argument("--no-meteor", action="store_true", help="skip METEOR (~10 s of Java start)")
     ev_.add_argument("--json", action="store_true", help="print one JSON object")
     ev_.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    ft = sub.add_parser("finetune", help="fine-tune a model on (image, caption) pairs (train venv)")
+    ft.add_argument("references", help="COCO captions .json, or .jsonl/.csv of uri,caption rows")
+    ft.add_argument("--output", required=True, help="folder to write the fine-tuned model to")
+    ft.add_argument("--model", default=settings.model, help="the base model (as for caption)")
+    ft.add_argument("--revision", help="the base model's hub revision")
+    ft.add_argument("--images-root", help="folder, s3:// prefix or URL of relative image names")
+    ft.add_argument("--epochs", type=positive_int, default=1)
+    ft.add_argument("--max-steps", type=positive_int, help="stop after N steps (whole epochs)")
+    ft.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
+    ft.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then decay")
+    ft.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step and GPU")
+    ft.add_argument("--grad-accum", type=positive_int, default=1, help="steps per update")
+    ft.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: CUDA AMP")
+    ft.add_argument("--save-every", type=positive_int, default=50, help="checkpoint every N steps")
+    ft.add_argument("--held-out", type=float, default=0.1, help="share of images held out")
+    ft.add_argument("--work-dir", help="checkpoints and logs (default: OUTPUT.work)")
+    ft.add_argument("--seed", type=int, default=42)
+    ft.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"])
+    ft.add_argument("--json", action="store_true", help="print one JSON object")
+    ft.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
@@ -443,6 +464,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     as_json=args.json,
                     tokenizer=args.tokenizer,
                     meteor=False if args.no_meteor else None,
+                    show_progress=not args.no_progress,
+                )
+            )
+        if args.command == "finetune":
+            from pathlib import Path
+
+            from capworks.commands.finetune import FinetuneRequest, run_finetune
+            from capworks.finetune.trainer import TrainOptions
+
+            train = TrainOptions(
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                lr=args.lr,
+                warmup_steps=args.warmup_steps,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                precision=args.precision,
+                save_every=args.save_every,
+                seed=args.seed,
+            )
+            return run_finetune(
+                FinetuneRequest(
+                    Path(args.references),
+                    Path(args.output),
+                    args.model,
+                    args.revision,
+                    train,
+                    images_root=args.images_root,
+                    held_out=args.held_out,
+                    work_dir=Path(args.work_dir) if args.work_dir else None,
+                    tokenizer=args.tokenizer,
+                    as_json=args.json,
                     show_progress=not args.no_progress,
                 )
             )
