@@ -56,3 +56,21 @@ if [ ! -x "$compose_bin" ]; then
     fi
     rm -rf "$tmp"
 fi
+# --train: also the fine-tune venv (`capworks finetune`, README "Fine-tuning"): ModelScope's OFA
+# trainer imports torchvision, and no torchvision for torch 2.13.0 loads beside its CPU build, so
+# .venv-train runs torch 2.14.1 + torchvision 0.29.1 (~5.5 GB with the CUDA libraries they pull;
+# it runs on the CPU here and on a GPU elsewhere). fairseq-fixed is built against that torch.
+if [ "${1:-}" = "--train" ]; then
+    TRAIN_VENV=${CAPWORKS_TRAIN_VENV:-.venv-train}
+    [ -x "$TRAIN_VENV/bin/python" ] || python3 -m venv "$TRAIN_VENV"
+    TPIP=("$TRAIN_VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    tstamp="$TRAIN_VENV/.capworks-installed"
+    if [ ! -f "$tstamp" ] || [ pyproject.toml -nt "$tstamp" ]; then
+        "${TPIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
+        "${TPIP[@]}" cython numpy "setuptools<81" wheel
+        "$TRAIN_VENV/bin/python" -c "import fairseq" 2>/dev/null \
+            || "${TPIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
+        "${TPIP[@]}" -e ".[dev,train]"
+        touch "$tstamp"
+    fi
+fi

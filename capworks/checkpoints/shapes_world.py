@@ -50,13 +50,16 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, in
     return r, g, b
 
 
-def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
-    """Draw a scene with a random square size and position, tints and noise."""
-    img = Image.new("RGB", (IMAGE_PX, IMAGE_PX), _jitter(COLOURS[scene.background], rng))
+def render_scene(
+    scene: Scene, rng: random.Random, palette: dict[str, tuple[int, int, int]] = COLOURS
+) -> Image.Image:
+    """Draw a scene with a random square size and position, tints and noise (`palette`: the
+    colours by name; a shifted world brings colours of its own)."""
+    img = Image.new("RGB", (IMAGE_PX, IMAGE_PX), _jitter(palette[scene.background], rng))
     size = rng.randint(48, 84)
     x, y = rng.randint(0, IMAGE_PX - size), rng.randint(0, IMAGE_PX - size)
     ImageDraw.Draw(img).rectangle(
-        (x, y, x + size, y + size), fill=_jitter(COLOURS[scene.colour], rng)
+        (x, y, x + size, y + size), fill=_jitter(palette[scene.colour], rng)
     )
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (IMAGE_PX, IMAGE_PX, 3))
     pixels = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)

@@ -29,6 +29,7 @@ from rich.progress import (
 from capworks.evaluation import TokenizerName
 from capworks.finetune.trainer import EpochReport, TrainOptions
 from capworks.plain import plain
+from capworks.references import load_references
 
 log = logging.getLogger(__name__)
 TRAIN_VENV_HINT = (
@@ -77,6 +78,8 @@ def run_finetune(request: FinetuneRequest) -> int:
 
     if not 0 <= request.held_out < 1:
         raise FinetuneError(f"--held-out must be in [0, 1), got {request.held_out}")
+    # Bad references fail in one line before anything heavy, in either venv.
+    images = len(load_references(request.references, request.images_root))
     check_train_venv()
     # ModelScope's trainer logs its hook table and every save at INFO on its own handler.
     logging.getLogger("modelscope").setLevel(
@@ -86,7 +89,7 @@ def run_finetune(request: FinetuneRequest) -> int:
     settings = get_settings()
     base = resolve_checkpoint(request.model, request.revision, settings.checkpoint_dir)
     console = Console(stderr=True)
-    pairs = fetch_pairs(request, settings, base.patch_image_size, console)
+    pairs = fetch_pairs(request, settings, base.patch_image_size, images, console)
     if not pairs.pairs:
         raise FinetuneError(
             f"none of the {pairs.images} images in {request.references} could be fetched and "
@@ -146,13 +149,13 @@ def run_finetune(request: FinetuneRequest) -> int:
     return 0
 
 
-def fetch_pairs(request: FinetuneRequest, settings: Any, size_px: int, console: Console) -> Any:
+def fetch_pairs(
+    request: FinetuneRequest, settings: Any, size_px: int, total: int, console: Console
+) -> Any:
     """The pairs, with a bar over the images being fetched and decoded."""
     from capworks.finetune.data import load_pairs
-    from capworks.references import load_references
     from schema.storage import LazyS3Client
 
-    total = len(load_references(request.references, request.images_root))
     columns = (TextColumn("fetching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not request.show_progress) as progress:
         task = progress.add_task("fetch", total=total)

@@ -4,8 +4,10 @@ epoch (the trainer's `EvaluationHook` needs a metric registered for the task; ou
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +26,10 @@ class ProgressHook(Hook):  # type: ignore[misc]  # ModelScope's hooks are untype
 
     PRIORITY = Priority.LOW
 
-    def __init__(self, total: int, on_step: OnStep | None) -> None:
+    def __init__(self, total: int, on_step: OnStep | None, curve: Path | None = None) -> None:
         self.total = total
         self.on_step = on_step
+        self.curve = curve  # the loss curve, one JSON line a step, kept across resumed runs
         self.losses: list[tuple[int, float]] = []
 
     def after_train_iter(self, trainer: Any) -> None:
@@ -34,6 +37,10 @@ class ProgressHook(Hook):  # type: ignore[misc]  # ModelScope's hooks are untype
         step = trainer.iter + 1
         loss = float(trainer.train_outputs["loss"].detach())
         self.losses.append((step, loss))
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if self.curve is not None and main:
+            with self.curve.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": loss}) + "\n")
         if self.on_step is not None:
             self.on_step(step, self.total, loss)
 

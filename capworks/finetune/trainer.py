@@ -35,6 +35,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)$")
 # The trainer keeps this many step checkpoints (each holds the optimizer's state too).
 KEEP_CHECKPOINTS = 2
+LOSS_CURVE = "losses.jsonl"  # in the work folder: every step's loss, across resumes
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def run_trainer(
         trainer = build_trainer(name=Trainers.ofa, default_args=kwargs)
     epochs, iters = schedule(len(train), options, world_size)
     total = epochs * iters
-    progress = ProgressHook(total, on_step)
+    progress = ProgressHook(total, on_step, work_dir / LOSS_CURVE)
     trainer.register_hook(progress)
     held = HeldOutHook(held_out, options.batch_size, score, on_epoch)
     if held_out:
