@@ -227,8 +227,8 @@ def test_capworks_caption_fetches_with_the_token_and_stores_and_prints_none(
     with token_server(token, scene) as base:
         uris = [f"{base}/{n}.png?token={token}&api_key={key}&n={n}" for n in range(2)]
         done = run_cli(
-            "caption", *uris, "--model", "shapes", "--db", db, "--allow-address", "127.0.0.0/8",
-            "--json", "--no-progress", "-v",
+            "-v", "caption", *uris, "--model", "shapes", "--db", db,
+            "--allow-address", "127.0.0.0/8", "--json", "--no-progress",
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
