@@ -6,9 +6,7 @@ loopback http server that must see no request."""
 from __future__ import annotations
 
 import ipaddress
-import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import require_service
+from certificates import make_certificates
 
 from schema.errors import Code, StorageError
 from workers.guard import denied_block, embedded_ipv4, host_refusal, refusal
@@ -92,26 +90,6 @@ def test_a_redirect_from_https_to_http_is_refused_and_the_other_hops_are_not() -
     assert redirect_refusal("https://a.example/x", "https://b.example/y") is None
     assert redirect_refusal("http://a.example/x", "http://b.example/y") is None
     assert redirect_refusal(None, "file:///etc/passwd") is not None
-
-
-def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
-    if shutil.which("openssl") is None:
-        require_service("openssl", "not installed")
-    ca, ca_key = folder / "ca.pem", folder / "ca.key"
-    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
-    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    steps = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", "1", "-subj", "/CN=capworks redirect test CA"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-         "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", folder / "san.cnf"],
-    ]  # fmt: skip
-    for step in steps:
-        subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True)
-    return ca, cert, key
 
 
 @contextmanager

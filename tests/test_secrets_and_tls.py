@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import boto3
 import pytest
 import redis
 from botocore.config import Config
+from certificates import make_certificates
 from conftest import PG_ADMIN_URL, REPO, png_bytes, require_service
 from event_samples import records, s3_record
 from pipeline_support import (
@@ -71,26 +71,6 @@ class SecureRedis:
 
     def client(self) -> Any:
         return redis.Redis.from_url(self.plain_url)
-
-
-def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
-    if shutil.which("openssl") is None:
-        require_service("openssl", "not installed")
-    ca, ca_key = folder / "ca.pem", folder / "ca.key"
-    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
-    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    steps = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", "1", "-subj", "/CN=capworks test CA"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-         "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "1", "-extfile", folder / "san.cnf"],
-    ]  # fmt: skip
-    for step in steps:
-        subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True)
-    return ca, cert, key
 
 
 S3_KEY_ID, S3_SECRET = "capworks-test-key", f"s3-secret-{secrets.token_hex(8)}"
