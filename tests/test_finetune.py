@@ -85,8 +85,10 @@ def test_the_output_is_a_loadable_model_folder_with_a_new_identity(
 
     out, cache = finetuned["out"], get_settings().checkpoint_dir
     config = resolve_checkpoint(str(out), None, cache)
-    base = resolve_checkpoint(str(finetuned["base"]), None, cache)
-    assert config.model_id.startswith("local:") and config.model_id != base.model_id
+    base = resolve_checkpoint("shapes", None, cache)
+    base_folder = resolve_checkpoint(str(finetuned["base"]), None, cache)
+    assert config.model_id.startswith("local:")
+    assert config.model_id not in (base.model_id, base_folder.model_id)
     assert resolve_identity(str(out), None, cache) == config.identity  # weights.sha256 agrees
     record = json.loads((out / "configuration.json").read_text())["capworks_finetune"]
     assert record["base"]["model_id"] == base.model_id

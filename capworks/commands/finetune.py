@@ -9,6 +9,7 @@ resumes from the last one. Runs in the `train` venv (torchvision): `scripts/inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -105,7 +106,11 @@ def run_finetune(request: FinetuneRequest) -> int:
 
         return dict(score_captions(refs, hyps, tokenizer, False).metrics)
 
-    with training_progress(console, request.show_progress) as (on_step, bar):
+    # ModelScope prints notes of its own to stdout; stdout is ours (one JSON object with --json).
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        training_progress(console, request.show_progress) as (on_step, bar),
+    ):
         result = run_trainer(
             base.model_dir,
             train,

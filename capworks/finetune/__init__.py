@@ -1,0 +1,1 @@
+"""`capworks finetune`: data from eval's references, ModelScope's OFA trainer, the model folder."""
