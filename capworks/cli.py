@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --list-streams: list these prefixes (under the source's prefix) instead of "
         "discovering folders; only their keys are crawled",
     )
+    enq.add_argument(
+        "--url-col",
+        metavar="COL",
+        help="the sources are tables (.csv, .tsv, .jsonl, .parquet; local or s3://) whose "
+        "column COL holds each image's URI",
+    )
+    enq.add_argument("--id-col", metavar="COL", help="tables: the dataset's own key of a row")
+    enq.add_argument(
+        "--keep-cols",
+        type=lambda text: tuple(c for c in text.split(",") if c),
+        default=(),
+        metavar="A,B",
+        help="tables: columns kept with the image (images.extra, in exports)",
+    )
 
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")
     work.add_argument("--gpus", default="all", help="all, cpu, or a list such as 0,1")

@@ -29,6 +29,7 @@ from producer.inventory import is_inventory, iter_inventory
 from producer.listing import ONE_STREAM, ListingPlan, is_parts_position, iter_parallel_pages
 from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
+from producer.tables import TableSpec, iter_table, row_problem, save_table_columns
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
 from schema.redact import redact, redact_uri, stored_text
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
@@ -144,6 +145,7 @@ def run_crawl(
     on_progress: Callable[[CrawlStats], None] | None = None,
     listing: ListingPlan = ONE_STREAM,
     page_size: int = PAGE_SIZE,
+    table: TableSpec | None = None,
 ) -> CrawlStats:
     """Crawl `source` to the end (or resume it), publishing jobs; returns the counts.
 
@@ -166,9 +168,12 @@ def run_crawl(
         # must not reuse an id whose done mark would make workers drop the new job. Only the
         # jobs of a cut-off page keep their ids (above), so a resume does not send them twice.
         run_id = f"{crawl_id}-{new_job_id()[:8]}"
-        pages = source_pages(source, s3_client, crawl.last_key, listing, page_size)
+        pages = source_pages(source, s3_client, crawl.last_key, listing, page_size, table)
         for position, page in pages:
-            keep = _storable(session, crawl_id, [ref for ref in page if filters.accept(ref)])
+            accepted = [ref for ref in page if filters.accept(ref) or row_problem(ref)]
+            keep = _storable(session, crawl_id, accepted)
+            if table is not None and table.keeps_columns:
+                save_table_columns(session, keep)  # committed with the page's progress
             if not force:
                 keep = _drop_done(session, keep, identity, failed_too=reconcile)
             stats.listed += len(page)
@@ -248,12 +253,19 @@ def _save(session: Session, crawl: Crawl, stats: CrawlStats, last_key: str | Non
 
 
 def source_pages(
-    source: str, s3_client: Any | None, position: str | None, listing: ListingPlan, size: int
+    source: str,
+    s3_client: Any | None,
+    position: str | None,
+    listing: ListingPlan,
+    size: int,
+    table: TableSpec | None = None,
 ) -> Iterator[tuple[str, list[ImageRef]]]:
     """(resume position after the page, page) of one source from a position: an S3 Inventory,
     a bucket listed by concurrent streams (a crawl begun so resumes so, whatever `listing` says
     now, and one begun with one stream goes on with one), or one stream of (position,
     reference) pairs cut into pages."""
+    if table is not None:  # a table's rows, resumed by row number (producer/tables.py)
+        return _pages(iter_table(source, s3_client, position, table), size)
     if is_inventory(source):
         return _pages(iter_inventory(source, s3_client, position), size)
     parallel = listing.streams > 1 and not position  # a crawl begun with one stream ends so
@@ -293,7 +305,7 @@ def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[Ima
     crawl (a crawl run again lists them again), in the transaction of the page's progress."""
     keep, bad = [], {}
     for ref in refs:
-        reason = unstorable_reason(ref.uri)
+        reason = row_problem(ref) or unstorable_reason(ref.uri)
         if reason is None:
             keep.append(ref)
         else:

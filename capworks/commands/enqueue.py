@@ -25,6 +25,7 @@ from producer.enqueue import crawl_lock, make_publisher
 from producer.inventory import SCHEME as INVENTORY_SCHEME
 from producer.listing import ListingPlan, describe_position
 from producer.sources import InputError, count_uri_file
+from producer.tables import TableSpec, table_rows
 from schema.broker_check import check_broker
 from schema.db import connect
 from schema.settings import get_settings
@@ -52,6 +53,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
         else None
     )
     listing = ListingPlan(args.list_streams, args.prefixes)
+    table = table_spec(args)
     filters = Filters(
         frozenset(s.lower() for s in args.suffix),
         args.min_bytes,
@@ -64,6 +66,8 @@ def run_enqueue(args: argparse.Namespace) -> int:
             raise InputError("--crawl-id names one crawl: give one source with it")
         crawl_id = args.crawl_id or crawl_id_for(source, filters, identity)
         total = expected_objects(source, args.expect)
+        if total is None and table is not None:
+            total = table_rows(source)
         with (
             crawl_lock(db, crawl_id, wait=args.wait),
             CrawlProgress(source, total, console, disable=args.no_progress) as bar,
@@ -82,6 +86,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 reconcile=args.reconcile,
                 on_progress=bar.show,
                 listing=listing,
+                table=table,
             )
         resumed = (
             f", resumed after {describe_position(stats.resumed_from)}" if stats.resumed_from else ""
@@ -163,6 +168,15 @@ def file_root_notes(sources: list[str], roots: tuple[Path, ...]) -> list[str]:
 def say(line: str) -> None:
     """A line for the person at the terminal, on stderr at once."""
     print(f"capworks: {line}", file=sys.stderr, flush=True)
+
+
+def table_spec(args: argparse.Namespace) -> TableSpec | None:
+    """The columns to read when the sources are tables (`--url-col`), else None."""
+    if args.url_col is None:
+        if args.id_col or args.keep_cols:
+            raise InputError("--id-col and --keep-cols read tables: give --url-col too")
+        return None
+    return TableSpec(args.url_col, args.id_col, args.keep_cols)
 
 
 def expected_objects(source: str, expect: int | None) -> int | None:
