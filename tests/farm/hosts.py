@@ -216,15 +216,22 @@ class Farm:
             **extra,
         }
 
-    def start_worker(self, host: Host, prefix: list[str] | None = None) -> None:
-        """`capworks worker --gpus cpu` as PID 1 of its own UTS and PID namespaces, named
-        `worker` like every other worker host (what compose replicas get); `prefix` runs
-        before it inside (such as `faketime`)."""
+    def start_worker(
+        self,
+        host: Host,
+        prefix: list[str] | None = None,
+        command: list[str] | None = None,
+        **env: str,
+    ) -> None:
+        """`capworks worker --gpus cpu` (or `command`) as PID 1 of its own UTS and PID
+        namespaces, named `worker` like every other worker host (what compose replicas get);
+        `prefix` runs before it inside (such as `faketime`), `env` adds settings."""
         boot = 'hostname worker && exec "$0" "$@"'
+        worker = command or [str(CAPWORKS), "worker", "--gpus", "cpu"]
         cmd = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", boot,
-               *(prefix or []), str(CAPWORKS), "worker", "--gpus", "cpu"]  # fmt: skip
+               *(prefix or []), *worker]  # fmt: skip
         host.ready_at = len(self._ready_lines(host))
-        self._spawn(host, cmd, self.env())
+        self._spawn(host, cmd, self.env(**env))
 
     @staticmethod
     def _ready_lines(host: Host) -> list[str]:
@@ -271,9 +278,22 @@ class Farm:
         sh(*in_ns(host.ns, "iptables", "-A", "INPUT", "-s", svc, *match_in, "-j", "DROP"))
         sh(*in_ns(host.ns, "iptables", "-A", "OUTPUT", "-d", svc, *match_out, "-j", "DROP"))
 
+    def slow_network(self, host: Host, delay_ms: int = 50, loss_pct: float = 1.0) -> str:
+        """Delay and lose packets on `host`'s link: `tc netem` where the kernel has it, else
+        the loss alone (iptables' `statistic` match, both ways); says which it applied."""
+        netem = ["tc", "qdisc", "add", "dev", "e0", "root", "netem"]
+        args = ["delay", f"{delay_ms}ms", "loss", f"{loss_pct}%"]
+        if subprocess.run(in_ns(host.ns, *netem, *args), capture_output=True).returncode == 0:
+            return f"netem {delay_ms} ms, {loss_pct}% loss"
+        drop = ["-m", "statistic", "--mode", "random", "--probability", str(loss_pct / 100)]
+        for chain in ("INPUT", "OUTPUT"):
+            sh(*in_ns(host.ns, "iptables", "-A", chain, *drop, "-j", "DROP"))
+        return f"{loss_pct}% loss (iptables; this kernel has no netem, so no delay)"
+
     def heal(self, host: Host) -> None:
-        """Remove every partition rule of `host`."""
+        """Remove every partition and loss rule of `host`, and its netem."""
         sh(*in_ns(host.ns, "iptables", "-F"))
+        sh(*in_ns(host.ns, "tc", "qdisc", "del", "dev", "e0", "root"), check=False)
 
     def kill_host(self, host: Host) -> None:
         """SIGKILL the host's PID 1: the kernel kills every process of its PID namespace at
