@@ -16,6 +16,7 @@ by the base and by the fine-tuned model with the engine's default generator and 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import tempfile
@@ -110,14 +111,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )  # fmt: skip
         train_s = time.monotonic() - started
+        record = json.loads((out / "configuration.json").read_text())["capworks_finetune"]
+        steps = int(record["steps"])  # --steps rounded up to whole epochs of that length
         after = {
             name: cider_d(str(out), f, tokenizer)
             for name, f in (("shifted", shifted), ("original", original))
         }
     print()
-    print(f"fine-tune: {args.steps} steps of {args.batch_size} pairs, lr {args.lr}, "
+    print(f"fine-tune: {steps} steps of {args.batch_size} pairs, lr {args.lr}, "
           f"{args.shifted} shifted + {args.replay} original images; {train_s:.0f} s in all "
-          f"(fetch, load, train, save), {args.steps / train_s:.2f} steps/s")  # fmt: skip
+          f"(fetch, load, train, save), {steps / train_s:.2f} steps/s")  # fmt: skip
     print(f"{'held-out set':<14} {'CIDEr-D before':>15} {'after':>8} {'after/before':>13}")
     for name in ("shifted", "original"):
         ratio = after[name] / before[name] if before[name] else float("inf")
