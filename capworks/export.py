@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+from psycopg.types.json import set_json_loads
 from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
 from schema.db import database_now
 from schema.tables import Caption, Export, Image, utcnow
 
-BATCH_ROWS = 50_000  # rows fetched per round trip, and per Parquet row group
+BATCH_ROWS = 10_000  # rows fetched per round trip, and per Parquet row group
 SETTLE_S = 60.0
 MAX_MARK_CHARS = 128
 
@@ -92,6 +94,10 @@ def iter_batches(
         Caption.created,
     )
     with db.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            # psycopg decodes the JSON columns with the json module: over half the export's
+            # time on PostgreSQL; orjson's loads takes a quarter of that.
+            set_json_loads(orjson.loads, conn.connection.dbapi_connection)  # type: ignore[arg-type]
         result = conn.execution_options(yield_per=batch_rows).execute(stmt)
         yield from result.partitions()
 

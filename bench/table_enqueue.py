@@ -1,0 +1,142 @@
+"""Tables in: URIs enqueued per second from a Parquet table, and the producer's peak RSS growth.
+Goal (issue 25, item 2): a table of 1,000,000 URLs enqueued at >= 20,000 URIs/s, RSS flat.
+
+    .venv/bin/python bench/table_enqueue.py [--rows 1000000] [--row-group 100000]
+
+Writes a Parquet table of `--rows` rows (`url` s3://library/photos/.../IMG_n.jpg, `key`,
+`caption`) and the same URLs as a URI list, then crawls each into a scratch queue on Redis
+database 14 through the real publisher (crawl state in a scratch SQLite file), each in a child
+process of its own so that peak RSS is its alone: the URI list (`@FILE`, the way in before
+tables), the table with `--url-col url`, and the table with `--id-col key --keep-cols caption`
+(which also writes each image's id and kept columns into `images`). The queue and its marks
+are deleted after each crawl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+
+from producer.crawl import SENT_KEY, Filters, run_crawl
+from producer.enqueue import make_publisher
+from producer.tables import TableSpec
+from schema.db import connect
+from schema.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+GOAL_URIS_PER_S = 20_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_inputs(tmp: Path, rows: int, row_group: int) -> tuple[Path, Path]:
+    urls = [f"s3://library/photos/{i // 10_000:04d}/IMG_{i:07d}.jpg" for i in range(rows)]
+    table = pa.table(
+        {
+            "url": urls,
+            "key": [f"{i:09d}" for i in range(rows)],
+            "caption": [f"an alt text of image {i}" for i in range(rows)],
+        }
+    )
+    parquet = tmp / "images.parquet"
+    pq.write_table(table, parquet, row_group_size=row_group)
+    listing = tmp / "images.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    return parquet, listing
+
+
+def measure(source: str, table: TableSpec | None, tmp: str, out: Any) -> None:
+    """In a child: one crawl to the end, then the figures back through the pipe."""
+    queue = f"bench-table-{uuid.uuid4().hex[:8]}"
+    settings = Settings(broker_url=REDIS_URL, queue_name=queue)
+    publisher = make_publisher(settings)
+    db = connect(f"sqlite:///{tmp}/crawl-{queue}.db")
+    base = rss_bytes()
+    started = time.perf_counter()
+    stats = run_crawl(
+        source,
+        crawl_id=queue,
+        db=db,
+        publisher=publisher,
+        s3_client=None,
+        identity=("bench", "", "x"),
+        filters=Filters(),
+        job_images=settings.job_images,
+        max_queued_images=10**9,
+        table=table,
+    )
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r = redis.Redis.from_url(REDIS_URL)
+    r.delete(queue)
+    marks = list(r.scan_iter(match=SENT_KEY.format(f"{queue}-*"), count=10_000))
+    for start in range(0, len(marks), 1000):
+        r.delete(*marks[start : start + 1000])
+    db.dispose()
+    out.send({"enqueued": stats.enqueued, "seconds": seconds, "rss": peak - base})
+
+
+def run_child(source: str, table: TableSpec | None, tmp: Path) -> dict[str, Any]:
+    parent, child = multiprocessing.Pipe()
+    proc = multiprocessing.get_context("fork").Process(
+        target=measure, args=(source, table, str(tmp), child)
+    )
+    proc.start()
+    result: dict[str, Any] = parent.recv()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--row-group", type=int, default=100_000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="capworks-table-bench-"))
+    try:
+        parquet, listing = make_inputs(tmp, args.rows, args.row_group)
+        sizes_mb = [path.stat().st_size / 2**20 for path in (parquet, listing)]
+        print(f"{args.rows:,} rows: Parquet {sizes_mb[0]:.1f} MiB, URI list {sizes_mb[1]:.1f} MiB")
+        cases = [
+            ("URI list (@FILE)", f"@{listing}", None),
+            ("Parquet --url-col url", str(parquet), TableSpec("url")),
+            (
+                "Parquet --url-col url --id-col key --keep-cols caption",
+                str(parquet),
+                TableSpec("url", "key", ("caption",)),
+            ),
+        ]
+        rates = {}
+        for label, source, table in cases:
+            r = run_child(source, table, tmp)
+            rates[label] = rate = r["enqueued"] / r["seconds"]
+            goal = "meets" if rate >= GOAL_URIS_PER_S else "misses"
+            print(
+                f"{label:55s} {r['enqueued']:>9,} URIs in {r['seconds']:6.1f} s = "
+                f"{rate:8,.0f} URIs/s ({goal} the {GOAL_URIS_PER_S:,}/s goal), "
+                f"peak RSS +{r['rss'] / 2**20:.1f} MiB"
+            )
+        base = rates["URI list (@FILE)"]
+        for label, rate in rates.items():
+            print(f"{label}: {rate / base:.2f}x the URI list's rate")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
