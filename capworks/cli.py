@@ -123,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --gpus cpu: N processes, each with cores/N torch and decode threads",
     )
     work.add_argument("--loglevel", default="INFO")
+    work.add_argument(
+        "--model",
+        help="ModelScope hub id, local checkpoint folder, or an offline name (shapes, tiny-random,"
+        f" large-random, tiny-wide) to serve; sets CAPWORKS_MODEL (now {settings.model!r})",
+    )
+    work.add_argument("--revision", help="hub revision; sets CAPWORKS_REVISION")
+    work.add_argument(
+        "--db", help="SQLAlchemy database URL for captions; sets CAPWORKS_DATABASE_URL"
+    )
+    work.add_argument(
+        "--file-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="let the workers read local images under DIR (repeatable; added to "
+        "CAPWORKS_FILE_ROOTS; with none, every local path is dead-lettered as forbidden_path)",
+    )
 
     dlq = sub.add_parser("dlq", help="inspect, replay and purge dead letters")
     dlq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")

@@ -18,8 +18,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from capworks.models import resolve_model
 from schema.instance import new_instance_id
 from schema.metrics_endpoint import check_bind
 from schema.settings import Settings, get_settings
@@ -30,6 +32,10 @@ MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0  # a process that ran this long before dying is restarted after the base delay
 KILLED_DELAY_S = 0.5  # after a SIGKILL: its slot idles, its jobs are handed back already
 POLL_S = 0.5
+NO_FILE_ROOTS = (
+    "no file roots: every local image path is dead-lettered as forbidden_path; give --file-root"
+    " DIR or set CAPWORKS_FILE_ROOTS to let the workers read a folder"
+)
 CHECK_STALE_EVERY_S = 5.0  # how often the supervisor reads its children's heartbeats
 
 
@@ -122,6 +128,8 @@ class CeleryLauncher:
     concurrency: int
     loglevel: str = "INFO"
     threads_per_process: int = 0  # CPU processes: torch and decode threads each (0: all cores)
+    # Settings from the command line (`--model`, `--db`, `--file-root`) as CAPWORKS_* variables.
+    overrides: tuple[tuple[str, str], ...] = ()
 
     def command(
         self, gpu: str | None, index: int, instance: str
@@ -129,6 +137,7 @@ class CeleryLauncher:
         """The command line and environment of the `index`-th worker process."""
         settings = get_settings()
         env = worker_env(dict(os.environ), gpu, index, settings.metrics_port)
+        env.update(self.overrides)
         env["CAPWORKS_INSTANCE_ID"] = instance
         if self.threads_per_process:
             env["CAPWORKS_TORCH_THREADS"] = str(self.threads_per_process)
@@ -175,10 +184,55 @@ def run_worker(args: argparse.Namespace) -> int:
         check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
     devices, threads = plan_processes(args.gpus, args.cpu_procs)
     concurrency = args.concurrency or settings.prefetch_jobs
-    launcher = CeleryLauncher(concurrency, args.loglevel, threads)
+    overrides = setting_overrides(settings, args.model, args.revision, args.db, args.file_root)
+    served = dict(overrides)
+    roots = served.get("CAPWORKS_FILE_ROOTS", os.pathsep.join(map(str, settings.file_roots)))
+    if not roots:
+        log.warning("%s", NO_FILE_ROOTS)
+    config = resolve_model(
+        served.get("CAPWORKS_MODEL", settings.model),
+        served.get("CAPWORKS_REVISION", settings.revision),
+        settings,
+        say=say,
+    )
+    say(f"serving {config.model_id or config.model_dir} ({config.model_dir})")
+    launcher = CeleryLauncher(concurrency, args.loglevel, threads, tuple(overrides.items()))
     return supervise(
         devices, launcher, on_death=hand_back_jobs, stale_for_s=heartbeat_age_s(settings)
     )
+
+
+def setting_overrides(
+    settings: Settings,
+    model: str | None,
+    revision: str | None,
+    db: str | None,
+    file_roots: Sequence[str],
+) -> dict[str, str]:
+    """The CAPWORKS_* variables the worker processes get from the command line: the workers
+    read settings only from their environment, so an option is passed down as its variable.
+    A `--file-root` is made absolute and must exist (a typo would refuse every image)."""
+    out: dict[str, str] = {}
+    if model is not None:
+        out["CAPWORKS_MODEL"] = model
+    if revision is not None:
+        out["CAPWORKS_REVISION"] = revision
+    if db is not None:
+        out["CAPWORKS_DATABASE_URL"] = db
+    if file_roots:
+        added = []
+        for root in file_roots:
+            path = Path(root).expanduser().absolute()
+            if not path.exists():
+                raise ValueError(f"--file-root {root}: no such file or directory")
+            added.append(str(path))
+        out["CAPWORKS_FILE_ROOTS"] = os.pathsep.join([*map(str, settings.file_roots), *added])
+    return out
+
+
+def say(line: str) -> None:
+    """A line for the person who started the command, at once, whatever the log level."""
+    print(f"capworks worker: {line}", file=sys.stderr, flush=True)
 
 
 def hand_back_jobs(instance: str) -> None:
