@@ -18,9 +18,13 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from schema.checkpoint_limits import check_architecture, check_configuration
 from schema.errors import CheckpointError
@@ -42,6 +46,7 @@ WEIGHTS_HASH_FILE = "weights.sha256"
 WEIGHTS_PATTERNS = ("pytorch_model*.bin", "*.safetensors")
 FOLDER_ID_PREFIX = "local:"
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
+HUB_PROBE_S = 5.0  # how long the ModelScope hub gets to answer a connect before it counts as down
 DEFAULT_PROMPT = " what does the image describe?"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -246,26 +251,84 @@ def download_configuration(model_id: str, revision: str | None) -> Path:
     """The folder holding a hub checkpoint's `configuration.json`, downloaded alone."""
     from modelscope.hub.file_download import model_file_download  # slow import, only when needed
 
-    try:
-        return Path(model_file_download(model_id, "configuration.json", revision=revision)).parent
-    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot fetch {model_id}'s configuration.json: {reason}") from exc
+    def fetch(local_files_only: bool) -> Path:
+        got = model_file_download(
+            model_id, "configuration.json", revision=revision, local_files_only=local_files_only
+        )
+        return Path(got).parent
+
+    return from_cache_or_hub(model_id, "the configuration.json", fetch)
 
 
 def download_from_hub(model_id: str, revision: str | None) -> Path:
     """Download (or find in ModelScope's cache) a hub checkpoint; one clear error if impossible."""
     from modelscope.hub.snapshot_download import snapshot_download  # slow import, only when needed
 
+    def fetch(local_files_only: bool) -> Path:
+        return Path(
+            snapshot_download(model_id, revision=revision, local_files_only=local_files_only)
+        )
+
+    return from_cache_or_hub(model_id, "the checkpoint", fetch)
+
+
+def from_cache_or_hub(model_id: str, what: str, fetch: Callable[[bool], Path]) -> Path:
+    """`fetch(local_files_only)` once a probe shows the hub answers, else from ModelScope's
+    cache: offline, the hub client retries for a minute before it gives up (even when asked for
+    local files only, it first asks the hub for the revision), so an unreachable hub with no
+    cached copy is refused in seconds instead. Errors are whole, never cut."""
     # The hub client sets its own logger to INFO on import and logs every retry; keep its
     # retries out of a failing command's one-line error unless we run verbose.
     quiet = logging.WARNING if log.isEnabledFor(logging.INFO) else logging.ERROR
     logging.getLogger("modelscope_hub").setLevel(quiet)
-    try:
-        return Path(snapshot_download(model_id, revision=revision))
-    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    offline_hint = (
+        f"offline, pass --model with one of {', '.join(OFFLINE_NAMES)} (built here, no hub) "
+        f"or a local folder holding {', '.join(REQUIRED_FILES)}"
+    )
+    unreachable = hub_unreachable()
+    if unreachable is not None and not in_hub_cache(model_id):
         raise CheckpointError(
-            f"cannot fetch {model_id!r} from the ModelScope hub ({reason}); pass --model with a "
-            f"local folder holding {', '.join(REQUIRED_FILES)}"
+            f"cannot fetch {what} of {model_id!r}: ModelScope's cache does not hold it and the "
+            f"ModelScope hub cannot be reached ({unreachable}); {offline_hint}"
+        )
+    try:
+        return fetch(unreachable is not None)
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        where = "the ModelScope hub" if unreachable is None else "ModelScope's cache (hub down)"
+        raise CheckpointError(
+            f"cannot fetch {what} of {model_id!r} from {where} ({reason}); {offline_hint}"
         ) from exc
+
+
+def in_hub_cache(model_id: str) -> bool:
+    """Whether ModelScope's cache has a folder for `model_id`, in its layout or an older one."""
+    from modelscope.hub.utils.utils import find_reusable_legacy_repo_dir
+    from modelscope_hub.config import get_default_config
+
+    current = Path(get_default_config().cache_dir) / "models" / model_id.replace("/", "--")
+    return current.is_dir() or bool(find_reusable_legacy_repo_dir(model_id, repo_type="model"))
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_S) -> str | None:
+    """Why the ModelScope hub the hub client would use (`MODELSCOPE_ENDPOINT`, else its
+    default) does not answer a TCP connect within `timeout_s`, or None when it does. Probed on
+    a thread of its own: name resolution has no timeout of its own."""
+    from modelscope_hub.config import get_default_config
+
+    endpoint = str(get_default_config().endpoint)
+    parts = urlsplit(endpoint)
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+                outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{endpoint}: {exc.strerror or exc}")
+
+    thread = threading.Thread(target=probe, daemon=True, name="capworks-hub-probe")
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"{endpoint}: no answer within {timeout_s:.0f} s"

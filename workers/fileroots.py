@@ -16,6 +16,8 @@ from schema.errors import Code, StorageError
 # Every component is opened this way: a symlink fails with ELOOP instead of being followed, and a
 # FIFO opens without waiting for a writer.
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# How an operator lets workers read a folder; every refusal of a path outside the roots says it.
+HOW_TO_OPEN = "add the folder to CAPWORKS_FILE_ROOTS or give `capworks worker --file-root DIR`"
 
 
 class FileRoots:
@@ -33,8 +35,7 @@ class FileRoots:
         path = Path(os.path.abspath(path))
         root = next((p for p in (path, *path.parents) if p in self._roots), None)
         if root is None:
-            where = "the file roots" if self._roots else "any file root (none configured)"
-            raise StorageError(Code.FORBIDDEN_PATH, f"{path}: not under {where}")
+            raise StorageError(Code.FORBIDDEN_PATH, f"{path}: {self._outside()}")
         fd = open_beneath(root, path.relative_to(root).parts, path)
         try:
             check_regular(os.fstat(fd), path)
@@ -43,6 +44,19 @@ class FileRoots:
             raise
         with os.fdopen(fd, "rb") as f:
             return f.read(max_bytes + 1)
+
+    def covers(self, path: Path) -> bool:
+        """Whether `path` lies under a root (by name: a symlink inside is still refused)."""
+        path = Path(os.path.abspath(path))
+        return any(p in self._roots for p in (path, *path.parents))
+
+    def _outside(self) -> str:
+        """Why a path outside the roots is refused, naming the setting that opens it: a worker
+        started with none refuses every local path, and its operator must learn how to open
+        one from the dead letter alone."""
+        if not self._roots:
+            return f"not under any file root (none configured: {HOW_TO_OPEN})"
+        return f"not under the file roots ({HOW_TO_OPEN})"
 
 
 def check_regular(st: os.stat_result, path: Path) -> None:

@@ -23,9 +23,10 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from capworks.models import resolve_model
 from capworks.plain import plain
 from producer.sources import InputError, iter_refs
-from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
+from schema.checkpoint import CheckpointConfig
 from schema.db import connect
 from schema.redact import redact, redact_uri
 from schema.settings import Settings, get_settings
@@ -83,8 +84,7 @@ def run_caption(request: CaptionRequest) -> int:
     for item in request.inputs:
         if not is_s3(item) and not is_http(item) and not Path(item).exists():
             raise InputError(f"no such file or directory: {item}")
-    db = connect(request.db)
-    config = resolve_model(request.model, request.revision, settings)
+    config = resolve_model(request.model, request.revision, settings, say=say)
     # Built on the first s3:// reference (an input or a line of a URI list), never before.
     s3 = LazyS3Client(settings)
     refs = list(iter_refs(request.inputs, s3))
@@ -92,6 +92,9 @@ def run_caption(request: CaptionRequest) -> int:
     # A one-shot command reads the local paths it was given (and the configured roots), no more.
     roots = [Path(i) for i in request.inputs if not is_s3(i) and not is_http(i)]
     with one_shot_path(settings, config, s3, model, file_roots=roots, allow=request.allow) as path:
+        # Only now that the model has loaded: a model that cannot load leaves no database
+        # file behind (SQLite creates ./capworks.db on connect).
+        db = connect(request.db)
         outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
     print_results(outcomes, as_json=request.json)
     return 0
@@ -136,13 +139,9 @@ def one_shot_path(
         path.close()
 
 
-def resolve_model(model: str, revision: str | None, settings: Settings) -> CheckpointConfig:
-    """Resolve `--model`, building an offline checkpoint on first use."""
-    if model in OFFLINE_NAMES:
-        from capworks.checkpoints.build import ensure_checkpoint
-
-        ensure_checkpoint(model, settings.checkpoint_dir)  # returns at once when already built
-    return resolve_checkpoint(model, revision, settings.checkpoint_dir)
+def say(line: str) -> None:
+    """What the command is doing, on stderr at once (a hub lookup or a build takes a while)."""
+    print(f"capworks: {line}", file=sys.stderr, flush=True)
 
 
 def caption_with_progress(
