@@ -212,3 +212,13 @@ def test_bad_references_get_one_line_and_a_non_zero_exit(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(TRAIN_VENV, reason="the main venv's refusal: torchvision loads here")
+def test_without_the_train_venv_finetune_says_how_to_get_it_in_one_line(tmp_path: Path) -> None:
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"uri": "a.png", "caption": "a red square"}) + "\n")
+    done = run_cli("finetune", str(refs), "--output", str(tmp_path / "out"), "--model", "shapes")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scripts/install.sh --train" in lines[0], done.stderr
