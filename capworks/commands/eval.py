@@ -190,7 +190,8 @@ def caption_references(
 ) -> Hypotheses:
     """Caption the reference images through the `capworks caption` path, storing the captions;
     local files are read from under `roots` only."""
-    from capworks.commands.caption import ModelOptions, RateColumn, one_shot_path, resolve_model
+    from capworks.commands.caption import ModelOptions, RateColumn, one_shot_path
+    from capworks.models import resolve_model
     from schema.settings import get_settings
     from schema.storage import make_s3_client
     from workers.engine import CaptionedImage
