@@ -226,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     health.add_argument("--host", help="require a fresh worker heartbeat from this host")
     health.add_argument(
-        "--worker", action="store_true", help="require a fresh heartbeat from this host"
+        "--worker",
+        action="store_true",
+        help="require a fresh heartbeat from a worker on this host or container (the probe "
+        "of a worker container; twins with one hostname are told apart by pid namespace)",
     )
     health.add_argument("--no-database", action="store_true", help="do not check the database")
 
@@ -447,8 +450,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         if args.command in ("status", "health"):
-            import socket
-
             from capworks.commands import status
             from schema.queue import redis_tls_options
 
@@ -473,8 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         settings.metrics_allow_open,
                     )
                 )
-            host = socket.gethostname() if args.worker else args.host
-            return status.run_health(status.HealthRequest(farm, host, not args.no_database))
+            request = status.HealthRequest(farm, args.host, not args.no_database, args.worker)
+            return status.run_health(request)
         if args.command == "eval":
             from pathlib import Path
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from schema.heartbeat import Heartbeat, read_heartbeats
+from schema.heartbeat import Heartbeat, pid_space, read_heartbeats, redis_now
 from schema.tables import Caption, Crawl, Failure, utcnow
 
 UNACKED_KEY = "unacked"
@@ -141,17 +139,18 @@ def read_queue(
 
 
 def worker_states(
-    heartbeats: list[Heartbeat], stale_after_s: float, now: float | None = None
+    heartbeats: list[Heartbeat], stale_after_s: float, now: float
 ) -> list[WorkerState]:
-    """Heartbeats judged: stale past `stale_after_s`; gone when on this host with no process."""
-    now = time.time() if now is None else now
-    here = socket.gethostname()
+    """Heartbeats judged at `now` (Redis's clock, `redis_now`): stale past `stale_after_s`;
+    gone when its process was in this pid namespace and is there no more. Hostnames and pids
+    repeat across containers, so only a heartbeat from our own pid space is judged by pid."""
+    here = pid_space()
     return [
         WorkerState(
             hb,
             hb.age_s(now),
             hb.age_s(now) > stale_after_s,
-            hb.host == here and not _process_exists(hb.pid),
+            bool(here) and hb.pid_space == here and not _process_exists(hb.pid),
         )
         for hb in heartbeats
     ]
@@ -218,7 +217,7 @@ def ping_database(db: Engine) -> None:
 def gather(redis: Any, db: Engine, queue: str, stale_after_s: float) -> FarmStatus:
     """Every figure of `capworks status`, read now."""
     depth = read_queue(redis, queue)
-    workers = worker_states(read_heartbeats(redis, queue), stale_after_s)
+    workers = worker_states(read_heartbeats(redis, queue), stale_after_s, redis_now(redis))
     activity = read_activity(db)
     queued = depth.images_waiting + depth.images_held
     eta = queued / activity.captioned_per_s if activity.captioned_per_s else None
@@ -226,11 +225,21 @@ def gather(redis: Any, db: Engine, queue: str, stale_after_s: float) -> FarmStat
 
 
 def health_problems(
-    workers: list[WorkerState], host: str | None, stale_after_s: float
+    workers: list[WorkerState],
+    host: str | None,
+    stale_after_s: float,
+    pid_space: str | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(problems, fine): with `host`, that host must have a live, fresh worker; every worker
-    considered (all, or the host's) must have beaten within `stale_after_s`."""
-    considered = [w for w in workers if host is None or w.heartbeat.host == host]
+    """(problems, fine): with `host` (a hostname) or `pid_space` (this container or host's
+    processes, `schema.heartbeat.pid_space`), there must be a live, fresh worker there; every
+    worker considered (all, or those) must have beaten within `stale_after_s`. Twin containers
+    share a hostname, so `capworks health --worker` asks by pid space, not by name."""
+    considered = [
+        w
+        for w in workers
+        if (host is None or w.heartbeat.host == host)
+        and (pid_space is None or w.heartbeat.pid_space == pid_space)
+    ]
     problems, fine = [], []
     live = [w for w in considered if not w.gone]
     for w in live:
@@ -243,6 +252,8 @@ def health_problems(
             )
         else:
             fine.append(f"{what} beat {w.age_s:.0f} s ago, {hb.jobs_in_flight} jobs in flight")
-    if host is not None and not live:
+    if pid_space is not None and not live:
+        problems.append("no worker heartbeat from this host (its pid namespace)")
+    elif host is not None and not live:
         problems.append(f"no worker heartbeat from host {host}")
     return problems, fine

@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from capworks.farm import read_activity, read_queue, worker_states
-from schema.heartbeat import read_heartbeats
+from schema.heartbeat import read_heartbeats, redis_now
 from schema.tables import Failure
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,9 @@ class FarmCollector(Collector):
 
     def _from_redis(self) -> Iterator[Metric]:
         depth = read_queue(self._redis, self._queue)
-        workers = worker_states(read_heartbeats(self._redis, self._queue), self._stale_after_s)
+        workers = worker_states(
+            read_heartbeats(self._redis, self._queue), self._stale_after_s, redis_now(self._redis)
+        )
         jobs = GaugeMetricFamily("capworks_queue_jobs", "Jobs in the queue", labels=["state"])
         jobs.add_metric(["waiting"], depth.jobs_waiting)
         jobs.add_metric(["held"], depth.jobs_held)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
@@ -33,6 +34,18 @@ def connect(url: str) -> Engine:
             Code.DATABASE_UNAVAILABLE, f"cannot reach database {engine.url!r}: {reason}"
         ) from exc
     return engine
+
+
+def database_now(engine: Engine) -> datetime:
+    """The database's clock, timezone-aware UTC: every host compares stored times with the same
+    clock (PostgreSQL's `now()`). SQLite is a file on the one host that uses it: its clock is
+    that host's."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            now = conn.scalar(text("SELECT now()"))
+        if isinstance(now, datetime):
+            return now.astimezone(UTC)
+    return datetime.now(UTC)
 
 
 def migrate(engine: Engine, target: str = "head", *, down: bool = False) -> None:

@@ -3,24 +3,26 @@
 The contract between workers (which write) and `capworks status` / `capworks health` (which
 read): one Redis key per process, `capworks:heartbeat:<queue>:<instance>` (the process's random
 instance id, `schema/instance.py`: hosts and pids repeat across containers), holding JSON
-(instance, host, pid, device, model, queue, jobs in flight, images waiting for a batch, start
-and beat times in Unix seconds) and expiring `ttl_s` after the last beat. The batch loop beats after
-every batch and while it waits for images, so a model thread that hangs stops the beats while
-Celery itself still answers: its heartbeat goes stale (older than `heartbeat_stale_s`), and
-the key disappears after the TTL. A process that stops cleanly removes its key (`forget`).
+(instance, host, pid, the process's pid namespace, device, model, queue, jobs in flight, images
+waiting for a batch, start and beat times in Unix seconds) and expiring `ttl_s` after the last
+beat. The batch loop beats after every batch and while it waits for images, so a model thread
+that hangs stops the beats while Celery itself still answers: its heartbeat goes stale (older
+than `heartbeat_stale_s`), and the key disappears after the TTL. A process that stops cleanly
+removes its key (`forget`).
 
-Beat times are the worker host's wall clock: readers compare them with their own, so hosts
-must keep their clocks in step (NTP) to within a small part of the stale threshold.
+Beat times are Redis's clock (`TIME`), and readers compare them with Redis's clock too: a host
+whose own clock is off by minutes neither looks stale while it works nor fresh after it stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
-import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from schema.instance import instance_id
@@ -43,17 +45,20 @@ class Heartbeat:
     queue: str
     jobs_in_flight: int
     images_waiting: int
-    started_at: float  # Unix seconds, when the process started beating
-    beat_at: float  # Unix seconds, the last beat
+    started_at: float  # Unix seconds, Redis's clock, when the process started beating
+    beat_at: float  # Unix seconds, Redis's clock, the last beat
+    # Where `pid` means something: the kernel's boot id and the pid namespace's inode. Twin
+    # containers share a hostname and pids but not a pid namespace ("" from older workers).
+    pid_space: str = ""
 
     @property
     def key(self) -> str:
         """The Redis key of this process's heartbeat."""
         return heartbeat_key(self.queue, self.instance)
 
-    def age_s(self, now: float | None = None) -> float:
-        """Seconds since the last beat (never negative, whatever the clocks say)."""
-        return max(0.0, (time.time() if now is None else now) - self.beat_at)
+    def age_s(self, now: float) -> float:
+        """Seconds since the last beat at `now` (Redis's clock, `redis_now`); never negative."""
+        return max(0.0, now - self.beat_at)
 
     def to_json(self) -> str:
         """The stored form."""
@@ -75,6 +80,7 @@ class Heartbeat:
                 images_waiting=int(data["images_waiting"]),
                 started_at=float(data["started_at"]),
                 beat_at=float(data["beat_at"]),
+                pid_space=str(data.get("pid_space", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a heartbeat: {exc}") from exc
@@ -93,7 +99,7 @@ def beat(
     queue: str,
     jobs_in_flight: int,
     images_waiting: int = 0,
-    started_at: float,
+    started_at: float | None = None,
     ttl_s: int = DEFAULT_TTL_S,
     instance: str | None = None,
     host: str | None = None,
@@ -101,9 +107,11 @@ def beat(
 ) -> Heartbeat:
     """Write this process's heartbeat (one SET with a TTL) and return it.
 
-    Call it from the batch loop after each batch and on each idle wait. Redis errors are the
-    caller's: a worker that cannot reach its broker has bigger problems than its heartbeat.
+    Call it from the batch loop after each batch and on each idle wait. `started_at` defaults
+    to this beat's time (a first beat). Redis errors are the caller's: a worker that cannot
+    reach its broker has bigger problems than its heartbeat.
     """
+    now = redis_now(redis)
     heartbeat = Heartbeat(
         instance=instance or instance_id(),
         host=host or socket.gethostname(),
@@ -113,11 +121,30 @@ def beat(
         queue=queue,
         jobs_in_flight=jobs_in_flight,
         images_waiting=images_waiting,
-        started_at=started_at,
-        beat_at=time.time(),
+        started_at=now if started_at is None else started_at,
+        beat_at=now,
+        pid_space=pid_space(),
     )
     redis.set(heartbeat.key, heartbeat.to_json(), ex=ttl_s)
     return heartbeat
+
+
+def redis_now(redis: Any) -> float:
+    """Redis's clock (`TIME`), in Unix seconds: the one clock every host's beats and every
+    reader's ages are measured on."""
+    seconds, micros = redis.time()
+    return float(seconds) + float(micros) / 1e6
+
+
+@functools.cache
+def pid_space() -> str:
+    """This process's pid namespace, told apart across hosts and containers: the kernel's boot
+    id and the namespace's inode ("" where /proc cannot say)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def forget(redis: Any, queue: str, instance: str | None = None) -> None:

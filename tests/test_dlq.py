@@ -209,6 +209,23 @@ def test_purge_deletes_what_the_filters_select(pg: Pipeline) -> None:
     assert set(failure_rows(db)) == {GONE}
 
 
+def test_older_than_counts_on_the_databases_clock_not_the_writers(
+    pg: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock is an hour behind writes a dead letter now: `--older-than 30m`
+    (on the database's clock) must not take it for an hour-old one."""
+    import workers.persist
+
+    monkeypatch.setattr(workers.persist, "utcnow", lambda: datetime.now(UTC) - timedelta(hours=1))
+    db = connect(pg.db_url)
+    fail(db, (GONE, Code.NOT_FOUND))
+    listed = dlq(pg, "list", "--older-than", "30m", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == "", listed.stdout
+    seen = failure_rows(db)[GONE].last_seen
+    assert abs((seen - datetime.now(UTC)).total_seconds()) < 60
+
+
 def test_purge_without_a_filter_refuses_unless_all_and_yes(pg: Pipeline) -> None:
     db = connect(pg.db_url)
     fail(db, (GONE, Code.NOT_FOUND), (BROKEN, Code.UNDECODABLE))

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,7 @@ def test_health_follows_the_heartbeat_of_this_host(queue: str, pg_url: str) -> N
     env = cli_env(queue, stale_s=1.5)
     missing = run_cli("health", "--worker", "--db", pg_url, env=env)
     assert missing.returncode == 1
-    assert f"no worker heartbeat from host {host}" in missing.stdout
+    assert "no worker heartbeat from this host" in missing.stdout
     loop = FakeBatchLoop(queue)
     time.sleep(0.3)
     healthy = run_cli("health", "--worker", "--db", pg_url, env=env)
@@ -250,7 +251,19 @@ def test_health_follows_the_heartbeat_of_this_host(queue: str, pg_url: str) -> N
     beat(r, device="cpu", model="m", queue=queue, jobs_in_flight=0, started_at=0,
          pid=int(dead.stdout))  # fmt: skip
     gone = run_cli("health", "--worker", "--db", pg_url, env=env)
-    assert gone.returncode == 1 and "no worker heartbeat from host" in gone.stdout
+    assert gone.returncode == 1 and "no worker heartbeat from this host" in gone.stdout
+    # A twin container: this hostname and a pid that exists here, but another pid namespace.
+    # It is neither this container's worker (`--worker` is unhealthy) nor judged gone by pid.
+    forget(r, queue)
+    twin = beat(r, device="cpu", model="m", queue=queue, jobs_in_flight=0, instance="twin",
+                pid=os.getpid())  # fmt: skip
+    r.set(twin.key, replace(twin, pid_space="another-boot/4026531836").to_json(), ex=60)
+    not_mine = run_cli("health", "--worker", "--no-database", "--db", pg_url, env=env)
+    assert not_mine.returncode == 1, not_mine.stdout
+    assert "no worker heartbeat from this host" in not_mine.stdout
+    r.set(twin.key, replace(twin, pid=2**22 + 7, pid_space="another-boot/1").to_json(), ex=60)
+    shown = run_cli("status", "--json", "--db", pg_url, env=env)
+    assert [w["gone"] for w in json.loads(shown.stdout)["workers"]] == [False], shown.stdout
     other = run_cli("health", "--host", "elsewhere", "--db", pg_url, env=env)
     assert other.returncode == 1 and "no worker heartbeat from host elsewhere" in other.stdout
 

@@ -242,7 +242,6 @@ class ResultWriter:
         """The whole batch in one round trip: every column travels as one array parameter."""
         images, captions, failures = batch.images, batch.captions, batch.failures
         params: dict[str, Any] = {
-            "now": batch.now,
             "model_id": self._model_id,
             "revision": self._revision,
             "settings_hash": self._settings_hash,
@@ -351,12 +350,14 @@ class ResultWriter:
         )
 
 
-# The same upserts as the portable path, as one statement (data-modifying WITH clauses).
+# The same upserts as the portable path, as one statement (data-modifying WITH clauses). Times
+# are the database's clock (`now()`), so `dlq --older-than` compares rows written by hosts
+# whose clocks disagree on one clock.
 _POSTGRES_SAVE = """
 WITH img AS (
     INSERT INTO images (uri, bucket, key, version_id, etag, size_bytes, width_px, height_px,
                         first_seen, updated_at)
-    SELECT u.*, %(now)s, %(now)s
+    SELECT u.*, now(), now()
     FROM unnest(%(i_uri)b::text[], %(i_bucket)b::text[], %(i_key)b::text[],
                 %(i_version_id)b::text[], %(i_etag)b::text[], %(i_size_bytes)b::bigint[],
                 %(i_width_px)b::integer[], %(i_height_px)b::integer[]) AS u
@@ -374,7 +375,7 @@ WITH img AS (
     INSERT INTO captions (image_id, model_id, revision, settings_hash, settings, text, score,
                           alternatives, tags, created)
     SELECT img.id, %(model_id)s, %(revision)s, %(settings_hash)s, %(settings)s::json,
-           c.text, c.score, c.alternatives::json, c.tags::jsonb, %(now)s
+           c.text, c.score, c.alternatives::json, c.tags::jsonb, now()
     FROM unnest(%(c_uri)b::text[], %(c_text)b::text[], %(c_score)b::float8[],
                 %(c_alternatives)b::text[], %(c_tags)b::text[])
          AS c (uri, text, score, alternatives, tags)
@@ -391,7 +392,7 @@ WITH img AS (
 )
 INSERT INTO failures (image_id, model_id, revision, settings_hash, code, message, attempts,
                       first_seen, last_seen, job_id, traceback, replays)
-SELECT img.id, f.model_id, f.revision, f.settings_hash, f.code, f.message, 1, %(now)s, %(now)s,
+SELECT img.id, f.model_id, f.revision, f.settings_hash, f.code, f.message, 1, now(), now(),
        f.job_id, f.traceback, 0
 FROM unnest(%(f_uri)b::text[], %(f_model_id)b::text[], %(f_revision)b::text[],
             %(f_settings_hash)b::text[], %(f_code)b::text[], %(f_message)b::text[],

@@ -144,22 +144,22 @@ class Runtime:
         config = resolve_checkpoint(settings.model, settings.revision, settings.checkpoint_dir)
         slots = RunSlots()
         client = make_redis(settings, socket_timeout_s=5)
-        started_at = time.time()
-
+        started: list[float] = []  # Redis's clock at the first beat
         built: list[ImagePath] = []  # the first beat comes before build_path returns
 
         def on_beat(images_waiting: int) -> None:
             captioner = built[0].batcher.captioner if built else None
-            heartbeat.beat(
+            beat = heartbeat.beat(
                 client,
                 device=str(getattr(captioner, "device", settings.device)),
                 model=config.model_id,
                 queue=settings.queue_name,
                 jobs_in_flight=slots.running,
                 images_waiting=images_waiting,
-                started_at=started_at,
+                started_at=started[0] if started else None,
                 ttl_s=settings.heartbeat_ttl_s,
             )
+            started[:] = [beat.started_at]
 
         path = build_path(
             settings, config, fetcher=fetcher, captioner=captioner, decoder=decoder, on_beat=on_beat

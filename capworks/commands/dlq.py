@@ -31,7 +31,7 @@ from capworks.plain import plain
 from producer.crawl import Publisher, wait_for_room
 from producer.enqueue import make_publisher
 from producer.sources import InputError
-from schema.db import connect
+from schema.db import connect, database_now
 from schema.errors import Code
 from schema.jobs import Job, new_job_id
 from schema.redact import escape_controls
@@ -47,6 +47,7 @@ class Selection:
     code: str | None = None
     prefix: str | None = None
     older_than_s: float | None = None
+    now: datetime | None = None  # what --older-than counts back from: the database's clock
 
     @property
     def is_everything(self) -> bool:
@@ -60,7 +61,8 @@ class Selection:
         if self.prefix:
             query = query.where(Image.uri.startswith(self.prefix, autoescape=True))
         if self.older_than_s is not None:
-            query = query.where(Failure.last_seen < utcnow() - timedelta(seconds=self.older_than_s))
+            now = self.now or utcnow()
+            query = query.where(Failure.last_seen < now - timedelta(seconds=self.older_than_s))
         return query
 
 
@@ -69,7 +71,8 @@ def run_dlq(args: argparse.Namespace) -> int:
     db = connect(args.db)
     if args.action == "show":
         return show(db, args.uri)
-    selection = Selection(args.code, args.prefix, args.older_than)
+    now = database_now(db) if args.older_than is not None else None
+    selection = Selection(args.code, args.prefix, args.older_than, now)
     if args.action == "list":
         return list_rows(db, selection, args.limit, args.json)
     if args.action == "purge":
@@ -311,5 +314,7 @@ def record_replay(db: Engine, failure_ids: list[int], job_id: str) -> None:
         conn.execute(
             update(Failure)
             .where(Failure.id.in_(failure_ids))
-            .values(replays=Failure.replays + 1, last_replayed=utcnow(), replay_job=job_id)
+            .values(
+                replays=Failure.replays + 1, last_replayed=database_now(db), replay_job=job_id
+            )
         )

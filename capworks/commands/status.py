@@ -24,7 +24,7 @@ from capworks.farm_metrics import FarmCollector
 from capworks.plain import plain, plain_line
 from schema.db import connect
 from schema.errors import CapworksError
-from schema.heartbeat import read_heartbeats
+from schema.heartbeat import pid_space, read_heartbeats, redis_now
 from schema.metrics_endpoint import check_bind, start_metrics_server
 
 REDIS_TIMEOUT_S = 3.0
@@ -61,11 +61,13 @@ class StatusRequest:
 
 @dataclass(frozen=True)
 class HealthRequest:
-    """What `capworks health` was asked: `host` must have a fresh worker when given."""
+    """What `capworks health` was asked: `host` (by name), or this host or container (`here`,
+    by pid namespace), must have a fresh worker when given."""
 
     farm: FarmAddress
     host: str | None = None
     check_database: bool = True
+    here: bool = False
 
 
 def open_redis(url: str, tls: dict[str, Any] | None = None) -> Any:
@@ -264,8 +266,12 @@ def run_health(request: HealthRequest) -> int:
             problems.append(str(exc))
     fine: list[str] = []
     if client is not None:
-        workers = worker_states(read_heartbeats(client, farm.queue), farm.stale_after_s)
-        beat_problems, fine = health_problems(workers, request.host, farm.stale_after_s)
+        workers = worker_states(
+            read_heartbeats(client, farm.queue), farm.stale_after_s, redis_now(client)
+        )
+        beat_problems, fine = health_problems(
+            workers, request.host, farm.stale_after_s, pid_space() if request.here else None
+        )
         problems.extend(beat_problems)
     for line in problems:
         print(f"unhealthy: {plain_line(line)}")

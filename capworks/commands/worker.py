@@ -253,11 +253,11 @@ def hand_back_jobs(instance: str) -> None:
 
 def heartbeat_age_s(settings: Settings) -> Callable[[str], float]:
     """How long ago a child (by instance id) last beat, in seconds; 0 when it has no heartbeat
-    (still loading its model) or Redis cannot say. Compared on this host's clock, the one the
-    child wrote it with."""
+    (still loading its model) or Redis cannot say. Measured on Redis's clock, the one the child
+    wrote it with."""
     import redis
 
-    from schema.heartbeat import Heartbeat, heartbeat_key
+    from schema.heartbeat import Heartbeat, heartbeat_key, redis_now
     from schema.queue import make_redis
 
     client = make_redis(settings, socket_timeout_s=5)
@@ -265,7 +265,7 @@ def heartbeat_age_s(settings: Settings) -> Callable[[str], float]:
     def age_s(instance: str) -> float:
         try:
             raw = client.get(heartbeat_key(settings.queue_name, instance))
-            return Heartbeat.from_json(raw).age_s() if raw is not None else 0.0
+            return Heartbeat.from_json(raw).age_s(redis_now(client)) if raw is not None else 0.0
         except (redis.RedisError, ValueError) as exc:
             log.warning("could not read the heartbeat of %s (%s)", instance, exc)
             return 0.0
