@@ -13,9 +13,6 @@ Parquet file back to check its row count. The database and files are removed at 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import resource
 import shutil
 import tempfile
 import time
@@ -23,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 from scratch_pg import scratch_database
 from sqlalchemy import text
 
@@ -51,30 +49,13 @@ FILL = [
 ]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(db_url: str, out: str, fmt: str, pipe: Any) -> None:
-    """In a child: one export, then the figures back through the pipe."""
+def measure(db_url: str, out: str, fmt: str) -> dict[str, Any]:
+    """One export (in a child of its own): its time and peak RSS growth."""
     base = rss_bytes()
     started = time.perf_counter()
     run_export(ExportRequest(out, fmt, db_url, show_progress=False))  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    pipe.send({"seconds": seconds, "rss": peak - base})
-
-
-def run_child(db_url: str, out: str, fmt: str) -> dict[str, Any]:
-    parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("fork").Process(
-        target=measure, args=(db_url, out, fmt, child)
-    )
-    proc.start()
-    result: dict[str, Any] = parent.recv()
-    proc.join()
-    return result
+    return {"seconds": seconds, "rss": peak_growth_bytes(base)}
 
 
 def main() -> None:
@@ -96,7 +77,7 @@ def main() -> None:
             print(f"filled {args.captions:,} captions in {time.perf_counter() - started:.1f} s")
             for fmt in args.formats.split(","):
                 out = tmp / f"captions.{fmt}"
-                r = run_child(db_url, str(out), fmt)
+                r = run_in_child(measure, db_url, str(out), fmt)
                 size_mb = out.stat().st_size / 2**20
                 check = ""
                 if fmt == "parquet":

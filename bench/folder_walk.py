@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 
 from producer.crawl import PAGE_SIZE
 from producer.sources import IMAGE_SUFFIXES, iter_positions, local_position, local_ref
@@ -55,13 +55,8 @@ def new_positions(source: str, start_after: str | None) -> Iterator[tuple[str, I
 WALKS = {"old": old_positions, "new": new_positions}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(walk: str, root: str, start_after: str | None, out: Any) -> None:
-    """In a child: list the tree once, sending the figures back."""
+def measure(walk: str, root: str, start_after: str | None) -> dict[str, Any]:
+    """List the tree once (in a child of its own): the times and peak RSS growth."""
     base = rss_bytes()
     started = time.perf_counter()
     first = page = None
@@ -73,21 +68,13 @@ def measure(walk: str, root: str, start_after: str | None, out: Any) -> None:
         if count == PAGE_SIZE:
             page = time.perf_counter() - started
     total = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.send(
-        {"first_s": first, "page_s": page, "total_s": total, "count": count, "rss": peak - base}
-    )
-
-
-def run_child(walk: str, root: str, start_after: str | None) -> dict[str, Any]:
-    parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("fork").Process(
-        target=measure, args=(walk, root, start_after, child)
-    )
-    proc.start()
-    result: dict[str, Any] = parent.recv()
-    proc.join()
-    return result
+    return {
+        "first_s": first,
+        "page_s": page,
+        "total_s": total,
+        "count": count,
+        "rss": peak_growth_bytes(base),
+    }
 
 
 def make_tree(root: Path, files: int, per_folder: int) -> None:
@@ -116,7 +103,7 @@ def main() -> None:
         rows = {}
         for case, position in (("from the start", None), ("resume near the end", near_end)):
             for walk in ("old", "new"):
-                rows[(case, walk)] = r = run_child(walk, root, position)
+                rows[(case, walk)] = r = run_in_child(measure, walk, root, position)
                 print(
                     f"{case:20s} {walk}: first ref {r['first_s']:.3f} s, first job "
                     f"({PAGE_SIZE:,} refs) {r['page_s'] or float('nan'):.3f} s, all "

@@ -15,9 +15,6 @@ are deleted after each crawl.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
-import resource
 import shutil
 import tempfile
 import time
@@ -28,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
+from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 
 from producer.crawl import SENT_KEY, Filters, run_crawl
 from producer.enqueue import make_publisher
@@ -37,11 +35,6 @@ from schema.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 GOAL_URIS_PER_S = 20_000
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def make_inputs(tmp: Path, rows: int, row_group: int) -> tuple[Path, Path]:
@@ -60,8 +53,8 @@ def make_inputs(tmp: Path, rows: int, row_group: int) -> tuple[Path, Path]:
     return parquet, listing
 
 
-def measure(source: str, table: TableSpec | None, tmp: str, out: Any) -> None:
-    """In a child: one crawl to the end, then the figures back through the pipe."""
+def measure(source: str, table: TableSpec | None, tmp: str) -> dict[str, Any]:
+    """One crawl to the end (in a child of its own): its count, time and peak RSS growth."""
     queue = f"bench-table-{uuid.uuid4().hex[:8]}"
     settings = Settings(broker_url=REDIS_URL, queue_name=queue)
     publisher = make_publisher(settings)
@@ -81,25 +74,13 @@ def measure(source: str, table: TableSpec | None, tmp: str, out: Any) -> None:
         table=table,
     )
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     r = redis.Redis.from_url(REDIS_URL)
     r.delete(queue)
     marks = list(r.scan_iter(match=SENT_KEY.format(f"{queue}-*"), count=10_000))
     for start in range(0, len(marks), 1000):
         r.delete(*marks[start : start + 1000])
     db.dispose()
-    out.send({"enqueued": stats.enqueued, "seconds": seconds, "rss": peak - base})
-
-
-def run_child(source: str, table: TableSpec | None, tmp: Path) -> dict[str, Any]:
-    parent, child = multiprocessing.Pipe()
-    proc = multiprocessing.get_context("fork").Process(
-        target=measure, args=(source, table, str(tmp), child)
-    )
-    proc.start()
-    result: dict[str, Any] = parent.recv()
-    proc.join()
-    return result
+    return {"enqueued": stats.enqueued, "seconds": seconds, "rss": peak_growth_bytes(base)}
 
 
 def main() -> None:
@@ -123,7 +104,7 @@ def main() -> None:
         ]
         rates = {}
         for label, source, table in cases:
-            r = run_child(source, table, tmp)
+            r = run_in_child(measure, source, table, tmp)
             rates[label] = rate = r["enqueued"] / r["seconds"]
             goal = "meets" if rate >= GOAL_URIS_PER_S else "misses"
             print(
