@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from schema.errors import CapworksError, CheckpointError
+from schema.logs import quiet_libraries
 from schema.redact import escape_controls, install_log_redaction, redact
 from schema.settings import BadSetting, get_settings
 
@@ -566,16 +567,8 @@ def configure_logging(verbosity: int, quiet_transformers: bool = True) -> None:
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-    for noisy in ("modelscope", "modelscope_hub", "transformers", "fairseq", "botocore", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if not quiet_transformers:
-        return
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    except ImportError:
-        pass
+    # The same set a worker quiets (schema/logs.py).
+    quiet_libraries(level, import_transformers=quiet_transformers)
 
 
 if __name__ == "__main__":

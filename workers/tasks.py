@@ -22,6 +22,7 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 from schema.broker_check import check_broker
 from schema.errors import CapworksError, Code
 from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
+from schema.logs import quiet_libraries
 from schema.metrics_endpoint import check_bind
 from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
 from schema.redact import install_log_redaction
@@ -55,11 +56,17 @@ def configure_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
-def load_before_taking_jobs(**_: Any) -> None:
+def load_before_taking_jobs(sender: Any = None, **_: Any) -> None:
     """Load the model and open connections before consuming: a worker that cannot (a missing
     checkpoint, a bad database URL, a broker that would evict queued jobs, metrics that would
     listen off loopback with no token) exits instead of taking jobs and failing them; a broker or
-    database that is down (restarting) is waited for, up to `start_wait_s`."""
+    database that is down (restarting) is waited for, up to `start_wait_s`.
+
+    Celery sets up logging after this signal: our format and level come first here, and the
+    model libraries are quieted before and after the model loads (they log as they import)."""
+    level = getattr(sender, "loglevel", None) or logging.INFO
+    configure_logging(level)
+    quiet_libraries(level, import_transformers=True)
     try:
         if settings.metrics_port:
             check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
@@ -72,6 +79,7 @@ def load_before_taking_jobs(**_: Any) -> None:
         for warning in warnings:
             log.warning("%s", warning)
         get_runtime(settings)
+        quiet_libraries(level)  # a library may have lowered the root logger while loading
     except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker
         log.critical("cannot start the worker: %s", exc)
         raise SystemExit(1) from exc
