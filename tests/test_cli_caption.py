@@ -163,10 +163,15 @@ def test_unreachable_hub_says_how_to_use_a_local_checkpoint(tmp_path: Path) -> N
         str(tmp_path),
         "--db",
         f"sqlite:///{tmp_path / 'x.db'}",
-        env={"MODELSCOPE_CACHE": str(tmp_path / "ms-cache")},
+        # The hub: a closed port on loopback (no packet leaves the machine).
+        env={
+            "MODELSCOPE_CACHE": str(tmp_path / "ms-cache"),
+            "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9",
+        },
         timeout=300,
     )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "damo/ofa_image-caption_coco_distilled_en" in lines[0] and "local folder" in lines[0]
+    # What is being looked up, said before it starts, then the error.
+    assert len(lines) == 2 and "ModelScope hub id" in lines[0], result.stderr
+    assert "damo/ofa_image-caption_coco_distilled_en" in lines[1] and "local folder" in lines[1]

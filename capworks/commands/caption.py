@@ -84,6 +84,9 @@ def run_caption(request: CaptionRequest) -> int:
     for item in request.inputs:
         if not is_s3(item) and not is_http(item) and not Path(item).exists():
             raise InputError(f"no such file or directory: {item}")
+    # A server database is checked before the model loads (a bad URL fails in a second); a
+    # SQLite file only once the model has loaded, so a model that cannot load leaves none.
+    db = None if request.db.startswith("sqlite") else connect(request.db)
     config = resolve_model(request.model, request.revision, settings, say=say)
     # Built on the first s3:// reference (an input or a line of a URI list), never before.
     s3 = LazyS3Client(settings)
@@ -92,9 +95,7 @@ def run_caption(request: CaptionRequest) -> int:
     # A one-shot command reads the local paths it was given (and the configured roots), no more.
     roots = [Path(i) for i in request.inputs if not is_s3(i) and not is_http(i)]
     with one_shot_path(settings, config, s3, model, file_roots=roots, allow=request.allow) as path:
-        # Only now that the model has loaded: a model that cannot load leaves no database
-        # file behind (SQLite creates ./capworks.db on connect).
-        db = connect(request.db)
+        db = db or connect(request.db)  # SQLite creates ./capworks.db on connect
         outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
     print_results(outcomes, as_json=request.json)
     return 0
