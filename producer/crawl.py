@@ -268,7 +268,7 @@ def source_pages(
         return _pages(iter_table(source, s3_client, position, table), size)
     if is_inventory(source):
         return _pages(iter_inventory(source, s3_client, position), size)
-    parallel = listing.streams > 1 and not position  # a crawl begun with one stream ends so
+    parallel = (listing.streams > 1 or bool(listing.prefixes)) and not position
     if is_s3(source) and (parallel or is_parts_position(position)):
         if s3_client is None:
             raise InputError(f"{source}: no S3 client configured")

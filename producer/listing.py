@@ -37,7 +37,8 @@ from schema.uris import ImageRef, S3Location, parse_s3, s3_uri
 CHUNK = 1000  # keys a stream hands over at once: one ListObjectsV2 page
 DISCOVERY_DEPTH = 3  # folder levels delimiter discovery descends at most
 DISCOVERY_PAGES = 5  # pages read per folder while discovering; a folder with more is not split
-PARTS_PER_STREAM = 4  # discovery stops once it has this many parts per stream
+PARTS_PER_STREAM = 2  # discovery stops once it has this many parts per stream (a level
+# deeper costs a list request per folder: at least a page of keys each)
 
 
 @dataclass(frozen=True)

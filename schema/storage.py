@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
+from botocore.utils import parse_timestamp
 
 from schema.settings import Settings
 
@@ -22,7 +25,7 @@ def make_s3_client(settings: Settings) -> Any:
         connect_timeout=settings.http_timeout_s,
         read_timeout=settings.http_timeout_s,
     )
-    return boto3.session.Session().client(
+    return fast_timestamp_session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
@@ -36,6 +39,25 @@ def make_s3_client(settings: Settings) -> Any:
         verify=str(settings.s3_ca_bundle) if settings.s3_ca_bundle else None,
         config=config,
     )
+
+
+def parse_timestamp_fast(value: str) -> datetime:
+    """An ISO 8601 time as S3 listings give it (`2026-12-05T17:00:00.000Z`), parsed by the
+    standard library; anything else by botocore's parser. Its general parser (dateutil) took
+    three quarters of the CPU of parsing a ListObjectsV2 page of 1,000 keys."""
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)  # type: ignore[no-any-return]
+
+
+def fast_timestamp_session() -> boto3.session.Session:
+    """A boto3 session whose clients parse listing timestamps with `parse_timestamp_fast`."""
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_timestamp_fast
+    )
+    return boto3.session.Session(botocore_session=core)
 
 
 class LazyS3Client:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.utils import parse_timestamp
 from conftest import s3_client
 from pipeline_support import REDIS_URL, Pipeline, own_queue, queued_images
 from test_inventory import Crash, CrashingPublisher, producer_model
@@ -32,6 +33,7 @@ from producer.listing import (
 )
 from schema.db import connect
 from schema.settings import Settings
+from schema.storage import parse_timestamp_fast
 from schema.uris import S3Location
 
 IDENTITY = ("m", "r", "h")
@@ -134,3 +136,8 @@ def test_given_prefixes_are_listed_by_several_streams_and_only_their_keys_enqueu
     wanted = [uri for uri in uris if uri.split("/")[3] in ("cats", "dogs")]
     assert set(queued) == set(wanted) and set(queued.values()) == {1}
     assert f"listed {len(wanted)}" in result.stdout
+
+
+def test_listing_times_parse_as_botocore_parses_them_iso_and_http_dates_alike() -> None:
+    for text in ("2026-12-05T17:00:01.250Z", "Sat, 05 Dec 2026 17:00:01 GMT", "1764954001"):
+        assert parse_timestamp_fast(text) == parse_timestamp(text), text

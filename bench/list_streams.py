@@ -1,0 +1,154 @@
+"""Bucket listing with 1 vs 8 vs 32 concurrent ListObjectsV2 streams, when every list page
+costs 50 ms more (as a round trip to AWS S3 does), in one run.
+
+A scratch SeaweedFS server on 127.0.0.1 holds `--prefixes` folders of `--keys-per-prefix`
+empty objects; a small loopback proxy in front of it forwards every request and sleeps
+`--page-delay-ms` before each ListObjectsV2 (GETs with `list-type=2`). One stream is today's
+crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s parallel
+listing (delimiter discovery included in its time). Prints keys/s and the ratio to one stream.
+
+    .venv/bin/python bench/list_streams.py [--prefixes 64] [--keys-per-prefix 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from typing import Any
+from urllib.parse import urlsplit
+
+from seaweed import s3_client, scratch_s3
+
+from producer.listing import ListingPlan, iter_parallel_pages
+from producer.sources import iter_s3
+from schema.settings import Settings
+from schema.storage import make_s3_client
+
+BUCKET = "library"
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+def serve_proxy(upstream: str, delay_s: float, ports: Connection) -> None:
+    """Run the proxy (in a process of its own: its threads must not hold the listing's GIL)."""
+    target = urlsplit(upstream)
+    host, port = target.hostname or "127.0.0.1", target.port or 80
+    local = threading.local()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # quiet: thousands of requests
+            pass
+
+        def forward(self) -> None:
+            if self.command == "GET" and "list-type=2" in self.path:
+                time.sleep(delay_s)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            if not hasattr(local, "conn"):
+                local.conn = http.client.HTTPConnection(host, port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+            local.conn.request(self.command, self.path, body=body, headers=headers)
+            reply = local.conn.getresponse()
+            data = reply.read()
+            self.send_response(reply.status)
+            for name, value in reply.getheaders():
+                if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    ports.send(server.server_address[1])
+    server.serve_forever()
+
+
+@contextmanager
+def latency_proxy(upstream: str, delay_s: float) -> Iterator[str]:
+    """A loopback HTTP proxy to `upstream` that delays each list request by `delay_s`; yields
+    its endpoint and stops it afterwards."""
+    ours, theirs = multiprocessing.Pipe()
+    proxy = multiprocessing.Process(target=serve_proxy, args=(upstream, delay_s, theirs))
+    proxy.daemon = True
+    proxy.start()
+    try:
+        yield f"http://127.0.0.1:{ours.recv()}"
+    finally:
+        proxy.terminate()
+        proxy.join()
+
+
+def proxied_client(endpoint: str) -> Any:
+    """The client a crawl uses (`make_s3_client`), through the proxy."""
+    settings = Settings(
+        s3_endpoint_url=endpoint,
+        s3_access_key_id="bench",
+        s3_secret_access_key="bench",
+        s3_region="us-east-1",
+        s3_addressing_style="path",
+    )
+    return make_s3_client(settings)
+
+
+def fill_bucket(client: Any, prefixes: int, per_prefix: int) -> int:
+    """Empty objects in `prefixes` camera-roll folders; returns how many."""
+    client.create_bucket(Bucket=BUCKET)
+    keys = [f"cam{p:03d}/IMG_{n:05d}.jpg" for p in range(prefixes) for n in range(per_prefix)]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=b""), keys))
+    return len(keys)
+
+
+def list_keys(client: Any, streams: int) -> int:
+    """Keys listed by one stream (today's crawl) or by `streams` parallel ones."""
+    source = f"s3://{BUCKET}/"
+    if streams == 1:
+        return sum(1 for _ in iter_s3(source, client))
+    plan = ListingPlan(streams=streams)
+    return sum(len(page) for _, page in iter_parallel_pages(source, client, None, plan, 1000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefixes", type=int, default=64)
+    parser.add_argument("--keys-per-prefix", type=int, default=1000)
+    parser.add_argument("--page-delay-ms", type=float, default=50.0)
+    parser.add_argument("--streams", default="1,8,32")
+    args = parser.parse_args()
+    with scratch_s3() as endpoint:
+        started = time.perf_counter()
+        total = fill_bucket(s3_client(endpoint), args.prefixes, args.keys_per_prefix)
+        put_s = time.perf_counter() - started
+        print(f"{total:,} objects in {args.prefixes} folders, put in {put_s:.0f} s")
+        with latency_proxy(endpoint, args.page_delay_ms / 1000) as proxied:
+            client = proxied_client(proxied)
+            base = None
+            print(f"{args.page_delay_ms:.0f} ms added to each list page")
+            print("| streams | keys | seconds | keys/s | vs 1 stream |")
+            print("|---|---|---|---|---|")
+            for streams in (int(s) for s in args.streams.split(",")):
+                begun = time.perf_counter()
+                listed = list_keys(client, streams)
+                seconds = time.perf_counter() - begun
+                rate = listed / seconds
+                base = base or rate
+                print(
+                    f"| {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | {rate / base:.1f}x |"
+                )
+                assert listed == total, f"listed {listed} of {total}"
+
+
+if __name__ == "__main__":
+    main()
