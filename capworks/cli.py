@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    cap = sub.add_parser("caption", help="caption local files, folders, s3:// prefixes or URLs")
+    cap = sub.add_parser(
+        "caption",
+        help="caption local files, folders, s3:// prefixes or URLs",
+        epilog="exit status: 0 every image captioned, 3 some images failed (see capworks dlq), "
+        "1 the command failed, 2 bad usage",
+    )
     cap.add_argument("inputs", nargs="+", metavar="INPUT")
     add_model_options(cap, settings.model)
     cap.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
@@ -366,6 +371,19 @@ def rate_per_s(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `capworks` console script."""
+    code = run_command(argv)
+    try:  # what is still buffered goes now, while a reader that left can be told apart
+        sys.stdout.flush()
+    except BrokenPipeError:
+        from capworks.output import EXIT_BROKEN_PIPE, silence_broken_pipe
+
+        silence_broken_pipe()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the command: its exit status."""
     try:
         parser = build_parser()
     except BadSetting as exc:
@@ -540,6 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))
         return 0
+    except BrokenPipeError:  # stdout's reader stopped early (`| head`): not worth a traceback
+        from capworks.output import EXIT_BROKEN_PIPE, silence_broken_pipe
+
+        silence_broken_pipe()
+        return EXIT_BROKEN_PIPE
     except (CapworksError, CheckpointError, ValueError) as exc:
         print(f"capworks: error: {escape_controls(redact(str(exc)))}", file=sys.stderr)
         return 1

@@ -147,7 +147,7 @@ def test_caption_with_gpu_preprocessing_captions_like_the_exact_path_and_fails_b
         "--no-progress",
         env={"CAPWORKS_PREPROCESS": "gpu"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 3, result.stderr[-3000:]  # two broken JPEGs fail
     assert "JPEGs decoded on cpu" in result.stderr  # the model thread's device decode ran
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(d.get("error", "") for d in printed).count("") == JPEGS + 1

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -24,7 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from capworks.models import resolve_model
-from capworks.plain import plain
+from capworks.output import EXIT_SOME_FAILED, distinguishing_names, is_terminal
+from capworks.plain import plain, plain_line
 from producer.sources import InputError, iter_refs
 from schema.checkpoint import CheckpointConfig
 from schema.db import connect
@@ -98,7 +99,8 @@ def run_caption(request: CaptionRequest) -> int:
         db = db or connect(request.db)  # SQLite creates ./capworks.db on connect
         outcomes = caption_with_progress(refs, path, ResultWriter(db, config), request)
     print_results(outcomes, as_json=request.json)
-    return 0
+    failed = any(not isinstance(o.result, CaptionedImage) for o in outcomes)
+    return EXIT_SOME_FAILED if failed else 0
 
 
 @dataclass(frozen=True)
@@ -191,28 +193,49 @@ def outcome_dict(o: Outcome[CaptionedImage]) -> dict[str, Any]:
     }
 
 
-def print_results(outcomes: list[Outcome[CaptionedImage]], as_json: bool) -> None:
-    """JSON lines, or a table of the first rows and a summary line."""
+def print_results(
+    outcomes: list[Outcome[CaptionedImage]], as_json: bool, out: TextIO | None = None
+) -> None:
+    """JSON lines; at a terminal, a table of the first rows (named by the part of their path
+    that differs) and a summary line; into a pipe, a tab-separated line per image (URI, caption,
+    score, tags; or URI, "error", code, message) and the summary on stderr."""
+    out = out or sys.stdout
     if as_json:
         for o in outcomes:
-            sys.stdout.write(json.dumps(outcome_dict(o)) + "\n")
+            out.write(json.dumps(outcome_dict(o)) + "\n")
         return
+    failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))
+    summary = f"{len(outcomes) - failed} captioned, {failed} failed"
+    if not is_terminal(out):
+        for o in outcomes:
+            out.write("\t".join(plain_line(v) for v in plain_row(outcome_dict(o))) + "\n")
+        print(summary, file=sys.stderr)
+        return
+    shown = [outcome_dict(o) for o in outcomes[:TABLE_ROWS]]
+    folder, names = distinguishing_names([d["uri"] for d in shown])
     table = Table("image", "caption", "tags", "score", title="capworks captions")
-    for o in outcomes[:TABLE_ROWS]:
-        d = outcome_dict(o)
-        name = d["uri"] if len(d["uri"]) <= 60 else "…" + d["uri"][-59:]
+    table.columns[0].overflow = "fold"  # a name wraps, never cut
+    for d, name in zip(shown, names, strict=True):
         if "caption" in d:
             tags = ", ".join(list(d["tags"])[:4])
             table.add_row(plain(name), plain(d["caption"]), plain(tags), f"{d['score']:.3f}")
         else:
             why = Text.assemble(plain(d["error"], "red"), ": ", plain(d["message"][:60]))
             table.add_row(plain(name), why, "", "-")
-    console = Console()
+    console = Console(file=out)
+    if folder:  # whole, on a line of its own: the names in the table are under it
+        console.print(plain(f"images under {folder}"), soft_wrap=True)
     console.print(table)
-    failed = sum(1 for o in outcomes if not isinstance(o.result, CaptionedImage))
     more = (
         f" ({len(outcomes) - TABLE_ROWS} more rows in the database)"
         if len(outcomes) > TABLE_ROWS
         else ""
     )
-    console.print(f"{len(outcomes) - failed} captioned, {failed} failed{more}")
+    console.print(summary + more)
+
+
+def plain_row(d: dict[str, Any]) -> list[str]:
+    """An outcome's fields for a tab-separated line."""
+    if "caption" in d:
+        return [d["uri"], d["caption"], f"{d['score']:.3f}", ",".join(d["tags"])]
+    return [d["uri"], "error", d["error"], d["message"]]

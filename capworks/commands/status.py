@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -146,7 +147,18 @@ def run_status(request: StatusRequest) -> int:
                 line = found.as_dict() if isinstance(found, FarmStatus) else found
                 print(json.dumps(line), flush=True)
                 time.sleep(request.interval_s)
-        with Live(console=Console(), auto_refresh=False) as live:
+        console = Console()
+        if not console.is_terminal:  # Live draws nothing into a pipe: one snapshot per refresh
+            while True:
+                found = _read_or_error(client, db, farm)
+                when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                console.print(f"-- {when}")
+                console.print(
+                    render(found) if isinstance(found, FarmStatus) else plain(found["error"])
+                )
+                console.file.flush()
+                time.sleep(request.interval_s)
+        with Live(console=console, auto_refresh=False) as live:
             while True:
                 found = _read_or_error(client, db, farm)
                 shown = render(found) if isinstance(found, FarmStatus) else plain(found["error"])
