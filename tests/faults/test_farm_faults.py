@@ -278,3 +278,55 @@ def test_twin_containers_never_hand_back_or_rerun_each_others_jobs(
         survivors = [uri for uri, instance in first.items() if instance == survivor_instance]
         assert survivors and all(counts[uri] == 1 for uri in survivors), counts
         assert failures(p.db_url) == {}
+
+
+def test_workers_whose_clocks_are_30_s_off_run_each_job_once_and_recover_in_a_lease(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    """One worker's wall clock 30 s ahead, the other's 30 s behind (an injected clock): both
+    look healthy, no job runs twice while both live, and the ahead worker's job is back within a
+    lease of its death. Leases, reaps and heartbeats are on Redis's clock, so skew is invisible."""
+    stale_s = 20.0  # a heartbeat stamped 30 s behind would look stale on the reader's clock
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(
+            CAPWORKS_JOB_IMAGES="1",
+            CAPWORKS_TEST_SLOW_S=str(2 * LEASE_S),
+            CAPWORKS_HEARTBEAT_STALE_S=str(stale_s),
+            CAPWORKS_TEST_CLOCK_SKEW_S="30",
+        )
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        uris = slow_images(p, "skew", 6, seed=205)
+        ahead = p.start_worker("ahead", WORKER, concurrency=1)
+        ready(p, "ahead")
+        enqueue(p, "skew")
+        wait_until(lambda: held(p, ahead.pid), 60, "the ahead worker to run a job")
+        # Slots for every other job, so the dead worker's job waits for nothing but its lease.
+        p.extra_env["CAPWORKS_TEST_CLOCK_SKEW_S"] = "-30"
+        behind = p.start_worker("behind", WORKER, concurrency=len(uris))
+        ready(p, "behind")
+        healthy = p.cli("health", "--no-database")
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert healthy.stdout.count("beat") == 2, healthy.stdout
+        time.sleep(LEASE_S)  # both renew leases on clocks 60 s apart
+        assert not [u for u, n in runs_per_image(p).items() if n > 1], runs(p)
+        victim = instance_of(ahead.pid)
+        wait_until(lambda: held(p, ahead.pid), 60, "the ahead worker to run a job")
+        ahead.kill()
+        killed_s = time.monotonic()
+
+        def rerun() -> set[str]:
+            mine = {uri for i, uri in runs(p) if i == victim}
+            return mine & {uri for i, uri in runs(p) if i != victim}
+
+        wait_until(lambda: bool(rerun()), 60, "the dead worker's job to run again")
+        back_s = time.monotonic() - killed_s
+        wait_until(lambda: set(captions(p.db_url)) == set(uris), 120, "every caption")
+        time.sleep(LEASE_S * 2)  # long enough for a wrongly reaped job to run again
+        print(f"clock skew +-30 s: the dead worker's job ran again {back_s:.1f} s after")
+        assert behind.poll() is None
+        counts = runs_per_image(p)
+        assert all(counts[uri] == (2 if uri in rerun() else 1) for uri in uris), runs(p)
+        assert len(rerun()) == 1, runs(p)
+        assert failures(p.db_url) == {}
+        # Promised: the lease (8 s) plus one renewal tick (2 s); 10 s more for CI's load.
+        assert back_s <= LEASE_S + LEASE_S / 4 + 10, f"the job came back after {back_s:.1f} s"

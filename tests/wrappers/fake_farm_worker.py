@@ -2,9 +2,14 @@
 so a job that runs twice is seen twice), for the farm-fault tests. Images under a "slow/" prefix
 take CAPWORKS_TEST_SLOW_S to fetch, so that jobs are mid-run when the fault lands. With
 CAPWORKS_TEST_HANG=1 its captioner hangs for ever on its first batch (a stand-in for a GPU that
-stops answering, which cannot be made on purpose here). Everything else is the production
-worker, plugged in through the runtime's seams; run it as `fake_farm_worker.py worker ...` or
-supervised by `supervised_farm_worker.py`."""
+stops answering, which cannot be made on purpose here). With CAPWORKS_TEST_CLOCK_SKEW_S=S its
+wall clock (`time.time`) reads S seconds off, an injected clock for a host whose clock is wrong
+(libfaketime, the other way, breaks the worker's sleeps and waits here). With
+CAPWORKS_TEST_DELAY_START_S=S each job waits S seconds after it is received, before its task
+body runs (Celery's task_prerun), so a job can be held received but not started. Everything
+else is the production worker, plugged in through the runtime's seams; run it as
+`fake_farm_worker.py worker ...` or supervised by `supervised_farm_worker.py`."""
+# ruff: noqa: E402 - the clock is set before the worker's modules are imported
 
 from __future__ import annotations
 
@@ -13,6 +18,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+SKEW_S = float(os.environ.get("CAPWORKS_TEST_CLOCK_SKEW_S", "0"))
+if SKEW_S:  # before anything else imports time.time
+    _host_time = time.time
+    time.time = lambda: _host_time() + SKEW_S  # type: ignore[assignment]
+
+from celery.signals import task_prerun
 
 from schema.instance import instance_id
 from schema.queue import make_redis
@@ -28,6 +40,7 @@ from workers.tasks import app
 RUNS_KEY = os.environ.get("CAPWORKS_TEST_RUNS_KEY", "capworks:test:runs")
 SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
 HANG = os.environ.get("CAPWORKS_TEST_HANG") == "1"
+DELAY_START_S = float(os.environ.get("CAPWORKS_TEST_DELAY_START_S", "0"))
 
 
 class FakeCountingFetcher:
@@ -71,6 +84,13 @@ def build(settings: Settings) -> runtime.Runtime:
 
 
 runtime.configure(build)
+
+if DELAY_START_S:
+
+    @task_prerun.connect
+    def _delay_start(**_: object) -> None:
+        time.sleep(DELAY_START_S)
+
 
 if __name__ == "__main__":
     app.worker_main(argv=sys.argv[1:])
