@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -300,12 +301,29 @@ def unstorable_reason(uri: str) -> str | None:
     return None
 
 
+def not_a_uri_reason(uri: str) -> str | None:
+    """Why `uri` names no image a worker could fetch (None when it can): a URI list line that
+    is a table's header or row (`url,caption`, `https://x/a.jpg,a dog`), or a relative path."""
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        problem = None if bucket and key else "an s3:// URI needs a bucket and a key"
+    elif is_http(uri):
+        problem = None
+        if any(c.isspace() for c in uri):
+            problem = "an http(s) URL holds no spaces (a table row?)"
+        elif not urlsplit(uri).netloc:
+            problem = "an http(s) URL needs a host"
+    else:
+        problem = None if uri.startswith("/") else "a local path must be absolute"
+    return f"not an image URI: {problem}" if problem else None
+
+
 def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[ImageRef]:
     """The references the database can hold; the others are kept in `bad_messages`, once per
     crawl (a crawl run again lists them again), in the transaction of the page's progress."""
     keep, bad = [], {}
     for ref in refs:
-        reason = row_problem(ref) or unstorable_reason(ref.uri)
+        reason = row_problem(ref) or unstorable_reason(ref.uri) or not_a_uri_reason(ref.uri)
         if reason is None:
             keep.append(ref)
         else:

@@ -168,6 +168,37 @@ def test_uri_list_lines_the_database_cannot_hold_are_recorded_and_skipped(
     assert "s3://b/caf\\xe9.jpg" in bodies and long_uri in bodies
 
 
+def test_uri_list_lines_that_are_not_uris_are_recorded_and_skipped(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    # A table handed over as a URI list: its header and rows are no URIs (issue 23, item 12).
+    listing = tmp_path / "table.csv"
+    listing.write_text(
+        "url,caption\n"
+        "https://img.example/dog.jpg,a dog\n"
+        "photos/cat.jpg\n"
+        "s3://b/a cat.jpg\n"
+        "https://img.example/ok.jpg\n"
+        "/srv/photos/ok.png\n"
+        "s3://\n"
+    )
+    stats = crawl(local, f"@{listing}")
+    assert sorted(queued_images(local)) == [
+        "/srv/photos/ok.png",
+        "https://img.example/ok.jpg",
+        "s3://b/a cat.jpg",
+    ]
+    assert (stats.listed, stats.skipped, stats.enqueued) == (7, 4, 3)
+    recorded = dict((body, reason) for reason, body in bad_messages(local.db_url))
+    assert set(recorded) == {
+        "url,caption",
+        "https://img.example/dog.jpg,a dog",
+        "photos/cat.jpg",
+        "s3://",
+    }
+    assert all(reason.startswith("not an image URI") for reason in recorded.values())
+
+
 # -- the broker ------------------------------------------------------------------------------
 
 
