@@ -6,7 +6,7 @@ the worker hosts log: a job that runs on two hosts shows twice), time to recover
 time against the calm run.
 
 Sizes: CAPWORKS_FARM_IMAGES (160 here, 1,000 through `bench/farm.py`), jobs of
-CAPWORKS_FARM_JOB_IMAGES (16; the deploy test's jobs are 2x that, to outlast 3 leases), faults
+CAPWORKS_FARM_JOB_IMAGES (16; the deploy test's jobs about 3 leases long here), faults
 CAPWORKS_FARM_REDIS_PARTITION_S (20) and CAPWORKS_FARM_PG_PARTITION_S (60) long. With
 CAPWORKS_FARM_OUT each test appends its figures there as a JSON line."""
 
@@ -263,16 +263,22 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
 
 def test_a_rolling_deploy_runs_no_job_twice_and_loses_nothing(farm: Farm) -> None:
     run = Run(farm, "deploy")
-    run.enqueue(job_images=2 * JOB_IMAGES)  # jobs that outlast 3 leases here
-    exits = []
+    run.enqueue()  # 10 jobs of 16: each about 3 leases long on this machine's shared CPU
+    exits, busy_at_stop = [], []
     for host in farm.worker_hosts():
-        busy(run, host, require_caption=False)  # a job of 32 commits only when it ends
+        try:  # a deploy stops every host, busy or not: wait a while for it to hold a job
+            busy_at_stop.append(len(busy(run, host, timeout_s=30, require_caption=False)))
+        except AssertionError:
+            busy_at_stop.append(0)
         exits.append(farm.stop_host(host))  # warm shutdown: running jobs finish, the rest go back
         farm.start_worker(host)
         farm.wait_ready(host)
     run.wait()
-    figures = run.report("rolling deploy (SIGTERM each host in turn)", exits=exits)
+    figures = run.report(
+        "rolling deploy (SIGTERM each host in turn)", exits=exits, held_at_stop=busy_at_stop
+    )
     assert_whole(run, figures)
+    assert any(busy_at_stop), "no host held a job when it was stopped"
     assert run.run_twice() == {}, figures
     assert exits == [0, 0, 0], figures
 
