@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="list anew and enqueue every object with neither a caption by this model nor a "
         "failure, whatever the crawl's state (after the queue was lost)",
     )
+    enq.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="enqueue images dead-lettered by this model for a fault of the image itself "
+        "(undecodable, too large, ...) too; skipped by default: they fail the same way again",
+    )
     enq.add_argument("--wait", action="store_true", help="wait while another run holds this crawl")
     enq.add_argument("--suffix", action="append", default=[], help="only keys ending so (repeat)")
     enq.add_argument("--min-bytes", type=int)

@@ -31,6 +31,7 @@ from producer.listing import ONE_STREAM, ListingPlan, is_parts_position, iter_pa
 from producer.replicas import wait_for_replicas
 from producer.sources import InputError, iter_positions
 from producer.tables import TableSpec, iter_table, row_problem, save_table_columns
+from schema.errors import Code
 from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
 from schema.redact import redact, redact_uri, stored_text
 from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
@@ -143,6 +144,7 @@ def run_crawl(
     max_queued_images: int = 200_000,
     force: bool = False,
     reconcile: bool = False,
+    retry_failed: bool = False,
     on_progress: Callable[[CrawlStats], None] | None = None,
     listing: ListingPlan = ONE_STREAM,
     page_size: int = PAGE_SIZE,
@@ -176,7 +178,7 @@ def run_crawl(
             if table is not None and table.keeps_columns:
                 save_table_columns(session, keep)  # committed with the page's progress
             if not force:
-                keep = _drop_done(session, keep, identity, failed_too=reconcile)
+                keep = _drop_done(session, keep, identity, reconcile, retry_failed)
             stats.listed += len(page)
             stats.skipped += len(page) - len(keep)
             jobs = [
@@ -346,11 +348,33 @@ def _storable(session: Session, crawl_id: str, refs: list[ImageRef]) -> list[Ima
     return keep
 
 
+# Dead letters whose cause is the image itself: the same bytes fail the same way every crawl.
+# Others (storage, access, the file roots, the guard, the model) may be fixed since, so a crawl
+# sends their images again.
+IMAGE_FAULTS = frozenset(
+    {
+        Code.EMPTY,
+        Code.UNDECODABLE,
+        Code.TRUNCATED,
+        Code.UNSUPPORTED_FORMAT,
+        Code.TOO_LARGE_BYTES,
+        Code.TOO_LARGE_PIXELS,
+        Code.TOO_MANY_SCANS,
+        Code.BAD_URI,
+    }
+)
+
+
 def _drop_done(
-    session: Session, refs: list[ImageRef], identity: tuple[str, str, str], failed_too: bool
+    session: Session,
+    refs: list[ImageRef],
+    identity: tuple[str, str, str],
+    failed_too: bool,
+    retry_failed: bool = False,
 ) -> list[ImageRef]:
-    """The objects not yet captioned by this model with this ETag (nor, with `failed_too`,
-    dead-lettered with this ETag)."""
+    """The objects not yet captioned by this model with this ETag, nor dead-lettered with this
+    ETag: with `failed_too` for any cause, else (unless `retry_failed`) for a cause in the image
+    itself (`IMAGE_FAULTS`) by this model."""
     if not refs:
         return refs
     model_id, revision, settings_hash = identity
@@ -369,9 +393,16 @@ def _drop_done(
             )
         ).all()
     )
+    failed = select(Image.uri, Image.etag).join(Failure, Failure.image_id == Image.id)
     if failed_too:
-        failed = select(Image.uri, Image.etag).join(Failure, Failure.image_id == Image.id)
         done.update(session.execute(failed.where(Image.uri.in_(uris))).all())
+    elif not retry_failed:
+        permanent = failed.where(
+            Image.uri.in_(uris),
+            Failure.code.in_([code.value for code in IMAGE_FAULTS]),
+            Failure.model_id.in_([model_id, ""]),  # "": a letter from before letters had models
+        )
+        done.update(session.execute(permanent).all())
     # An object whose ETag changed since it was captioned is captioned again.
     return [
         ref

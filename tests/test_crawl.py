@@ -39,7 +39,7 @@ from producer.crawl import run_crawl
 from producer.enqueue import make_publisher
 from producer.sources import local_ref
 from schema.broker_check import check_broker
-from schema.checkpoint import resolve_checkpoint
+from schema.checkpoint import CheckpointConfig, resolve_checkpoint
 from schema.db import connect
 from schema.errors import Code, ImageError
 from schema.settings import Settings
@@ -197,6 +197,41 @@ def test_uri_list_lines_that_are_not_uris_are_recorded_and_skipped(
         "s3://",
     }
     assert all(reason.startswith("not an image URI") for reason in recorded.values())
+
+
+def test_a_recrawl_skips_images_dead_lettered_for_their_own_fault_unless_asked_to_retry(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    config = CheckpointConfig(model_dir=tmp_path, model_id="m", revision="r")
+    uris = [f"s3://b/{name}.jpg" for name in ("broken", "unreachable", "fine", "new")]
+    listing = tmp_path / "uris.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    ResultWriter(connect(local.db_url), config).save(
+        [
+            Outcome(ImageRef(uris[0]), ImageError(Code.UNDECODABLE, "cannot identify image")),
+            Outcome(ImageRef(uris[1]), ImageError(Code.STORAGE_UNAVAILABLE, "gave up")),
+            Outcome(ImageRef(uris[2]), captioned("a red square")),
+        ]
+    )
+    settings = Settings(broker_url=REDIS_URL, queue_name=local.queue)
+
+    def recrawl(crawl_id: str, **options: Any) -> list[str]:
+        local.redis().delete(local.queue)
+        run_crawl(
+            f"@{listing}",
+            crawl_id=crawl_id,
+            db=connect(local.db_url),
+            publisher=make_publisher(settings),
+            s3_client=None,
+            identity=config.identity,
+            **options,
+        )
+        return sorted(queued_images(local))
+
+    # The undecodable image would fail again; the one that failed for another cause (storage,
+    # perhaps fixed since) and the new one are sent.
+    assert recrawl("c1") == [uris[3], uris[1]]
+    assert recrawl("c2", retry_failed=True) == [uris[0], uris[3], uris[1]]
 
 
 # -- the broker ------------------------------------------------------------------------------

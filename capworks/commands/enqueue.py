@@ -84,6 +84,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
                 max_queued_images=settings.max_queued_images,
                 force=args.force,
                 reconcile=args.reconcile,
+                retry_failed=args.retry_failed,
                 on_progress=bar.show,
                 listing=listing,
                 table=table,
