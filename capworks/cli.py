@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
     build.add_argument("name", choices=["shapes", "tiny-random", "large-random", "tiny-wide"])
+    for command in sub.choices.values():  # `capworks search x -v` as well as `capworks -v ...`
+        command.add_argument(
+            "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
+        )
     return parser
 
 

@@ -18,10 +18,20 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x6361_7077_6B73  # "capwks": the advisory lock key migrations serialize on
 
 
+def normalise_database_url(url: str) -> str:
+    """`postgres://` (as hosting panels print it) and a driverless `postgresql://` as the
+    psycopg 3 URL capworks installs; SQLAlchemy alone would refuse the first and look for
+    psycopg2 with the second."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
 def connect(url: str) -> Engine:
     """Build an engine for any SQLAlchemy URL and bring its schema to the newest migration."""
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(normalise_database_url(url), pool_pre_ping=True)
     except (ArgumentError, ImportError) as exc:
         raise CapworksError(Code.DATABASE_UNAVAILABLE, f"bad database URL {url!r}: {exc}") from exc
     if engine.dialect.name == "sqlite":

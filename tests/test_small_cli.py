@@ -1,0 +1,32 @@
+"""Small things a newcomer meets (issue 23, item 15): a `postgres://` URL as Heroku and most
+hosting panels print it, and `-v` after the subcommand."""
+
+from __future__ import annotations
+
+from conftest import run_cli
+
+from schema.db import connect, normalise_database_url
+
+
+def test_postgres_urls_without_a_driver_use_psycopg() -> None:
+    assert normalise_database_url("postgres://u:p@h:5432/d") == "postgresql+psycopg://u:p@h:5432/d"
+    assert normalise_database_url("postgresql://u@h/d") == "postgresql+psycopg://u@h/d"
+    for kept in ("postgresql+psycopg://u@h/d", "sqlite:///c.db", "mysql://h/d"):
+        assert normalise_database_url(kept) == kept
+
+
+def test_a_postgres_url_connects_to_the_real_postgresql(pg_url: str) -> None:
+    plain_url = pg_url.replace("postgresql+psycopg://", "postgres://", 1)
+    engine = connect(plain_url)
+    try:
+        assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+    finally:
+        engine.dispose()
+
+
+def test_verbose_may_follow_the_subcommand(pg_url: str) -> None:
+    plain_url = pg_url.replace("postgresql+psycopg://", "postgres://", 1)
+    before = run_cli("-v", "search", "nothing", "--db", plain_url)
+    after = run_cli("search", "nothing", "--db", plain_url, "-v")
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert after.stdout == before.stdout
