@@ -168,7 +168,7 @@ def test_show_prints_the_dead_letter_with_its_replay(pg: Pipeline) -> None:
     fields = dict(line.split(": ", 1) for line in shown.stdout.splitlines())
     assert fields["uri"] == GONE and fields["code"] == "not_found"
     assert fields["message"] == "no such object" and fields["job_id"] == "job-1"
-    assert (fields["attempts"], fields["replays"], fields["replay_job"]) == ("1", "0", "None")
+    assert (fields["attempts"], fields["replays"], fields["replay_job"]) == ("1", "0", "—")
     missing = dlq(pg, "show", "s3://photos/never.jpg")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "capworks: error: no dead letter for s3://photos/never.jpg"

@@ -1,11 +1,19 @@
 """Small things a newcomer meets (issue 23, item 15): a `postgres://` URL as Heroku and most
-hosting panels print it, and `-v` after the subcommand."""
+hosting panels print it, `-v` after the subcommand, and `dlq show` with "—" for what a letter
+lacks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conftest import run_cli
 
+from schema.checkpoint import CheckpointConfig
 from schema.db import connect, normalise_database_url
+from schema.errors import Code, ImageError
+from schema.uris import ImageRef
+from workers.outcome import Outcome
+from workers.persist import ResultWriter
 
 
 def test_postgres_urls_without_a_driver_use_psycopg() -> None:
@@ -30,3 +38,14 @@ def test_verbose_may_follow_the_subcommand(pg_url: str) -> None:
     after = run_cli("search", "nothing", "--db", plain_url, "-v")
     assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
     assert after.stdout == before.stdout
+
+
+def test_dlq_show_prints_a_dash_for_what_a_letter_does_not_have(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    config = CheckpointConfig(model_dir=tmp_path, model_id="m", revision="r")
+    failed = Outcome(ImageRef("/p/bad.png"), ImageError(Code.UNDECODABLE, "cannot identify"))
+    ResultWriter(connect(url), config).save([failed])
+    shown = run_cli("dlq", "--db", url, "show", "/p/bad.png")
+    assert shown.returncode == 0, shown.stderr
+    assert "None" not in shown.stdout
+    assert "replay_job: —" in shown.stdout and "code: undecodable" in shown.stdout

@@ -154,7 +154,8 @@ def show(db: Engine, uri: str) -> int:
         if n:
             print()
         for key, value in as_dict(row).items():  # a traceback keeps its lines, nothing its controls
-            print(f"{key}: {escape_controls(str(value), newlines=key == 'traceback')}")
+            shown = "—" if value is None else str(value)  # "None" read as a value
+            print(f"{key}: {escape_controls(shown, newlines=key == 'traceback')}")
     return 0
 
 
