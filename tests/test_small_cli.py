@@ -4,6 +4,8 @@ lacks."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 from conftest import run_cli
@@ -49,3 +51,14 @@ def test_dlq_show_prints_a_dash_for_what_a_letter_does_not_have(tmp_path: Path) 
     assert shown.returncode == 0, shown.stderr
     assert "None" not in shown.stdout
     assert "replay_job: —" in shown.stdout and "code: undecodable" in shown.stdout
+
+
+def test_health_with_no_worker_says_that_none_is_beating(pg_url: str) -> None:
+    redis_db = os.environ.get("CAPWORKS_TEST_REDIS_DB", "15")
+    env = {
+        "CAPWORKS_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        "CAPWORKS_QUEUE_NAME": f"capworks-small-{uuid.uuid4().hex[:8]}",
+    }
+    done = run_cli("health", "--db", pg_url, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "0 workers beating" in done.stdout

@@ -289,5 +289,7 @@ def run_health(request: HealthRequest) -> int:
         print(f"unhealthy: {plain_line(line)}")
     if problems:
         return 1
-    print("healthy: " + plain_line("; ".join(fine) if fine else "Redis and the database answer"))
+    # No worker asked for and none beating is healthy for the stores, but say so.
+    said = "; ".join(fine) if fine else "Redis and the database answer; 0 workers beating"
+    print("healthy: " + plain_line(said))
     return 0
