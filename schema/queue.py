@@ -47,14 +47,16 @@ def make_redis(settings: Settings, socket_timeout_s: float | None = None) -> red
     )
 
 
-def task_reprs(body: dict[str, Any], *more: object) -> dict[str, str]:
+def task_reprs(body: dict[str, Any], attempt: int | None = None) -> dict[str, str]:
     """`argsrepr` and `kwargsrepr` for a job message: what Flower and task events show instead
     of the arguments themselves (the job id, its size and first URI, redacted: a presigned
-    URL's signature never reaches an event or a dashboard)."""
+    URL's signature never reaches an event or a dashboard), and the attempt of a retry, which
+    is a new task (Flower's own retry count stays 0)."""
     images = body.get("images") or []
     first = images[0][0] if images and isinstance(images[0], list | tuple) and images[0] else ""
-    tail = "".join(f", {m!r}" for m in more)
-    summary = f"[job {body.get('id')}: {len(images)} images, {first}{tail}]"
+    # Before the URI: a redacted URI's mask may take what follows it.
+    label = f" (attempt {attempt})" if attempt is not None else ""
+    summary = f"[job {body.get('id')}{label}: {len(images)} images, {first}]"
     return {"argsrepr": redact(summary)[:1024], "kwargsrepr": "{}"}
 
 

@@ -90,8 +90,11 @@ def test_settings_hold_the_s3_secret_as_secretstr_and_register_every_secret() ->
 
 def test_task_reprs_name_the_job_without_the_signature() -> None:
     body = {"v": 1, "id": "crawl.0001", "images": [[PRESIGNED, None, None, None]] * 3}
-    reprs = task_reprs(body, 2)
+    reprs = task_reprs(body)
     assert reprs["argsrepr"].startswith("[job crawl.0001: 3 images, https://bucket")
+    # A retry is a new task: its attempt is labelled, not a bare number after the URI.
+    assert task_reprs(body, 2)["argsrepr"].startswith("[job crawl.0001 (attempt 2): 3 images")
+    assert not task_reprs(body, 2)["argsrepr"].endswith(" 2]")
     assert "0123456789abcdef" not in reprs["argsrepr"] and reprs["kwargsrepr"] == "{}"
 
 
