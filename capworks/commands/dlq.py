@@ -315,7 +315,5 @@ def record_replay(db: Engine, failure_ids: list[int], job_id: str) -> None:
         conn.execute(
             update(Failure)
             .where(Failure.id.in_(failure_ids))
-            .values(
-                replays=Failure.replays + 1, last_replayed=database_now(db), replay_job=job_id
-            )
+            .values(replays=Failure.replays + 1, last_replayed=database_now(db), replay_job=job_id)
         )
