@@ -252,13 +252,33 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
     assert {job for job, _ in run.run_twice()} <= set(run.held), figures
     assert run.back_s is not None and run.back_s <= LEASE_S + TICK_S + MARGIN_S, figures
     assert victim.pid1() == supervisor, "the cut-off host's supervisor died"
-    # It consumes again: a second crawl, enough jobs for every host's prefetch, reaches it.
+    # It consumes again: once its consumer polls Redis again (TCP retransmits after a DROP
+    # back off to ~13 s, so that can take a while after the heal), a second crawl, enough jobs
+    # for every host's prefetch, reaches it.
+    wait_for(lambda: polling(farm, victim), 120, f"{victim.ns}'s consumer to poll Redis again")
     before = victim.runs()
     again = Run(farm, "redispart-after", images=4 * 16)
     again.enqueue(job_images=4)
     again.wait()
     assert victim.runs() - before, f"{victim.ns} took no job after the partition healed"
     assert_whole(again, again.report("after the Redis partition healed"))
+
+
+def polling(farm: Farm, host: Host) -> bool:
+    """Whether a consumer on `host` has just issued a blocking fetch (Redis's CLIENT LIST)."""
+    return any(
+        str(c.get("addr", "")).rsplit(":", 1)[0] == host.addr
+        and c.get("cmd") in ("blmove", "brpop")
+        and int(c.get("idle", 99)) <= 2
+        for c in farm.redis().client_list()
+    )
+
+
+def wait_for(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < end, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.5)
 
 
 def test_a_rolling_deploy_runs_no_job_twice_and_loses_nothing(farm: Farm) -> None:
