@@ -79,7 +79,7 @@ def test_every_bad_input_kind_ends_as_the_table_says_in_one_caption_run(
     started = time.monotonic()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
     took_s = time.monotonic() - started
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 3, result.stderr[-3000:]  # 3: some images failed, none lost
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
     seen = read_outcomes(db_url)
