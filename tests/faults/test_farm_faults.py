@@ -7,6 +7,7 @@ captions table's unique constraint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -267,6 +268,11 @@ def test_twin_containers_never_hand_back_or_rerun_each_others_jobs(
             wait_until(lambda: set(captions(p.db_url)) == set(uris), 240, "every caption")
             time.sleep(LEASE_S * 2)
         finally:
+            # unshare does not pass signals on: the deploy's SIGTERM goes to each PID 1.
+            for twin in twins:
+                for supervisor in children_of(twin.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(supervisor, signal.SIGTERM)
             for twin in twins:
                 stop(twin)
         counts = Counter(uri for _, uri in runs(p))
