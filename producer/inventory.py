@@ -15,7 +15,6 @@ import csv
 import gzip
 import io
 import json
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,10 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote_plus
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from producer.sources import InputError
-from schema.errors import Code, StorageError
+from producer.sources import InputError, s3_body, s3_stream
 from schema.uris import ImageRef, s3_uri
 
 SCHEME = "s3-inventory://"
@@ -208,7 +204,7 @@ def _read_manifest(source: str, path: Path | None, s3_client: Any | None) -> byt
         except OSError as exc:
             raise InputError(f"cannot read the manifest {path}: {exc.strerror}") from exc
     bucket, _, key = source.removeprefix(SCHEME).partition("/")
-    return _get_object(s3_client, bucket, key, source).read()  # type: ignore[no-any-return]
+    return s3_body(s3_client, bucket, key, source).read()  # type: ignore[no-any-return]
 
 
 @contextmanager
@@ -226,18 +222,8 @@ def _opened(
     bucket = manifest.destination_bucket or source.removeprefix(SCHEME).partition("/")[0]
     if path is not None and s3_client is None:
         raise InputError(f"inventory file {data.key} is not beside {path} (and S3 is not set up)")
-    body = _get_object(s3_client, bucket, data.key, f"s3://{bucket}/{data.key}")
-    try:
-        if manifest.file_format == "CSV":
-            yield body
-            return
-        with tempfile.TemporaryFile() as spool:
-            for chunk in iter(lambda: body.read(1 << 20), b""):
-                spool.write(chunk)
-            spool.seek(0)
-            yield spool
-    finally:
-        body.close()
+    with s3_stream(s3_client, bucket, data.key, manifest.file_format != "CSV") as stream:
+        yield stream
 
 
 def _local_copy(manifest: Path, key: str) -> Path | None:
@@ -250,16 +236,3 @@ def _local_copy(manifest: Path, key: str) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
-
-
-def _get_object(s3_client: Any | None, bucket: str, key: str, where: str) -> Any:
-    """The streaming body of one object, with one-line errors."""
-    if s3_client is None:
-        raise InputError(f"{where}: no S3 client configured")
-    try:
-        return s3_client.get_object(Bucket=bucket, Key=key)["Body"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise InputError(f"cannot read {where}: {code or exc}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot read {where}: {exc}") from exc

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -177,3 +179,35 @@ def _local_uri_at(position: str) -> str:
     if position.startswith(_BYTES_POSITION):
         return os.fsdecode(bytes.fromhex(position.removeprefix(_BYTES_POSITION)))
     return position
+
+
+def s3_body(s3_client: Any | None, bucket: str, key: str, where: str) -> Any:
+    """The streaming body of one object (a table, an inventory file), errors in one line naming
+    `where`: a refusal or missing object is the input's fault, an unreachable store is not."""
+    if s3_client is None:
+        raise InputError(f"{where}: no S3 client configured")
+    try:
+        return s3_client.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise InputError(f"cannot read {where}: {code or exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot read {where}: {exc}") from exc
+
+
+@contextmanager
+def s3_stream(s3_client: Any | None, bucket: str, key: str, seekable: bool) -> Iterator[IO[bytes]]:
+    """One object's bytes: streamed, or spooled to a temporary file when the reader must seek
+    (Parquet reads its footer first)."""
+    body = s3_body(s3_client, bucket, key, f"s3://{bucket}/{key}")
+    try:
+        if not seekable:
+            yield body
+            return
+        with tempfile.TemporaryFile() as spool:
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                spool.write(chunk)
+            spool.seek(0)
+            yield spool
+    finally:
+        body.close()

@@ -15,19 +15,16 @@ import csv
 import gzip
 import io
 import json
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from producer.sources import InputError
-from schema.errors import Code, StorageError
+from producer.sources import InputError, s3_stream
 from schema.tables import Image, utcnow
 from schema.uris import ImageRef, is_s3, parse_s3
 
@@ -275,24 +272,6 @@ def _opened(source: str, s3_client: Any | None, seekable: bool) -> Iterator[IO[b
         with local:
             yield local
         return
-    if s3_client is None:
-        raise InputError(f"{source}: no S3 client configured")
     loc = parse_s3(source)
-    try:
-        body = s3_client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        raise InputError(f"cannot read {source}: {code or exc}") from exc
-    except BotoCoreError as exc:
-        raise StorageError(Code.STORAGE_UNAVAILABLE, f"cannot read {source}: {exc}") from exc
-    try:
-        if not seekable:
-            yield body
-            return
-        with tempfile.TemporaryFile() as spool:
-            for chunk in iter(lambda: body.read(1 << 20), b""):
-                spool.write(chunk)
-            spool.seek(0)
-            yield spool
-    finally:
-        body.close()
+    with s3_stream(s3_client, loc.bucket, loc.key, seekable) as stream:
+        yield stream
