@@ -231,20 +231,26 @@ def test_a_lost_host_loses_nothing_and_its_jobs_come_back_after_the_lease(farm: 
     assert run.back_s is not None and run.back_s <= LEASE_S + TICK_S + MARGIN_S, figures
 
 
+def cut_off(run: Run, host: Host, port: int, seconds: float) -> None:
+    """`host` cut off from `port` on the services host for `seconds` (recoveries noted
+    meanwhile), then healed, also when the wait fails."""
+    run.farm.partition(host, port)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            run.note_recovery()
+            time.sleep(0.5)
+    finally:
+        run.farm.heal(host)
+
+
 def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: Farm) -> None:
     victim = farm.worker_hosts()[1]
     supervisor = victim.pid1()
     run = Run(farm, "redispart")
     run.enqueue()
     run.note_fault(victim, busy(run, victim))
-    farm.partition(victim, REDIS_PORT)
-    try:
-        end = time.monotonic() + REDIS_PARTITION_S
-        while time.monotonic() < end:
-            run.note_recovery()
-            time.sleep(0.5)
-    finally:
-        farm.heal(victim)
+    cut_off(run, victim, REDIS_PORT, REDIS_PARTITION_S)
     run.wait()
     figures = run.report(f"partition from Redis {REDIS_PARTITION_S:.0f} s")
     assert_whole(run, figures)
@@ -311,14 +317,7 @@ def test_a_host_cut_off_from_postgresql_waits_and_acknowledges_nothing_unwritten
     run = Run(farm, "pgpart")
     run.enqueue()
     run.note_fault(victim, busy(run, victim))
-    farm.partition(victim, PG_PORT)
-    try:
-        end = time.monotonic() + PG_PARTITION_S
-        while time.monotonic() < end:
-            run.note_recovery()
-            time.sleep(0.5)
-    finally:
-        farm.heal(victim)
+    cut_off(run, victim, PG_PORT, PG_PARTITION_S)
     run.wait()
     figures = run.report(f"partition from PostgreSQL {PG_PARTITION_S:.0f} s")
     assert_whole(run, figures)  # a job acknowledged before its write would show as lost
