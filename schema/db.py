@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from schema.errors import CapworksError, Code, Unreachable
@@ -46,16 +46,17 @@ def connect(url: str) -> Engine:
     return engine
 
 
-def database_now(engine: Engine) -> datetime:
+def database_now(bind: Engine | Connection) -> datetime:
     """The database's clock, timezone-aware UTC: every host compares stored times with the same
-    clock (PostgreSQL's `now()`). SQLite is a file on the one host that uses it: its clock is
-    that host's."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            now = conn.scalar(text("SELECT now()"))
-        if isinstance(now, datetime):
-            return now.astimezone(UTC)
-    return datetime.now(UTC)
+    clock (PostgreSQL's `now()`; on a connection, inside its transaction when it has one). SQLite
+    is a file on the one host that uses it: its clock is that host's."""
+    if bind.dialect.name != "postgresql":
+        return datetime.now(UTC)
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return database_now(conn)
+    now = bind.scalar(text("SELECT now()"))
+    return now.astimezone(UTC) if isinstance(now, datetime) else datetime.now(UTC)
 
 
 def migrate(engine: Engine, target: str = "head", *, down: bool = False) -> None:

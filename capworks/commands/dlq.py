@@ -312,8 +312,9 @@ def load_letters(db: Engine, selection: Selection) -> list[DeadLetter]:
 def record_replay(db: Engine, failure_ids: list[int], job_id: str) -> None:
     """Note on the rows that `job_id` replays them, before the job is published."""
     with db.begin() as conn:
+        now = database_now(conn)  # on the connection that writes: no second one
         conn.execute(
             update(Failure)
             .where(Failure.id.in_(failure_ids))
-            .values(replays=Failure.replays + 1, last_replayed=database_now(db), replay_job=job_id)
+            .values(replays=Failure.replays + 1, last_replayed=now, replay_job=job_id)
         )
