@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark recipe for a lent GPU host (issue 4). STILL NOT RUN ON A GPU: on 2026-12-04 a
-# session prepared and rehearsed it, but new device loans were paused before its one run. What
+# The GPU benchmark recipe for a lent GPU host (issue 4). First run on a GPU on 2026-12-05 (one
+# H100: figures in BENCHMARKS.md, raw outputs in bench/gpu_results/2026-12-05-h100/; the
+# large-random float16 reference step failed in ModelScope's generator). It was prepared and
+# rehearsed on 2026-12-04, when new device loans were paused before its one run. What
 # that session fixed, from a rehearsal of `run` on a CPU machine (Python 3.11, torch 2.13 CPU,
 # the host's transformers 5 / huggingface_hub 2.x / tokenizers 0.23, accelerate, scikit-learn and
 # no pydantic; the cp312 wheels checked under Python 3.12.1, with no torch there):
