@@ -23,13 +23,13 @@ from typing import Any
 
 from scratch_pg import scratch_database
 
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.tags import derive_tags
-from schema.uris import ImageRef
-from workers.engine import Alternative, Caption, CaptionedImage
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.tags import derive_tags
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Alternative, Caption, CaptionedImage
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 SUBJECTS = """man woman boy girl child person skier surfer player dog cat horse cow sheep bird
 elephant giraffe zebra bear train bus truck car motorcycle bicycle airplane boat plate pizza

@@ -22,10 +22,10 @@ from PIL import Image
 
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import read_config
-from schema.settings import get_settings
-from workers.engine import OfaEngine
-from workers.preprocess import ExactDecoder, ImageLimits, Normalization, decode_safely
+from capworks.schema.checkpoint import read_config
+from capworks.schema.settings import get_settings
+from capworks.workers.engine import OfaEngine
+from capworks.workers.preprocess import ExactDecoder, ImageLimits, Normalization, decode_safely
 
 
 def photo_like(width: int, height: int, seed: int) -> bytes:

@@ -24,11 +24,11 @@ from PIL import Image
 
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
-from schema.settings import get_settings
-from workers.device_preprocess import DevicePreprocessor, resize_normalize
-from workers.engine import OfaEngine
-from workers.preprocess import ExactDecoder, ImageLimits, Normalization, decode_image
+from capworks.schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
+from capworks.schema.settings import get_settings
+from capworks.workers.device_preprocess import DevicePreprocessor, resize_normalize
+from capworks.workers.engine import OfaEngine
+from capworks.workers.preprocess import ExactDecoder, ImageLimits, Normalization, decode_image
 
 SIZES = [(640, 480), (480, 640), (800, 600), (512, 512)]
 

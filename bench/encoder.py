@@ -25,14 +25,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from capworks.checkpoints.build import ensure_checkpoint
-from schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
-from schema.settings import get_settings
-from workers.generators import Generator, Hypothesis
-from workers.generators.encoder import FastEncoder
-from workers.generators.fast import FastGenerator, StageTimer, modelscope_encoder
-from workers.generators.kv_decoder import DecoderState, IncrementalDecoder
-from workers.generators.reference import ReferenceGenerator
-from workers.ofa_model import encode_prompt, load_model, load_tokenizer
+from capworks.schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
+from capworks.schema.settings import get_settings
+from capworks.workers.generators import Generator, Hypothesis
+from capworks.workers.generators.encoder import FastEncoder
+from capworks.workers.generators.fast import FastGenerator, StageTimer, modelscope_encoder
+from capworks.workers.generators.kv_decoder import DecoderState, IncrementalDecoder
+from capworks.workers.generators.reference import ReferenceGenerator
+from capworks.workers.ofa_model import encode_prompt, load_model, load_tokenizer
 
 log = logging.getLogger("bench.encoder")
 MATMUL_N = 2048

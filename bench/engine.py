@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from capworks.checkpoints.build import ensure_checkpoint
-from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
-from schema.settings import get_settings
-from workers.engine import OfaEngine
-from workers.generators import Hypothesis, make_generator
-from workers.generators.fast import FastGenerator, StageTimer
-from workers.generators.kv_decoder import DecoderState, IncrementalDecoder
-from workers.preprocess import PreparedImage
+from capworks.schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint
+from capworks.schema.settings import get_settings
+from capworks.workers.engine import OfaEngine
+from capworks.workers.generators import Hypothesis, make_generator
+from capworks.workers.generators.fast import FastGenerator, StageTimer
+from capworks.workers.generators.kv_decoder import DecoderState, IncrementalDecoder
+from capworks.workers.preprocess import PreparedImage
 
 log = logging.getLogger("bench.engine")
 SET_UP = "cross-attention set-up"

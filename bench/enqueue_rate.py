@@ -32,11 +32,11 @@ from typing import Any
 import redis
 from seaweed import s3_client, scratch_s3
 
-from producer.crawl import SENT_KEY, Filters, run_crawl
-from producer.enqueue import make_publisher
-from producer.sources import iter_s3
-from schema.db import connect
-from schema.settings import Settings
+from capworks.producer.crawl import SENT_KEY, Filters, run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.sources import iter_s3
+from capworks.schema.db import connect
+from capworks.schema.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 BUCKET = "library"

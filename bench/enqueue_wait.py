@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pipeline_support import free_port  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
-from producer.crawl import run_crawl  # noqa: E402
-from producer.enqueue import enqueue, make_publisher  # noqa: E402
-from schema.db import connect  # noqa: E402
-from schema.settings import Settings  # noqa: E402
+from capworks.producer.crawl import run_crawl  # noqa: E402
+from capworks.producer.enqueue import enqueue, make_publisher  # noqa: E402
+from capworks.schema.db import connect  # noqa: E402
+from capworks.schema.settings import Settings  # noqa: E402
 
 QUEUE = "bench-wait"
 

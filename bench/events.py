@@ -47,18 +47,18 @@ from sqlalchemy import create_engine, select
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import celery_worker_argv
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.filer import FilerFollower, FilerPosition
+from capworks.producer.events.records import ObjectCreated
+from capworks.producer.events.sink import EventSink, one_by_one
+from capworks.producer.events.webhook import WebhookAuth, WebhookServer
+from capworks.schema.checkpoint import resolve_checkpoint, resolve_identity
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings, get_settings
+from capworks.schema.tables import Caption, Image
 from capworks.seaweed import SeaweedServer
-from producer.enqueue import make_publisher
-from producer.events.bulk import BulkSender
-from producer.events.filer import FilerFollower, FilerPosition
-from producer.events.records import ObjectCreated
-from producer.events.sink import EventSink, one_by_one
-from producer.events.webhook import WebhookAuth, WebhookServer
-from schema.checkpoint import resolve_checkpoint, resolve_identity
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings, get_settings
-from schema.tables import Caption, Image
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 TOKEN = "bench-token"
@@ -153,7 +153,7 @@ def publish_rates(db_url: str, count: int) -> dict[str, float]:
 
 def batch_time_s(model: str) -> float:
     """Seconds the engine takes for one full batch of shapes images on this machine."""
-    from workers.engine import OfaEngine
+    from capworks.workers.engine import OfaEngine
 
     config = resolve_checkpoint(model, None, get_settings().checkpoint_dir)
     engine = OfaEngine.load(config, device="cpu", batch_size=BATCH)

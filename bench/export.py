@@ -25,7 +25,7 @@ from scratch_pg import scratch_database
 from sqlalchemy import text
 
 from capworks.commands.export import ExportRequest, run_export
-from schema.db import connect
+from capworks.schema.db import connect
 
 GOAL_S = 30.0
 

@@ -32,8 +32,8 @@ from faults.harness import Farm, clear, distinct_captioned, timed_crawl  # noqa:
 from pipeline_support import count_rows, make_bucket  # noqa: E402
 
 from capworks.checkpoints.build import ensure_checkpoint  # noqa: E402
-from schema.db import connect  # noqa: E402
-from schema.settings import get_settings  # noqa: E402
+from capworks.schema.db import connect  # noqa: E402
+from capworks.schema.settings import get_settings  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
 

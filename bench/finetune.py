@@ -31,9 +31,9 @@ from capworks.commands.finetune import FinetuneRequest, run_finetune
 from capworks.evaluation import choose_tokenizer, score_captions
 from capworks.finetune.trainer import TrainOptions
 from capworks.references import load_references
-from schema.checkpoint import resolve_checkpoint
-from schema.settings import get_settings
-from workers.engine import OfaEngine
+from capworks.schema.checkpoint import resolve_checkpoint
+from capworks.schema.settings import get_settings
+from capworks.workers.engine import OfaEngine
 
 TRAIN_SEEDS = (101, 102)
 HELD_OUT_SEEDS = (201, 202)

@@ -28,9 +28,9 @@ from typing import Any
 
 from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 
-from producer.crawl import PAGE_SIZE
-from producer.sources import IMAGE_SUFFIXES, iter_positions, local_position, local_ref
-from schema.uris import ImageRef, file_uri
+from capworks.producer.crawl import PAGE_SIZE
+from capworks.producer.sources import IMAGE_SUFFIXES, iter_positions, local_position, local_ref
+from capworks.schema.uris import ImageRef, file_uri
 
 
 def old_iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]:

@@ -145,7 +145,7 @@ EOS
         --device cuda
     # large-random (472,977,152 parameters, 1.9 GB) from its seed; about 20 s on 2 CPU cores.
     step engine-large 90 python3 -c "import time; t = time.time(); \
-from capworks.checkpoints.build import ensure_checkpoint; from schema.settings import get_settings; \
+from capworks.checkpoints.build import ensure_checkpoint; from capworks.schema.settings import get_settings; \
 print(ensure_checkpoint('large-random', get_settings().checkpoint_dir), \
 f'built in {time.time() - t:.1f} s')"
     step engine-large 200 python3 bench/engine.py --model large-random --device cuda --compare \

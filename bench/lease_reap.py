@@ -16,7 +16,7 @@ import time
 
 import redis
 
-from workers.leases import LeaseKeeper
+from capworks.workers.leases import LeaseKeeper
 
 HELD = 200  # live jobs leased across the farm
 

@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 
 from seaweed import s3_client, scratch_s3
 
-from producer.listing import ListingPlan, iter_parallel_pages
-from producer.sources import iter_s3
-from schema.settings import Settings
-from schema.storage import make_s3_client
+from capworks.producer.listing import ListingPlan, iter_parallel_pages
+from capworks.producer.sources import iter_s3
+from capworks.schema.settings import Settings
+from capworks.schema.storage import make_s3_client
 
 BUCKET = "library"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from capworks.checkpoints.build import ensure_checkpoint
-from schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
-from schema.settings import get_settings
-from workers.generators.resnet_pass import ResNetPass
-from workers.ofa_model import load_model
+from capworks.schema.checkpoint import OFFLINE_NAMES, resolve_checkpoint
+from capworks.schema.settings import get_settings
+from capworks.workers.generators.resnet_pass import ResNetPass
+from capworks.workers.ofa_model import load_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:

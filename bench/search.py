@@ -28,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from scratch_pg import scratch_database
 from sqlalchemy import Engine, text
 
-from schema.db import connect
-from schema.search import MAX_RANKED, Filters, search
+from capworks.schema.db import connect
+from capworks.schema.search import MAX_RANKED, Filters, search
 
 SUBJECTS = """man woman dog cat boy girl person horse train bus car truck bird child skier
 surfer player cow sheep elephant giraffe zebra bear motorcycle bicycle airplane boat plate

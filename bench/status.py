@@ -32,11 +32,11 @@ from rich.progress import Progress
 from scratch_pg import scratch_database
 
 from capworks.farm import read_queue
-from producer.enqueue import make_publisher
-from schema.db import connect
-from schema.jobs import Job
-from schema.settings import Settings
-from schema.uris import ImageRef
+from capworks.producer.enqueue import make_publisher
+from capworks.schema.db import connect
+from capworks.schema.jobs import Job
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
 
 PIPELINE_JOBS = 500
 

@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 import redis
 from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 
-from producer.crawl import SENT_KEY, Filters, run_crawl
-from producer.enqueue import make_publisher
-from producer.tables import TableSpec
-from schema.db import connect
-from schema.settings import Settings
+from capworks.producer.crawl import SENT_KEY, Filters, run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.tables import TableSpec
+from capworks.schema.db import connect
+from capworks.schema.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 GOAL_URIS_PER_S = 20_000

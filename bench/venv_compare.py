@@ -41,7 +41,7 @@ def print_tokens(model: str, images: int) -> None:
     import torch
     from engine import config_for, synthetic_images  # bench/engine.py, beside this script
 
-    from workers.engine import OfaEngine
+    from capworks.workers.engine import OfaEngine
 
     engine = OfaEngine.load(config_for(model, None), device="cpu", batch_size=4)
     try:

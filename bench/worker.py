@@ -31,13 +31,13 @@ from sqlalchemy import create_engine, delete, func, select
 
 from capworks.checkpoints.build import ensure_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.enqueue import enqueue, make_publisher
-from producer.sources import iter_local
-from schema.checkpoint import resolve_checkpoint
-from schema.db import connect
-from schema.settings import Settings, get_settings
-from schema.tables import Caption
-from workers.engine import OfaEngine
+from capworks.producer.enqueue import enqueue, make_publisher
+from capworks.producer.sources import iter_local
+from capworks.schema.checkpoint import resolve_checkpoint
+from capworks.schema.db import connect
+from capworks.schema.settings import Settings, get_settings
+from capworks.schema.tables import Caption
+from capworks.workers.engine import OfaEngine
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 

@@ -26,18 +26,18 @@ from typing import TYPE_CHECKING, Union
 
 from capworks.commands.caption import ModelOptions, one_shot_path
 from capworks.models import resolve_model
-from producer.enqueue import enqueue
-from producer.sources import iter_refs
-from schema.db import connect
-from schema.settings import get_settings
-from schema.storage import LazyS3Client
-from schema.uris import ImageRef, is_http, is_s3
-from workers.engine import Alternative, CaptionedImage
-from workers.fetch import Fetched, Fetcher, StoreFetcher
-from workers.guard import IPNetwork
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
-from workers.pipeline import caption_refs
+from capworks.producer.enqueue import enqueue
+from capworks.producer.sources import iter_refs
+from capworks.schema.db import connect
+from capworks.schema.settings import get_settings
+from capworks.schema.storage import LazyS3Client
+from capworks.schema.uris import ImageRef, is_http, is_s3
+from capworks.workers.engine import Alternative, CaptionedImage
+from capworks.workers.fetch import Fetched, Fetcher, StoreFetcher
+from capworks.workers.guard import IPNetwork
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
+from capworks.workers.pipeline import caption_refs
 
 if TYPE_CHECKING:
     from PIL import Image

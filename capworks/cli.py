@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from schema.errors import CapworksError, CheckpointError
-from schema.logs import quiet_libraries
-from schema.redact import escape_controls, install_log_redaction, redact
-from schema.settings import BadSetting, get_settings
+from capworks.schema.errors import CapworksError, CheckpointError
+from capworks.schema.logs import quiet_libraries
+from capworks.schema.redact import escape_controls, install_log_redaction, redact
+from capworks.schema.settings import BadSetting, get_settings
 
 log = logging.getLogger("capworks")
 MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint", "finetune"})
@@ -450,7 +450,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "search":
             from capworks.commands.search import SearchRequest, as_utc, run_search
-            from schema.search import Filters, parse_fields
+            from capworks.schema.search import Filters, parse_fields
 
             filters = Filters(
                 args.prefix, args.bucket, args.model, as_utc(args.since), as_utc(args.until)
@@ -480,7 +480,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
             )
         if args.command in ("status", "health"):
             from capworks.commands import status
-            from schema.queue import redis_tls_options
+            from capworks.schema.queue import redis_tls_options
 
             settings = get_settings()
             farm = status.FarmAddress(

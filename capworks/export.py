@@ -19,8 +19,8 @@ from psycopg.types.json import set_json_loads
 from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
-from schema.db import database_now
-from schema.tables import Caption, Export, Image, utcnow
+from capworks.schema.db import database_now
+from capworks.schema.tables import Caption, Export, Image, utcnow
 
 BATCH_ROWS = 10_000  # rows fetched per round trip, and per Parquet row group
 SETTLE_S = 60.0

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capworks.export import COLUMNS
-from schema.uris import is_s3, parse_s3
+from capworks.schema.uris import is_s3, parse_s3
 
 Format = Literal["parquet", "jsonl", "csv", "wds"]
 FORMATS: tuple[Format, ...] = ("parquet", "jsonl", "csv", "wds")

@@ -21,8 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from schema.heartbeat import Heartbeat, pid_space, read_heartbeats, redis_now
-from schema.tables import Caption, Crawl, Failure, utcnow
+from capworks.schema.heartbeat import Heartbeat, pid_space, read_heartbeats, redis_now
+from capworks.schema.tables import Caption, Crawl, Failure, utcnow
 
 UNACKED_KEY = "unacked"
 EXACT_JOBS = 2_000

@@ -21,8 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from capworks.farm import read_activity, read_queue, worker_states
-from schema.heartbeat import read_heartbeats, redis_now
-from schema.tables import Failure
+from capworks.schema.heartbeat import read_heartbeats, redis_now
+from capworks.schema.tables import Failure
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,13 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from schema.checkpoint import OFFLINE_NAMES, CheckpointConfig, resolve_checkpoint, resolve_identity
-from schema.settings import Settings
+from capworks.schema.checkpoint import (
+    OFFLINE_NAMES,
+    CheckpointConfig,
+    resolve_checkpoint,
+    resolve_identity,
+)
+from capworks.schema.settings import Settings
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from schema.redact import escape_controls
+from capworks.schema.redact import escape_controls
 
 
 def plain(value: object, style: str = "") -> Text:

@@ -10,7 +10,7 @@ A references file is data from outside too: a name that is an absolute path (`/e
 root, so such a row is refused, one line each and counted, and the rest are read. With
 `allow_outside_root` (`--allow-outside-root`) they are taken as before. Names inside the root are
 not resolved through symlinks: `eval --caption` reads them from under the root, where a symlink
-is refused like any file root's (`workers.fileroots`).
+is refused like any file root's (`capworks.workers.fileroots`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from schema.uris import file_uri, is_http, is_s3, local_path
+from capworks.schema.uris import file_uri, is_http, is_s3, local_path
 
 References = dict[str, list[str]]
 

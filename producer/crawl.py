@@ -26,16 +26,21 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from producer.inventory import is_inventory, iter_inventory
-from producer.listing import ONE_STREAM, ListingPlan, is_parts_position, iter_parallel_pages
-from producer.replicas import wait_for_replicas
-from producer.sources import InputError, iter_positions
-from producer.tables import TableSpec, iter_table, row_problem, save_table_columns
-from schema.errors import Code
-from schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
-from schema.redact import redact, redact_uri, stored_text
-from schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
-from schema.uris import ImageRef, is_http, is_s3
+from capworks.producer.inventory import is_inventory, iter_inventory
+from capworks.producer.listing import (
+    ONE_STREAM,
+    ListingPlan,
+    is_parts_position,
+    iter_parallel_pages,
+)
+from capworks.producer.replicas import wait_for_replicas
+from capworks.producer.sources import InputError, iter_positions
+from capworks.producer.tables import TableSpec, iter_table, row_problem, save_table_columns
+from capworks.schema.errors import Code
+from capworks.schema.jobs import MAX_ROOT_ID_CHARS, MAX_URI_CHARS, Job, new_job_id, unstorable
+from capworks.schema.redact import redact, redact_uri, stored_text
+from capworks.schema.tables import BadMessage, Caption, Crawl, Failure, Image, utcnow
+from capworks.schema.uris import ImageRef, is_http, is_s3
 
 log = logging.getLogger(__name__)
 SENT_KEY = "capworks:sent:{}"

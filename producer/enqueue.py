@@ -14,11 +14,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 
-from producer.crawl import Publisher
-from schema.jobs import Job
-from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
-from schema.settings import Settings, get_settings
-from schema.uris import ImageRef, is_s3, parse_s3
+from capworks.producer.crawl import Publisher
+from capworks.schema.jobs import Job
+from capworks.schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
+from capworks.schema.settings import Settings, get_settings
+from capworks.schema.uris import ImageRef, is_s3, parse_s3
 
 log = logging.getLogger(__name__)
 LOCK_POLL_S = 1.0

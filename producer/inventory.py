@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote_plus
 
-from producer.sources import InputError, s3_body, s3_stream
-from schema.uris import ImageRef, s3_uri
+from capworks.producer.sources import InputError, s3_body, s3_stream
+from capworks.schema.uris import ImageRef, s3_uri
 
 SCHEME = "s3-inventory://"
 # The manifest's column names, normalised (CSV says `ETag`, Parquet `e_tag`): lower case, no `_`.

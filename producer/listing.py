@@ -30,9 +30,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer.sources import InputError, iter_s3
-from schema.errors import Code, StorageError
-from schema.uris import ImageRef, S3Location, parse_s3, s3_uri
+from capworks.producer.sources import InputError, iter_s3
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.uris import ImageRef, S3Location, parse_s3, s3_uri
 
 CHUNK = 1000  # keys a stream hands over at once: one ListObjectsV2 page
 DISCOVERY_DEPTH = 3  # folder levels delimiter discovery descends at most

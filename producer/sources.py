@@ -12,9 +12,9 @@ from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer.walk import walk_files
-from schema.errors import Code, StorageError
-from schema.uris import ImageRef, file_uri, is_http, is_s3, parse_s3, s3_uri
+from capworks.producer.walk import walk_files
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.uris import ImageRef, file_uri, is_http, is_s3, parse_s3, s3_uri
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"}

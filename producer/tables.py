@@ -24,9 +24,9 @@ from typing import IO, Any
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from producer.sources import InputError, s3_stream
-from schema.tables import Image, utcnow
-from schema.uris import ImageRef, is_s3, parse_s3
+from capworks.producer.sources import InputError, s3_stream
+from capworks.schema.tables import Image, utcnow
+from capworks.schema.uris import ImageRef, is_s3, parse_s3
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PARQUET_BATCH_ROWS = 10_000

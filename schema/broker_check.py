@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from schema.errors import Code, Unreachable
+from capworks.schema.errors import Code, Unreachable
 
 
 class UnsafeBroker(ValueError):

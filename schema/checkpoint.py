@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from schema.checkpoint_limits import check_architecture, check_configuration
-from schema.errors import CheckpointError
+from capworks.schema.checkpoint_limits import check_architecture, check_configuration
+from capworks.schema.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

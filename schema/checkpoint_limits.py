@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from schema.errors import CheckpointError
+from capworks.schema.errors import CheckpointError
 
 # (low, high) inclusive. The hub's OFA captioners use patch 480, beam 5, 16 new tokens,
 # source length 256; the largest OFA (huge) is d_model 1280, 24+12 layers, FFN 5120.

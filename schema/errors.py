@@ -60,7 +60,7 @@ class CapworksError(Exception):
 
 class Unreachable(CapworksError):
     """A service (broker, database) refused or dropped the connection: it may be restarting,
-    so a process starting up waits for it (`schema.startup.wait_until_reachable`)."""
+    so a process starting up waits for it (`capworks.schema.startup.wait_until_reachable`)."""
 
 
 class ImageError(CapworksError):

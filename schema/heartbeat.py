@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from schema.instance import instance_id
+from capworks.schema.instance import instance_id
 
 log = logging.getLogger(__name__)
 

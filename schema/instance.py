@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from functools import cache
 
-from schema.settings import get_settings
+from capworks.schema.settings import get_settings
 
 
 def new_instance_id() -> str:

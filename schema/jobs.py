@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schema.errors import CapworksError, Code
-from schema.uris import ImageRef, is_s3, parse_s3
+from capworks.schema.errors import CapworksError, Code
+from capworks.schema.uris import ImageRef, is_s3, parse_s3
 
 JOB_VERSION = 1
 MAX_IMAGES_PER_JOB = 1000
@@ -152,7 +152,7 @@ def _upload_time_from_wire(uploaded: Any) -> float | None:
 
     A time in the future is kept: whether it is too far ahead depends on the receiving clock, and
     validation gives every worker and every redelivery the same verdict (the worker's metric
-    leaves such a time out, `workers.metrics.upload_latency_s`).
+    leaves such a time out, `capworks.workers.metrics.upload_latency_s`).
     """
     if uploaded is None:
         return None

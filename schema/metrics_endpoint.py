@@ -27,7 +27,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
-from schema.http_limits import CappedThreadingMixIn, deadline_rfile
+from capworks.schema.http_limits import CappedThreadingMixIn, deadline_rfile
 
 log = logging.getLogger(__name__)
 REALM = 'Bearer realm="capworks metrics"'

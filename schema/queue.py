@@ -16,8 +16,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from schema.redact import redact
-from schema.settings import Settings
+from capworks.schema.redact import redact
+from capworks.schema.settings import Settings
 
 CAPTION_TASK = "capworks.caption_job"
 
@@ -61,12 +61,12 @@ def task_reprs(body: dict[str, Any], attempt: int | None = None) -> dict[str, st
 
 
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured from settings; tasks are registered by `workers.tasks`."""
+    """A Celery app configured from settings; tasks are registered by `capworks.workers.tasks`."""
     app = Celery("capworks", broker=settings.broker_url)
     app.conf.update(
         # kombu's Redis transport with a fetch that cannot lose a job as Redis goes down
         # (schema/redis_transport.py); it blocks on one Redis list, so one priority step.
-        broker_transport="schema.redis_transport:Transport",
+        broker_transport="capworks.schema.redis_transport:Transport",
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_name,

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable
 from urllib.parse import unquote
 
-from schema.jobs import escaped
+from capworks.schema.jobs import escaped
 
 MASK = "***"
 # What a stored text (a bad message's body, a reason) keeps by default: a 100 MiB job message

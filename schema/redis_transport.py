@@ -35,7 +35,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps, loads
 
-from schema.instance import instance_id
+from capworks.schema.instance import instance_id
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from schema.tables import Caption, Image
+from capworks.schema.tables import Caption, Image
 
 Field = Literal["caption", "alternatives", "tags"]
 FIELDS: tuple[Field, ...] = get_args(Field)

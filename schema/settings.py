@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from schema.redact import redact, register_secrets, url_password
+from capworks.schema.redact import redact, register_secrets, url_password
 
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
 # The webhook token and HMAC secret and the metrics token: shorter ones are refused at start-up.
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         return value
 
     def secret_values(self) -> list[str | None]:
-        """Every secret these settings hold, for `schema.redact` to mask."""
+        """Every secret these settings hold, for `capworks.schema.redact` to mask."""
         hidden = (
             self.s3_secret_access_key,
             self.events_token,
@@ -224,7 +224,7 @@ def describe_bad_settings(exc: ValidationError) -> str:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use; their secrets are
-    masked in everything `schema.redact` sees from then on. A variable that does not parse
+    masked in everything `capworks.schema.redact` sees from then on. A variable that does not parse
     raises `BadSetting`, one line naming it."""
     try:
         settings = Settings()

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from schema.backoff import compute_backoff
-from schema.errors import Unreachable
+from capworks.schema.backoff import compute_backoff
+from capworks.schema.errors import Unreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

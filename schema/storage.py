@@ -12,7 +12,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.utils import parse_timestamp
 
-from schema.settings import Settings
+from capworks.schema.settings import Settings
 
 
 def make_s3_client(settings: Settings) -> Any:

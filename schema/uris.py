@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from schema.errors import Code, StorageError
+from capworks.schema.errors import Code, StorageError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 # Build the checkpoint once, before two processes would wait on its lock.
-.venv/bin/python -c "from capworks.checkpoints.build import ensure_checkpoint; from schema.settings import get_settings; ensure_checkpoint('shapes', get_settings().checkpoint_dir)"
+.venv/bin/python -c "from capworks.checkpoints.build import ensure_checkpoint; from capworks.schema.settings import get_settings; ensure_checkpoint('shapes', get_settings().checkpoint_dir)"
 status=0
 .venv/bin/python -m pytest -q -n "${CAPWORKS_TEST_PROCS:-2}" -m "not serial and not train" "$@" \
     || status=$?

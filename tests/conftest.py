@@ -43,7 +43,7 @@ def require_service(name: str, reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    from schema.settings import get_settings
+    from capworks.schema.settings import get_settings
 
     return get_settings().checkpoint_dir
 
@@ -64,8 +64,8 @@ def tiny_dir(cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_engine(shapes_dir: Path) -> Iterator[object]:
-    from schema.checkpoint import read_config
-    from workers.engine import OfaEngine
+    from capworks.schema.checkpoint import read_config
+    from capworks.workers.engine import OfaEngine
 
     engine = OfaEngine.load(read_config(shapes_dir, "shapes"), device="cpu", batch_size=8)
     yield engine
@@ -107,7 +107,7 @@ def pipeline(pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path) ->
     the workers it started stopped and its Redis keys removed afterwards."""
     from pipeline_support import own_queue
 
-    from schema.db import connect
+    from capworks.schema.db import connect
 
     connect(pg_url).dispose()  # migrated up front, so a test can read before a worker starts
     with own_queue(pg_url, tmp_path, s3_endpoint) as p:
@@ -146,8 +146,8 @@ def own_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_dir: Path) -> Iterator[object]:
-    from schema.checkpoint import read_config
-    from workers.engine import OfaEngine
+    from capworks.schema.checkpoint import read_config
+    from capworks.workers.engine import OfaEngine
 
     engine = OfaEngine.load(read_config(tiny_dir, "tiny-random"), device="cpu", batch_size=4)
     yield engine

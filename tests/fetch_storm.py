@@ -17,9 +17,9 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from pipeline_support import free_port
 from redis_server import RedisServer
 
-from schema.redis_transport import FetchingSweeper
+from capworks.schema.redis_transport import FetchingSweeper
 
-RELIABLE = "schema.redis_transport:Transport"
+RELIABLE = "capworks.schema.redis_transport:Transport"
 STOCK = "redis"
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import celery_worker_argv
-from schema.tables import Caption, Failure, Image
+from capworks.schema.tables import Caption, Failure, Image
 
 # Each concurrent test run takes its own Redis database (CAPWORKS_TEST_REDIS_DB, default 15): the
 # fixtures clear `capworks:*` keys and count kombu's `unacked` hash, both per database.

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from certificates import make_certificates
 
-from schema.errors import Code, StorageError
-from workers.guard import denied_block, embedded_ipv4, host_refusal, refusal
-from workers.http_fetch import GuardedHttp, redirect_refusal
+from capworks.schema.errors import Code, StorageError
+from capworks.workers.guard import denied_block, embedded_ipv4, host_refusal, refusal
+from capworks.workers.http_fetch import GuardedHttp, redirect_refusal
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

@@ -15,7 +15,7 @@ from conftest import REPO, png_bytes, run_cli
 from pipeline_support import REDIS_URL, captions, live_redis
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.settings import Settings
+from capworks.schema.settings import Settings
 
 
 @pytest.fixture(scope="module")

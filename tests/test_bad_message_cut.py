@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-import schema.redact
-import workers.persist
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.jobs import MalformedJob
-from schema.redact import MAX_STORED_CHARS, stored_text
-from schema.tables import BadMessage
-from workers.persist import ResultWriter
+from capworks.schema import redact as redact_module
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.jobs import MalformedJob
+from capworks.schema.redact import MAX_STORED_CHARS, stored_text
+from capworks.schema.tables import BadMessage
+from capworks.workers import persist
+from capworks.workers.persist import ResultWriter
 
 MESSAGE_CHARS = 20 * 1024 * 1024
 
@@ -26,14 +26,14 @@ MESSAGE_CHARS = 20 * 1024 * 1024
 def spy_on_redact(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The length of every text `redact` is given, wherever it is called from."""
     seen: list[int] = []
-    real: Callable[[str], str] = schema.redact.redact
+    real: Callable[[str], str] = redact_module.redact
 
     def counting(text: str) -> str:
         seen.append(len(text))
         return real(text)
 
-    monkeypatch.setattr(schema.redact, "redact", counting)
-    monkeypatch.setattr(workers.persist, "redact", counting)
+    monkeypatch.setattr(redact_module, "redact", counting)
+    monkeypatch.setattr(persist, "redact", counting)
     return seen
 
 

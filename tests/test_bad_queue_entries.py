@@ -18,15 +18,15 @@ from pipeline_support import captions, live_redis, own_queue, query, wait_until
 from sqlalchemy import select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.db import connect
-from schema.redis_transport import (
+from capworks.schema.db import connect
+from capworks.schema.redis_transport import (
     BadEntry,
     envelope_of,
     quarantine_entry,
     quarantine_key,
     record_quarantined_with,
 )
-from schema.tables import BadMessage
+from capworks.schema.tables import BadMessage
 
 GARBAGE = b"not a kombu message \xff\xfe"
 NOT_AN_ENVELOPE = b'{"job": "an object, but no kombu properties"}'
@@ -45,7 +45,7 @@ NO_DELIVERY_TAG = json.dumps(
     }
 ).encode()
 BAD_ENTRIES = [GARBAGE, NOT_AN_ENVELOPE, NO_DELIVERY_TAG]
-TRANSPORT = "schema.redis_transport:Transport"
+TRANSPORT = "capworks.schema.redis_transport:Transport"
 
 
 def write_images(folder: Path, count: int, seed: int) -> list[str]:

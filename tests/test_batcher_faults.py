@@ -16,11 +16,11 @@ import torch
 from conftest import png_bytes
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.errors import CapworksError, Code
-from workers import metrics
-from workers.batcher import Batcher
-from workers.engine import Caption, OfaEngine
-from workers.preprocess import PreparedImage
+from capworks.schema.errors import CapworksError, Code
+from capworks.workers import metrics
+from capworks.workers.batcher import Batcher
+from capworks.workers.engine import Caption, OfaEngine
+from capworks.workers.preprocess import PreparedImage
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from schema.checkpoint import read_config, resolve_identity
-from schema.errors import CheckpointError
+from capworks.schema.checkpoint import read_config, resolve_identity
+from capworks.schema.errors import CheckpointError
 
 # What save_pretrained writes for a small OFA (the keys this check reads, and the null path).
 ARCHITECTURE: dict[str, Any] = {

@@ -13,7 +13,7 @@ from pipeline_support import captions, count_rows
 from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.tables import Image
+from capworks.schema.tables import Image
 
 SEED = 23
 

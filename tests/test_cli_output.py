@@ -26,10 +26,10 @@ from conftest import REPO
 
 from capworks.commands.caption import print_results
 from capworks.output import EXIT_BROKEN_PIPE, EXIT_SOME_FAILED, distinguishing_names
-from schema.errors import Code, ImageError
-from schema.uris import ImageRef
-from workers.engine import Alternative, Caption, CaptionedImage
-from workers.outcome import Outcome
+from capworks.schema.errors import Code, ImageError
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Alternative, Caption, CaptionedImage
+from capworks.workers.outcome import Outcome
 
 EXE = str(Path(sys.executable).parent / "capworks")
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
@@ -120,7 +120,7 @@ def run_into_a_closed_pipe(*args: str, env: dict[str, str] | None = None) -> tup
 def test_a_reader_that_left_early_costs_no_traceback(tmp_path: Path) -> None:
     from test_search import outcome, write
 
-    from schema.db import connect
+    from capworks.schema.db import connect
 
     url = f"sqlite:///{tmp_path / 'c.db'}"
     write(connect(url), *(outcome(f"/p/{n}.png", f"a horse number {n}") for n in range(50)))

@@ -35,20 +35,20 @@ from redis_server import own_redis
 from sqlalchemy import select, update
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.crawl import run_crawl
-from producer.enqueue import make_publisher
-from producer.sources import local_ref
-from schema.broker_check import check_broker
-from schema.checkpoint import CheckpointConfig, resolve_checkpoint
-from schema.db import connect
-from schema.errors import Code, ImageError
-from schema.settings import Settings
-from schema.tables import BadMessage, Crawl
-from schema.uris import ImageRef
-from workers.engine import Caption as EngineCaption
-from workers.engine import CaptionedImage
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.producer.crawl import run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.sources import local_ref
+from capworks.schema.broker_check import check_broker
+from capworks.schema.checkpoint import CheckpointConfig, resolve_checkpoint
+from capworks.schema.db import connect
+from capworks.schema.errors import Code, ImageError
+from capworks.schema.settings import Settings
+from capworks.schema.tables import BadMessage, Crawl
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Caption as EngineCaption
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 IDENTITY = ("m", "r", "h")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from schema.errors import Code, ImageError
-from workers.device_preprocess import DevicePreprocessor, JpegPassThrough, resize_normalize
-from workers.preprocess import (
+from capworks.schema.errors import Code, ImageError
+from capworks.workers.device_preprocess import DevicePreprocessor, JpegPassThrough, resize_normalize
+from capworks.workers.preprocess import (
     ExactDecoder,
     ImageLimits,
     JpegBytes,

@@ -22,14 +22,14 @@ from PIL import ExifTags, Image
 from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.sources import iter_refs
-from schema.jobs import Job
-from schema.settings import Settings
-from schema.tables import Failure
-from schema.tables import Image as ImageRow
-from workers.engine import CaptionedImage
-from workers.job import run_job
-from workers.runtime import Runtime
+from capworks.producer.sources import iter_refs
+from capworks.schema.jobs import Job
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Failure
+from capworks.schema.tables import Image as ImageRow
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.job import run_job
+from capworks.workers.runtime import Runtime
 
 SEED = 71
 JPEGS = 16
@@ -92,7 +92,7 @@ def exact_results(engine: Any, blobs: dict[str, bytes]) -> dict[str, Any]:
 
 def rows(db_url: str) -> dict[str, Any]:
     """File name -> (caption, width, height) or failure code, as the database holds them."""
-    from schema.tables import Caption
+    from capworks.schema.tables import Caption
 
     engine = create_engine(db_url)
     try:
@@ -178,7 +178,7 @@ def test_a_job_with_gpu_preprocessing_runs_through_the_worker_runtime(
         file_roots=(root,),
         batch_size=8,
     )
-    caplog.set_level(logging.INFO, logger="workers.device_preprocess")
+    caplog.set_level(logging.INFO, logger="capworks.workers.device_preprocess")
     rt = Runtime.build(settings)
     try:
         job = Job.new(list(iter_refs([str(root)], None)), None, job_id=uuid.uuid4().hex)

@@ -23,16 +23,16 @@ from pipeline_support import REDIS_URL, Pipeline, own_queue
 from sqlalchemy import Engine, select, update
 
 from capworks.commands.dlq import DeadLetter, Selection, plan_replay, replay
-from producer.crawl import Publisher
-from producer.enqueue import make_publisher
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.errors import CapworksError, Code, ImageError, StorageError
-from schema.settings import Settings
-from schema.tables import Failure, Image
-from schema.uris import ImageRef
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.producer.crawl import Publisher
+from capworks.producer.enqueue import make_publisher
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError, Code, ImageError, StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Failure, Image
+from capworks.schema.uris import ImageRef
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
 GONE = "s3://photos/gone/a.jpg"
@@ -214,9 +214,9 @@ def test_older_than_counts_on_the_databases_clock_not_the_writers(
 ) -> None:
     """A worker whose clock is an hour behind writes a dead letter now: `--older-than 30m`
     (on the database's clock) must not take it for an hour-old one."""
-    import workers.persist
+    from capworks.workers import persist
 
-    monkeypatch.setattr(workers.persist, "utcnow", lambda: datetime.now(UTC) - timedelta(hours=1))
+    monkeypatch.setattr(persist, "utcnow", lambda: datetime.now(UTC) - timedelta(hours=1))
     db = connect(pg.db_url)
     fail(db, (GONE, Code.NOT_FOUND))
     listed = dlq(pg, "list", "--older-than", "30m", "--json")

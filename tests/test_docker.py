@@ -22,7 +22,7 @@ import yaml
 from conftest import PG_ADMIN_URL, REPO, require_service
 
 from capworks.cli import build_parser
-from schema.settings import Settings
+from capworks.schema.settings import Settings
 
 DOCKER = REPO / "docker"
 OUR_IMAGES = {"capworks-worker", "capworks-producer"}
@@ -252,7 +252,7 @@ def test_postgres_app_role_is_a_plain_role_that_owns_and_migrates_its_database(
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.pool import NullPool
 
-    from schema.db import connect
+    from capworks.schema.db import connect
 
     postgres = compose["services"]["postgres"]
     assert postgres["environment"].get("POSTGRES_USER", "postgres") == "postgres"
@@ -392,7 +392,7 @@ def metric_families() -> dict[str, set[str]]:
     (capworks/farm_metrics.py), with the sample names it can expose."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from workers import metrics
+    from capworks.workers import metrics
 
     suffixes = {
         "counter": ("_total", "_created"),
@@ -454,7 +454,7 @@ def test_prometheus_finds_every_metrics_endpoint_by_dns(compose: dict[str, Any])
 
 
 def test_every_metrics_endpoint_off_loopback_has_the_token(compose: dict[str, Any]) -> None:
-    from schema.metrics_endpoint import is_loopback
+    from capworks.schema.metrics_endpoint import is_loopback
 
     serving = {"farm-metrics", "worker"}
     for name in serving:

@@ -18,14 +18,14 @@ import torch
 from PIL import Image
 from test_generator_parity import EOS, EOS_BOOST, assert_same_hypotheses, random_images
 
-from schema.checkpoint import CheckpointConfig, GenerationSettings, read_config
-from workers.engine import OfaEngine
-from workers.generators import make_generator
-from workers.generators.encoder import FastEncoder
-from workers.generators.fast import FastGenerator
-from workers.generators.reference import ReferenceGenerator
-from workers.generators.resnet_pass import ResNetPass
-from workers.ofa_model import encode_prompt, load_model, load_tokenizer
+from capworks.schema.checkpoint import CheckpointConfig, GenerationSettings, read_config
+from capworks.workers.engine import OfaEngine
+from capworks.workers.generators import make_generator
+from capworks.workers.generators.encoder import FastEncoder
+from capworks.workers.generators.fast import FastGenerator
+from capworks.workers.generators.reference import ReferenceGenerator
+from capworks.workers.generators.resnet_pass import ResNetPass
+from capworks.workers.ofa_model import encode_prompt, load_model, load_tokenizer
 
 # Hidden states are O(1); the products are shaped differently from ModelScope's.
 HIDDEN_TOLERANCE = 1e-4

@@ -17,16 +17,16 @@ from redis_server import RedisServer, own_redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from producer.crawl import run_crawl
-from producer.enqueue import make_publisher
-from producer.events.bulk import BulkSender
-from producer.events.records import ObjectCreated
-from producer.events.sink import EventSink, Outcome
-from producer.replicas import ReplicasBehind, wait_for_replicas
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings
-from schema.tables import Crawl
+from capworks.producer.crawl import run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.records import ObjectCreated
+from capworks.producer.events.sink import EventSink, Outcome
+from capworks.producer.replicas import ReplicasBehind, wait_for_replicas
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Crawl
 
 IDENTITY = ("m", "r", "h")
 

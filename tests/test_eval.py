@@ -22,8 +22,8 @@ from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.cli import main
 from capworks.evaluation import score_captions, tokenize, tokenize_simple
 from capworks.references import ReferenceError, load_references
-from schema.db import connect
-from schema.tables import Caption, Image
+from capworks.schema.db import connect
+from capworks.schema.tables import Caption, Image
 
 # A fixed set: three images with several references each, and one hypothesis each.
 REFERENCES = {

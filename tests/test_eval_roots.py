@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.cli import main
 from capworks.references import read_references
-from schema.db import connect
-from schema.tables import Caption, Image
+from capworks.schema.db import connect
+from capworks.schema.tables import Caption, Image
 
 OUTSIDE_NAMES = ["../outside/secret.png", "/etc/hostname", "file:///etc/hostname", "sub/../b.png"]
 

@@ -9,8 +9,8 @@ import json
 import pytest
 from event_samples import eventbridge, records, s3_record, s3_test_event, sns_wrapped
 
-from producer.events.filer import change_from_json, iter_json_objects
-from producer.events.records import MalformedEvent, ObjectCreated, parse_body
+from capworks.producer.events.filer import change_from_json, iter_json_objects
+from capworks.producer.events.records import MalformedEvent, ObjectCreated, parse_body
 
 AWKWARD = ["red flower.jpg", "a+b.png", "100%.jpeg", "ünïcödé/猫.png", "dir/sub/mixed + ü %2B.webp"]
 

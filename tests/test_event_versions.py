@@ -15,14 +15,14 @@ import redis
 from event_samples import eventbridge, records, s3_record
 from pipeline_support import REDIS_URL, Pipeline, own_queue
 
-from producer.events.bulk import BulkSender
-from producer.events.filer import change_from_json
-from producer.events.records import ObjectCreated, parse_body
-from producer.events.sink import EventSink, Outcome
-from producer.events.versions import Order, Version, compare_versions
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.filer import change_from_json
+from capworks.producer.events.records import ObjectCreated, parse_body
+from capworks.producer.events.sink import EventSink, Outcome
+from capworks.producer.events.versions import Order, Version, compare_versions
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings
 
 IDENTITY = ("shapes-test", "", "settings-hash")
 ETAG_A = "a" * 32

@@ -41,17 +41,22 @@ from pipeline_support import (
 from sqlalchemy import select
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.filer import FilerFollower, FilerPosition
+from capworks.producer.events.sink import EventSink
+from capworks.producer.events.sqs import SqsConsumer
+from capworks.producer.events.webhook import (
+    InsecureWebhook,
+    WebhookAuth,
+    WebhookServer,
+    signed_headers,
+)
+from capworks.schema.checkpoint import resolve_identity
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings, get_settings
+from capworks.schema.tables import BadMessage
 from capworks.seaweed import SeaweedServer
-from producer.events.bulk import BulkSender
-from producer.events.filer import FilerFollower, FilerPosition
-from producer.events.sink import EventSink
-from producer.events.sqs import SqsConsumer
-from producer.events.webhook import InsecureWebhook, WebhookAuth, WebhookServer, signed_headers
-from schema.checkpoint import resolve_identity
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings, get_settings
-from schema.tables import BadMessage
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 from capworks.cli import main
 from capworks.export import Window, iter_batches
 from capworks.export_formats import Output, WdsShards, sample_key
-from schema.db import connect
-from schema.tables import Caption, Export, Image
+from capworks.schema.db import connect
+from capworks.schema.tables import Caption, Export, Image
 
 NOW = datetime.now(UTC)
 ALTERNATIVES = [{"text": "a red square", "score": -0.5}, {"text": "a square", "score": -0.9}]

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from schema.errors import Code, Kind, StorageError
-from workers.guard import IPAddress, IPNetwork
-from workers.http_fetch import GuardedHttp
+from capworks.schema.errors import Code, Kind, StorageError
+from capworks.workers.guard import IPAddress, IPNetwork
+from capworks.workers.http_fetch import GuardedHttp
 
 LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
 DEADLINE_S = 2.0

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-from schema.errors import Code, Kind, StorageError
-from workers.guard import host_refusal, is_odd_ipv4_spelling, refusal
+from capworks.schema.errors import Code, Kind, StorageError
+from capworks.workers.guard import host_refusal, is_odd_ipv4_spelling, refusal
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network

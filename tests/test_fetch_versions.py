@@ -11,15 +11,15 @@ from sqlalchemy import create_engine, select
 from test_image_path import image_path
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.sources import iter_s3
-from schema.checkpoint import read_config
-from schema.db import connect
-from schema.errors import Code
-from schema.settings import Settings
-from schema.tables import Image
-from workers.engine import OfaEngine
-from workers.fetch import Fetched, StoreFetcher
-from workers.persist import ResultWriter
+from capworks.producer.sources import iter_s3
+from capworks.schema.checkpoint import read_config
+from capworks.schema.db import connect
+from capworks.schema.errors import Code
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Image
+from capworks.workers.engine import OfaEngine
+from capworks.workers.fetch import Fetched, StoreFetcher
+from capworks.workers.persist import ResultWriter
 
 
 def test_an_object_overwritten_after_listing_is_stored_under_its_new_etag(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from schema.errors import Code, StorageError
-from schema.settings import Settings
-from schema.uris import ImageRef
-from workers.fetch import StoreFetcher
-from workers.fileroots import FileRoots
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
+from capworks.workers.fetch import StoreFetcher
+from capworks.workers.fileroots import FileRoots
 
 LIMIT_BYTES = 1024
 

@@ -24,14 +24,14 @@ import redis
 from pipeline_support import REDIS_URL, Pipeline, own_queue, query, queued_images, wait_until
 from sqlalchemy import select
 
-from producer.events.bulk import BulkSender
-from producer.events.filer import FilerFollower, FilerPosition, iter_json_objects
-from producer.events.records import BadRecord
-from producer.events.sink import EventSink
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings
-from schema.tables import BadMessage
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.filer import FilerFollower, FilerPosition, iter_json_objects
+from capworks.producer.events.records import BadRecord
+from capworks.producer.events.sink import EventSink
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import BadMessage
 
 IDENTITY = ("shapes-test", "", "settings-hash")
 FILER = "127.0.0.1:9"  # never dialled: the fake prints what it is given

@@ -79,9 +79,9 @@ def test_a_short_run_on_shifted_data_lowers_the_held_out_loss(finetuned: dict[st
 def test_the_output_is_a_loadable_model_folder_with_a_new_identity(
     finetuned: dict[str, Any],
 ) -> None:
-    from schema.checkpoint import resolve_checkpoint, resolve_identity
-    from schema.settings import get_settings
-    from workers.engine import OfaEngine
+    from capworks.schema.checkpoint import resolve_checkpoint, resolve_identity
+    from capworks.schema.settings import get_settings
+    from capworks.workers.engine import OfaEngine
 
     out, cache = finetuned["out"], get_settings().checkpoint_dir
     config = resolve_checkpoint(str(out), None, cache)
@@ -165,9 +165,9 @@ def test_enqueue_with_the_finetuned_model_recaptions_what_the_base_captioned(
     from pipeline_support import query, wait_until
     from sqlalchemy import func, select
 
-    from schema.checkpoint import resolve_identity
-    from schema.settings import get_settings
-    from schema.tables import Caption
+    from capworks.schema.checkpoint import resolve_identity
+    from capworks.schema.settings import get_settings
+    from capworks.schema.tables import Caption
 
     photos = pipeline.tmp / "photos"
     photos.mkdir()

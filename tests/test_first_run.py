@@ -27,7 +27,7 @@ from pipeline_support import (
 from sqlalchemy import select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.tables import Failure
+from capworks.schema.tables import Failure
 
 HUB_ID = "damo/ofa_image-caption_coco_distilled_en"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from producer import walk
-from producer.sources import IMAGE_SUFFIXES, iter_local, iter_positions, local_position
-from schema.uris import file_uri
+from capworks.producer import walk
+from capworks.producer.sources import IMAGE_SUFFIXES, iter_local, iter_positions, local_position
+from capworks.schema.uris import file_uri
 
 # Names chosen where a per-folder sort by bare name and a sort of whole paths disagree:
 # "a" < "a.png" < "a b" by name, but "/r/a b/..." < "/r/a.png" < "/r/a/..." as paths.

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from schema.checkpoint import CheckpointConfig, GenerationSettings, read_config
-from workers.engine import OfaEngine
-from workers.generators import Hypothesis, make_generator
-from workers.generators.fast import FastGenerator
-from workers.generators.ngram import ban_repeated_ngrams
-from workers.generators.reference import ReferenceGenerator
-from workers.ofa_model import encode_prompt, load_model, load_tokenizer
+from capworks.schema.checkpoint import CheckpointConfig, GenerationSettings, read_config
+from capworks.workers.engine import OfaEngine
+from capworks.workers.generators import Hypothesis, make_generator
+from capworks.workers.generators.fast import FastGenerator
+from capworks.workers.generators.ngram import ban_repeated_ngrams
+from capworks.workers.generators.reference import ReferenceGenerator
+from capworks.workers.ofa_model import encode_prompt, load_model, load_tokenizer
 
 SCORE_TOLERANCE = 1e-4
 SMALL_PX = 64  # OFA takes any multiple of 16; the reference is slow at 480 px on a CPU
@@ -201,7 +201,7 @@ def test_fast_generator_matches_reference_on_the_shapes_checkpoint(
     shapes: Loaded, batch: int
 ) -> None:
     from capworks.checkpoints.shapes_world import sample_scenes
-    from workers.preprocess import Normalization, to_pixels
+    from capworks.workers.preprocess import Normalization, to_pixels
 
     norm = Normalization(shapes.config.patch_image_size, *shapes.config.mean_std)
     images = torch.from_numpy(

@@ -18,14 +18,19 @@ from sqlalchemy import create_engine, select
 from test_image_path import MemoryFetcher
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import file_sha256, read_config, resolve_checkpoint, resolve_identity
-from schema.errors import CheckpointError
-from schema.jobs import Job
-from schema.settings import Settings
-from schema.tables import Caption, Failure
-from schema.uris import ImageRef
-from workers.runtime import Runtime
-from workers.tasks import handle_message
+from capworks.schema.checkpoint import (
+    file_sha256,
+    read_config,
+    resolve_checkpoint,
+    resolve_identity,
+)
+from capworks.schema.errors import CheckpointError
+from capworks.schema.jobs import Job
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Caption, Failure
+from capworks.schema.uris import ImageRef
+from capworks.workers.runtime import Runtime
+from capworks.workers.tasks import handle_message
 
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
 

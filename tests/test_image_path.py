@@ -20,19 +20,19 @@ from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.errors import Code, StorageError
-from schema.jobs import Job
-from schema.settings import Settings
-from schema.tables import Caption, Failure
-from schema.uris import ImageRef
-from workers.batcher import Batcher
-from workers.engine import Caption as EngineCaption
-from workers.engine import OfaEngine
-from workers.imagepath import ImagePath
-from workers.job import run_job
-from workers.outcome import Outcome, map_good
-from workers.preprocess import ExactDecoder, ImageLimits, Normalization
-from workers.runtime import Runtime
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.jobs import Job
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Caption, Failure
+from capworks.schema.uris import ImageRef
+from capworks.workers.batcher import Batcher
+from capworks.workers.engine import Caption as EngineCaption
+from capworks.workers.engine import OfaEngine
+from capworks.workers.imagepath import ImagePath
+from capworks.workers.job import run_job
+from capworks.workers.outcome import Outcome, map_good
+from capworks.workers.preprocess import ExactDecoder, ImageLimits, Normalization
+from capworks.workers.runtime import Runtime
 
 STAGES = ("capworks_fetch_seconds", "capworks_decode_seconds", "capworks_batch_wait_seconds")
 

@@ -25,13 +25,13 @@ from conftest import s3_client
 from pipeline_support import REDIS_URL, Pipeline, own_queue, queued_images
 
 from capworks.checkpoints.layout import configuration_json
-from producer.crawl import Filters, Publisher, run_crawl
-from producer.enqueue import make_publisher
-from producer.inventory import iter_inventory
-from producer.sources import InputError
-from schema.db import connect
-from schema.jobs import Job
-from schema.settings import Settings
+from capworks.producer.crawl import Filters, Publisher, run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.inventory import iter_inventory
+from capworks.producer.sources import InputError
+from capworks.schema.db import connect
+from capworks.schema.jobs import Job
+from capworks.schema.settings import Settings
 
 IDENTITY = ("m", "r", "h")
 CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"

@@ -12,13 +12,13 @@ import redis
 from conftest import require_service
 from pipeline_support import REDIS_URL
 
-from producer.crawl import SENT_KEY
-from producer.enqueue import make_publisher
-from schema.backoff import compute_backoff
-from schema.errors import Code
-from schema.jobs import Job, MalformedJob
-from schema.settings import Settings
-from schema.uris import ImageRef
+from capworks.producer.crawl import SENT_KEY
+from capworks.producer.enqueue import make_publisher
+from capworks.schema.backoff import compute_backoff
+from capworks.schema.errors import Code
+from capworks.schema.jobs import Job, MalformedJob
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
 
 
 def test_job_round_trips_through_its_compact_wire_format() -> None:

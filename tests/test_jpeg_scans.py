@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from schema.errors import Code, ImageError
-from workers.device_preprocess import DevicePreprocessor, JpegPassThrough
-from workers.preprocess import (
+from capworks.schema.errors import Code, ImageError
+from capworks.workers.device_preprocess import DevicePreprocessor, JpegPassThrough
+from capworks.workers.preprocess import (
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     ExactDecoder,

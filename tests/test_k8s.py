@@ -22,7 +22,7 @@ from conftest import REPO, require_service
 
 from capworks.cli import build_parser
 from capworks.commands.worker import parse_gpus
-from schema.settings import Settings
+from capworks.schema.settings import Settings
 
 K8S = REPO / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"

@@ -19,8 +19,8 @@ from conftest import REPO, png_bytes, s3_client
 from pipeline_support import Pipeline, captions, failures, instance_of, live_redis, own_queue
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.settings import Settings
-from workers.leases import LEASES_KEY, OWNERS_KEY, LeaseKeeper, hand_back, lease_key
+from capworks.schema.settings import Settings
+from capworks.workers.leases import LEASES_KEY, OWNERS_KEY, LeaseKeeper, hand_back, lease_key
 
 WRAPPERS = Path(__file__).parent / "wrappers"
 LEASE_S = Settings.model_fields["lease_s"].default

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schema.errors import Code
-from schema.jobs import (
+from capworks.schema.errors import Code
+from capworks.schema.jobs import (
     MAX_JOB_ID_CHARS,
     MAX_URI_CHARS,
     Job,
@@ -20,7 +20,7 @@ from schema.jobs import (
     parse_message,
     unstorable,
 )
-from schema.uris import ImageRef
+from capworks.schema.uris import ImageRef
 
 # Text as JSON can carry it: any code point, lone surrogates and NUL included.
 any_text = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=40)

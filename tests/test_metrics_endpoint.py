@@ -16,7 +16,7 @@ from conftest import run_cli
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import SecretStr
 
-from schema.metrics_endpoint import (
+from capworks.schema.metrics_endpoint import (
     MetricsRefused,
     bearer_allows,
     bind_refusal,
@@ -24,9 +24,9 @@ from schema.metrics_endpoint import (
     is_loopback,
     start_metrics_server,
 )
-from schema.redact import redact, register_secrets
-from schema.settings import Settings
-from workers import metrics
+from capworks.schema.redact import redact, register_secrets
+from capworks.schema.settings import Settings
+from capworks.workers import metrics
 
 TOKEN = "metrics-token-4f2a9c"
 NO_TOKEN_ENV = {"CAPWORKS_METRICS_TOKEN": "", "CAPWORKS_METRICS_ALLOW_OPEN": "0"}

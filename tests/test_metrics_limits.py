@@ -10,7 +10,7 @@ import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter
 
-from schema.metrics_endpoint import start_metrics_server
+from capworks.schema.metrics_endpoint import start_metrics_server
 
 SILENT_CLIENTS = 50
 MAX_HANDLERS = 16  # what the endpoint promises to hold at most

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from schema.db import migrate
+from capworks.schema.db import migrate
 
 
 @pytest.fixture()
@@ -55,7 +55,7 @@ def test_tags_rows_become_a_caption_column_and_back(engine: Engine) -> None:
 
 
 def _connect(url: str) -> str:
-    from schema.db import connect
+    from capworks.schema.db import connect
 
     connect(url).dispose()
     return "ok"

@@ -15,12 +15,12 @@ from conftest import png_bytes
 from pipeline_support import Pipeline, captions, own_queue, wait_until
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.db import connect
-from schema.errors import StorageError
-from schema.settings import Settings
-from schema.storage import LazyS3Client, make_s3_client
-from schema.uris import ImageRef
-from workers.fetch import StoreFetcher
+from capworks.schema.db import connect
+from capworks.schema.errors import StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.storage import LazyS3Client, make_s3_client
+from capworks.schema.uris import ImageRef
+from capworks.workers.fetch import StoreFetcher
 
 SPY = Path(__file__).resolve().parent / "netspy"
 

@@ -27,12 +27,12 @@ from redis_server import own_redis
 from sqlalchemy import select
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.enqueue import enqueue, make_publisher
-from schema.jobs import Job
-from schema.queue import CAPTION_TASK, make_celery
-from schema.settings import Settings
-from schema.tables import BadMessage
-from schema.uris import ImageRef
+from capworks.producer.enqueue import enqueue, make_publisher
+from capworks.schema.jobs import Job
+from capworks.schema.queue import CAPTION_TASK, make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import BadMessage
+from capworks.schema.uris import ImageRef
 
 pytestmark = pytest.mark.slow
 

@@ -22,15 +22,15 @@ from sqlalchemy import text
 from capworks.commands import caption, search, status
 from capworks.commands import eval as eval_command
 from capworks.farm import Activity, FarmStatus, QueueDepth, WorkerState
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.errors import CapworksError, Code, ImageError
-from schema.heartbeat import Heartbeat
-from schema.redact import RedactingFilter, escape_controls
-from schema.search import Hit
-from schema.uris import ImageRef
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError, Code, ImageError
+from capworks.schema.heartbeat import Heartbeat
+from capworks.schema.redact import RedactingFilter, escape_controls
+from capworks.schema.search import Hit
+from capworks.schema.uris import ImageRef
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 MARKUP_KEY = "photos/[/b].jpg"
 ESC_KEY = "photos/\x1b[31mred\x1b[0m.jpg"

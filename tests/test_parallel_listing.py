@@ -21,9 +21,9 @@ from conftest import s3_client
 from pipeline_support import REDIS_URL, Pipeline, own_queue, queued_images
 from test_inventory import Crash, CrashingPublisher, producer_model
 
-from producer.crawl import run_crawl
-from producer.enqueue import make_publisher
-from producer.listing import (
+from capworks.producer.crawl import run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.listing import (
     ListingPlan,
     Part,
     decode_position,
@@ -31,10 +31,10 @@ from producer.listing import (
     encode_position,
     iter_part,
 )
-from schema.db import connect
-from schema.settings import Settings
-from schema.storage import parse_timestamp_fast
-from schema.uris import S3Location
+from capworks.schema.db import connect
+from capworks.schema.settings import Settings
+from capworks.schema.storage import parse_timestamp_fast
+from capworks.schema.uris import S3Location
 
 IDENTITY = ("m", "r", "h")
 FOLDERS = ["2024/", "2025/", "cats/", "dogs/", "dogs/old/", "zebra/"]

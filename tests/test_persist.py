@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, update
 
-from schema.checkpoint import CheckpointConfig, GenerationSettings
-from schema.db import connect
-from schema.errors import CapworksError, Code, ImageError, StorageError
-from schema.tables import BadMessage, Caption, Failure, Image
-from schema.tags import derive_tags
-from schema.uris import ImageRef
-from workers.engine import Alternative, CaptionedImage
-from workers.engine import Caption as EngineCaption
-from workers.outcome import Outcome
-from workers.persist import DatabaseUnavailable, ResultWriter
+from capworks.schema.checkpoint import CheckpointConfig, GenerationSettings
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError, Code, ImageError, StorageError
+from capworks.schema.tables import BadMessage, Caption, Failure, Image
+from capworks.schema.tags import derive_tags
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Alternative, CaptionedImage
+from capworks.workers.engine import Caption as EngineCaption
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import DatabaseUnavailable, ResultWriter
 
 CONFIG = CheckpointConfig(model_dir=Path("."), model_id="m", revision="r1")
 

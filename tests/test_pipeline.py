@@ -32,10 +32,10 @@ from pipeline_support import (
 )
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.enqueue import enqueue
-from schema.queue import CAPTION_TASK
-from schema.settings import Settings
-from workers.leases import hand_back
+from capworks.producer.enqueue import enqueue
+from capworks.schema.queue import CAPTION_TASK
+from capworks.schema.settings import Settings
+from capworks.workers.leases import hand_back
 
 pytestmark = pytest.mark.slow
 WRAPPERS = Path(__file__).parent / "wrappers"

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from schema.errors import Code, StorageError
-from schema.settings import Settings
-from schema.uris import ImageRef
-from workers.policy import Before, after_images_failed, after_job_failed, before_run
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
+from capworks.workers.policy import Before, after_images_failed, after_job_failed, before_run
 
 SETTINGS = Settings(max_attempts=3, poison_deliveries=3, retry_base_s=2, retry_cap_s=300)
 A, B = ImageRef("s3://b/a.png"), ImageRef("s3://b/b.png")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from schema.checkpoint import IMAGENET_MEAN, IMAGENET_STD
-from schema.errors import Code, ImageError
-from workers.preprocess import (
+from capworks.schema.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from capworks.schema.errors import Code, ImageError
+from capworks.workers.preprocess import (
     ExactDecoder,
     ImageLimits,
     Normalization,

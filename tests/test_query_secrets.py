@@ -29,17 +29,17 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from producer.crawl import run_crawl
-from producer.enqueue import make_publisher
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.queue import task_reprs
-from schema.redact import RedactingFilter, is_secret_parameter, redact, redact_uri
-from schema.settings import MIN_SHARED_SECRET_CHARS, Settings
-from schema.uris import ImageRef
-from workers.engine import Caption, CaptionedImage
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.producer.crawl import run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.queue import task_reprs
+from capworks.schema.redact import RedactingFilter, is_secret_parameter, redact, redact_uri
+from capworks.schema.settings import MIN_SHARED_SECRET_CHARS, Settings
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Caption, CaptionedImage
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 # name=value pairs as real services spell them: OAuth, Google signed URLs and API keys, Azure SAS,
 # API gateways; each value is what must never be stored or shown.

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from schema.queue import make_celery, redis_tls_options, task_reprs
-from schema.redact import RedactingFilter, redact, redact_uri, register_secrets, url_password
-from schema.settings import Settings
-from schema.storage import make_s3_client
+from capworks.schema.queue import make_celery, redis_tls_options, task_reprs
+from capworks.schema.redact import (
+    RedactingFilter,
+    redact,
+    redact_uri,
+    register_secrets,
+    url_password,
+)
+from capworks.schema.settings import Settings
+from capworks.schema.storage import make_s3_client
 
 PRESIGNED = (
     "https://bucket.s3.amazonaws.com/a%20b.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256"

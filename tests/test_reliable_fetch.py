@@ -19,7 +19,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 from pipeline_support import REDIS_URL, live_redis
 
-from schema.redis_transport import (
+from capworks.schema.redis_transport import (
     _REGISTER,
     REGISTRY_KEY,
     STALE_AFTER_S,
@@ -50,7 +50,7 @@ def queue(client: redis.Redis) -> Iterator[Queue]:
 
 
 def connect(stock: bool = False) -> Connection:
-    transport = "redis" if stock else "schema.redis_transport:Transport"
+    transport = "redis" if stock else "capworks.schema.redis_transport:Transport"
     return Connection(REDIS_URL, transport=transport, transport_options=OPTIONS)
 
 

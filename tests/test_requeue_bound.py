@@ -15,13 +15,13 @@ from pipeline_support import captions, own_queue, wait_until
 from sqlalchemy import create_engine, text
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.db import connect
-from schema.jobs import Job
-from schema.queue import CAPTION_TASK, make_celery
-from schema.settings import Settings
-from schema.tables import Base
-from schema.uris import ImageRef
-from workers.ledger import GAVE_UP_KEY, RUNS_KEY
+from capworks.schema.db import connect
+from capworks.schema.jobs import Job
+from capworks.schema.queue import CAPTION_TASK, make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Base
+from capworks.schema.uris import ImageRef
+from capworks.workers.ledger import GAVE_UP_KEY, RUNS_KEY
 
 pytestmark = pytest.mark.slow
 REQUEUES = Settings().max_record_requeues  # the default

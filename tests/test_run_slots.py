@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from workers.slots import RunSlots
+from capworks.workers.slots import RunSlots
 
 
 def test_a_suspect_waits_for_running_jobs_and_later_jobs_wait_for_it() -> None:

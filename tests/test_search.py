@@ -12,9 +12,9 @@ import pytest
 from conftest import run_cli
 from sqlalchemy import Engine, create_engine, inspect, text, update
 
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect, migrate
-from schema.search import (
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect, migrate
+from capworks.schema.search import (
     FIELDS,
     Filters,
     SearchQueryError,
@@ -23,12 +23,12 @@ from schema.search import (
     parse_query,
     search,
 )
-from schema.tables import Caption, Image
-from schema.uris import ImageRef, parse_s3
-from workers.engine import Alternative, CaptionedImage
-from workers.engine import Caption as EngineCaption
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.tables import Caption, Image
+from capworks.schema.uris import ImageRef, parse_s3
+from capworks.workers.engine import Alternative, CaptionedImage
+from capworks.workers.engine import Caption as EngineCaption
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 MODEL = CheckpointConfig(model_dir=Path("."), model_id="ofa-a", revision="")
 OTHER_MODEL = CheckpointConfig(model_dir=Path("."), model_id="ofa-b", revision="")

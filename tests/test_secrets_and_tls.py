@@ -46,10 +46,10 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError
+from capworks.schema.tables import Base
 from capworks.seaweed import SeaweedServer, s3_client
-from schema.db import connect
-from schema.errors import CapworksError
-from schema.tables import Base
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from conftest import png_bytes
 
 from capworks.checkpoints.build import HELD_OUT_COUNT, HELD_OUT_SEED, MIN_HELD_OUT_EXACT
 from capworks.checkpoints.shapes_world import all_scenes, sample_scenes
-from schema.errors import Code, ImageError
-from workers.engine import CaptionedImage
+from capworks.schema.errors import Code, ImageError
+from capworks.workers.engine import CaptionedImage
 
 TEST_SEED = 11
 COUNT = 40

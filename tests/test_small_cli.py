@@ -10,12 +10,12 @@ from pathlib import Path
 
 from conftest import run_cli
 
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect, normalise_database_url
-from schema.errors import Code, ImageError
-from schema.uris import ImageRef
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect, normalise_database_url
+from capworks.schema.errors import Code, ImageError
+from capworks.schema.uris import ImageRef
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 
 def test_postgres_urls_without_a_driver_use_psycopg() -> None:

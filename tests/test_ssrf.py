@@ -22,9 +22,9 @@ from conftest import png_bytes, run_cli
 from pipeline_support import captions, failures
 
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.errors import Code, StorageError
-from workers.guard import IPAddress, IPNetwork
-from workers.http_fetch import MAX_REDIRECTS, GuardedHttp
+from capworks.schema.errors import Code, StorageError
+from capworks.workers.guard import IPAddress, IPNetwork
+from capworks.workers.http_fetch import MAX_REDIRECTS, GuardedHttp
 
 LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
 Reply = Callable[[BaseHTTPRequestHandler], None]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from schema.errors import CapworksError, Code, Unreachable
-from schema.startup import wait_until_reachable
+from capworks.schema.errors import CapworksError, Code, Unreachable
+from capworks.schema.startup import wait_until_reachable
 
 
 class FakeClock:

@@ -35,19 +35,19 @@ from sqlalchemy.orm import Session
 
 from capworks.farm import EXACT_JOBS, images_in_message, read_queue
 from capworks.farm_metrics import FAMILIES
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.errors import Code, ImageError
-from schema.heartbeat import Heartbeat, beat, forget, heartbeat_key, read_heartbeats
-from schema.jobs import Job
-from schema.queue import make_celery
-from schema.settings import Settings
-from schema.tables import Caption, Crawl, utcnow
-from schema.uris import ImageRef
-from workers.engine import Caption as EngineCaption
-from workers.engine import CaptionedImage
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.errors import Code, ImageError
+from capworks.schema.heartbeat import Heartbeat, beat, forget, heartbeat_key, read_heartbeats
+from capworks.schema.jobs import Job
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Caption, Crawl, utcnow
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import Caption as EngineCaption
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('CAPWORKS_TEST_REDIS_DB', '15')}"
 CLOSED_PORT_URL = "redis://127.0.0.1:9/0"  # the discard port: nothing listens on loopback
@@ -91,7 +91,7 @@ def cli_env(queue: str, stale_s: float = 60) -> dict[str, str]:
 
 def publish(queue: str, *sizes: int) -> None:
     """Jobs of these many images, through the producer's real Celery publisher."""
-    from producer.enqueue import make_publisher
+    from capworks.producer.enqueue import make_publisher
 
     publisher = make_publisher(settings_for(queue))
     for n, size in enumerate(sizes):

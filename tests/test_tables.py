@@ -20,13 +20,13 @@ from pipeline_support import REDIS_URL, Pipeline, own_queue, query, queued_image
 from sqlalchemy import select
 from test_inventory import Crash, CrashingPublisher, producer_model
 
-from producer.crawl import run_crawl
-from producer.enqueue import make_publisher
-from producer.sources import InputError
-from producer.tables import TableRef, TableSpec, iter_table
-from schema.db import connect
-from schema.settings import Settings
-from schema.tables import BadMessage, Image
+from capworks.producer.crawl import run_crawl
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.sources import InputError
+from capworks.producer.tables import TableRef, TableSpec, iter_table
+from capworks.schema.db import connect
+from capworks.schema.settings import Settings
+from capworks.schema.tables import BadMessage, Image
 
 IDENTITY = ("m", "r", "h")
 SPEC = TableSpec("url", "key", ("caption", "width"))
@@ -236,7 +236,7 @@ def test_enqueue_reads_a_table_from_the_command_line_and_refuses_bad_options_in_
 
 def test_a_table_ref_is_still_an_image_ref_for_jobs() -> None:
     ref = TableRef(uri="s3://b/a.jpg", source_id="1", extra_json="{}")
-    from schema.jobs import Job
+    from capworks.schema.jobs import Job
 
     assert Job.new([ref], "c", job_id="j").to_wire()["images"] == [
         ["s3://b/a.jpg", None, None, None]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from schema.tags import content_lemmas, derive_tags, hypothesis_weights
+from capworks.schema.tags import content_lemmas, derive_tags, hypothesis_weights
 
 
 def test_content_words_are_lemmatised_and_function_words_dropped() -> None:

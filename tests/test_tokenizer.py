@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schema.checkpoint import read_config
-from workers.ofa_model import encode_prompt, load_tokenizer
+from capworks.schema.checkpoint import read_config
+from capworks.workers.ofa_model import encode_prompt, load_tokenizer
 
 
 def test_prompt_encodes_to_the_reference_ids(tiny_dir: Path) -> None:

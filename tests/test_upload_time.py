@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from event_samples import eventbridge, records, s3_record
 
-from producer.events.filer import change_from_json
-from producer.events.records import ObjectCreated, event_time_s, parse_body
-from schema.errors import Code
-from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
-from schema.uris import ImageRef
-from workers.metrics import MAX_CLOCK_SKEW_S, upload_latency_s
+from capworks.producer.events.filer import change_from_json
+from capworks.producer.events.records import ObjectCreated, event_time_s, parse_body
+from capworks.schema.errors import Code
+from capworks.schema.jobs import Job, MalformedJob, derived_job_id, parse_message
+from capworks.schema.uris import ImageRef
+from capworks.workers.metrics import MAX_CLOCK_SKEW_S, upload_latency_s
 
 # 2026-12-02T06:00:00Z, the time of the samples in event_samples.py.
 SAMPLE_TIME_S = 1_796_191_200.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer.sources import count_uri_file, iter_uri_file
+from capworks.producer.sources import count_uri_file, iter_uri_file
 
 
 def test_a_uri_list_skips_blanks_and_comments_and_resumes_by_line(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_a_uri_list_with_bytes_that_are_not_utf8_is_read_to_the_end(tmp_path: Pa
 
 
 def test_a_file_gone_since_its_folder_was_listed_gets_a_bare_reference(tmp_path: Path) -> None:
-    from producer.sources import local_ref
+    from capworks.producer.sources import local_ref
 
     ref = local_ref(tmp_path / "gone.png")
     assert (ref.uri, ref.etag, ref.size_bytes) == (

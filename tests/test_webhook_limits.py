@@ -30,13 +30,13 @@ from event_samples import records, s3_record
 from pipeline_support import REDIS_URL, Pipeline, free_port, own_queue, queued_images, wait_until
 from sqlalchemy import func, select
 
-from producer.events.bulk import BulkSender
-from producer.events.sink import EventSink
-from producer.events.webhook import WebhookAuth, WebhookServer
-from schema.db import connect
-from schema.queue import make_celery
-from schema.settings import Settings
-from schema.tables import BadMessage
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.sink import EventSink
+from capworks.producer.events.webhook import WebhookAuth, WebhookServer
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.tables import BadMessage
 
 TOKEN = "webhook-token-5e1d7c"
 SECRET = "webhook-hmac-secret-93b2"

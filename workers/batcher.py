@@ -49,10 +49,10 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from schema.errors import CapworksError, Code
-from workers import metrics
-from workers.engine import Caption
-from workers.preprocess import JpegBytes
+from capworks.schema.errors import CapworksError, Code
+from capworks.workers import metrics
+from capworks.workers.engine import Caption
+from capworks.workers.preprocess import JpegBytes
 
 log = logging.getLogger(__name__)
 BEAT_EVERY_S = 5.0  # the model thread's heartbeat, after batches and while idle

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image
 
-from schema.errors import CapworksError, ImageError
-from workers.preprocess import (
+from capworks.schema.errors import CapworksError, ImageError
+from capworks.workers.preprocess import (
     ExactDecoder,
     ImageLimits,
     JpegBytes,

@@ -19,15 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from schema.checkpoint import CheckpointConfig
-from schema.errors import ImageError
-from schema.settings import Settings
-from schema.tags import derive_tags
-from schema.uris import ImageRef
-from workers.generators import Generator, Hypothesis, make_generator
-from workers.ofa_model import encode_prompt, load_model, load_tokenizer, pick_device, pick_precision
-from workers.outcome import Outcome, map_good
-from workers.preprocess import (
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.errors import ImageError
+from capworks.schema.settings import Settings
+from capworks.schema.tags import derive_tags
+from capworks.schema.uris import ImageRef
+from capworks.workers.generators import Generator, Hypothesis, make_generator
+from capworks.workers.ofa_model import (
+    encode_prompt,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_precision,
+)
+from capworks.workers.outcome import Outcome, map_good
+from capworks.workers.preprocess import (
     ExactDecoder,
     ImageLimits,
     Normalization,

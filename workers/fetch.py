@@ -10,12 +10,12 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from schema.errors import Code, StorageError
-from schema.settings import Settings
-from schema.uris import ImageRef, S3Location, is_http, is_s3, local_path, parse_s3
-from workers.fileroots import FileRoots
-from workers.guard import IPNetwork
-from workers.http_fetch import GuardedHttp
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef, S3Location, is_http, is_s3, local_path, parse_s3
+from capworks.workers.fileroots import FileRoots
+from capworks.workers.guard import IPNetwork
+from capworks.workers.http_fetch import GuardedHttp
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden"})

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from schema.errors import Code, StorageError
+from capworks.schema.errors import Code, StorageError
 
 # Every component is opened this way: a symlink fails with ELOOP instead of being followed, and a
 # FIFO opens without waiting for a writer.

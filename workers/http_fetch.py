@@ -29,8 +29,8 @@ from typing import Any, Protocol, TypeVar
 import httpcore
 import httpx
 
-from schema.errors import Code, StorageError
-from workers.guard import IPAddress, IPNetwork, host_refusal, literal_address, refusal
+from capworks.schema.errors import Code, StorageError
+from capworks.workers.guard import IPAddress, IPNetwork, host_refusal, literal_address, refusal
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

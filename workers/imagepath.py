@@ -18,14 +18,14 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from schema.errors import CapworksError, StorageError
-from schema.uris import ImageRef
-from workers import metrics
-from workers.batcher import Batcher
-from workers.engine import Caption, CaptionedImage
-from workers.fetch import Fetched, Fetcher
-from workers.outcome import Outcome
-from workers.preprocess import Decoder, PreparedImage, decode_safely
+from capworks.schema.errors import CapworksError, StorageError
+from capworks.schema.uris import ImageRef
+from capworks.workers import metrics
+from capworks.workers.batcher import Batcher
+from capworks.workers.engine import Caption, CaptionedImage
+from capworks.workers.fetch import Fetched, Fetcher
+from capworks.workers.outcome import Outcome
+from capworks.workers.preprocess import Decoder, PreparedImage, decode_safely
 
 log = logging.getLogger(__name__)
 FETCH_THREADS = 16  # object-store latency, not CPU, bounds fetching

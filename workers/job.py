@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schema.errors import CapworksError, Kind
-from schema.jobs import Job
-from schema.uris import ImageRef
-from workers.engine import CaptionedImage
-from workers.metrics import JOB_SECONDS, observe_upload_latency
-from workers.outcome import Outcome
-from workers.runtime import Runtime
+from capworks.schema.errors import CapworksError, Kind
+from capworks.schema.jobs import Job
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.metrics import JOB_SECONDS, observe_upload_latency
+from capworks.workers.outcome import Outcome
+from capworks.workers.runtime import Runtime
 
 
 @dataclass(frozen=True)

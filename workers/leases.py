@@ -42,8 +42,8 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from schema.instance import instance_id
-from schema.redis_transport import FetchingSweeper, as_text, hand_back_fetching
+from capworks.schema.instance import instance_id
+from capworks.schema.redis_transport import FetchingSweeper, as_text, hand_back_fetching
 
 log = logging.getLogger(__name__)
 LEASES_KEY = "capworks:leases"  # sorted set: delivery tag -> lease deadline (Redis time)
@@ -288,7 +288,7 @@ def exit_stalled(stalled_s: float) -> None:
 def model_stalled_s() -> float:
     """How long this process's model thread has had work without progress (0 before the
     runtime is built)."""
-    from workers.runtime import built_runtime
+    from capworks.workers.runtime import built_runtime
 
     runtime = built_runtime()
     return runtime.path.batcher.stalled_s() if runtime is not None else 0.0
@@ -302,8 +302,8 @@ _renewer_lock = threading.Lock()
 def start_renewer(channel: Any) -> Renewer:
     """This process's renewal thread, started by the first consumer start (once)."""
     global _renewer
-    from schema.queue import make_redis
-    from schema.settings import get_settings
+    from capworks.schema.queue import make_redis
+    from capworks.schema.settings import get_settings
 
     with _renewer_lock:
         if _renewer is None:

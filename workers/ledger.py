@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schema.redact import redact
+from capworks.schema.redact import redact
 
 RUNS_KEY = "capworks:runs:{}"
 DONE_KEY = "capworks:done:{}"

@@ -14,7 +14,7 @@ import time
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from pydantic import SecretStr
 
-from schema.metrics_endpoint import start_metrics_server
+from capworks.schema.metrics_endpoint import start_metrics_server
 
 log = logging.getLogger(__name__)
 

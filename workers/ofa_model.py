@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from schema.checkpoint import CheckpointConfig
+from capworks.schema.checkpoint import CheckpointConfig
 
 log = logging.getLogger(__name__)
 NUM_CODES = 8192

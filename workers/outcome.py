@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from schema.errors import CapworksError
-from schema.uris import ImageRef
+from capworks.schema.errors import CapworksError
+from capworks.schema.uris import ImageRef
 
 T = TypeVar("T")
 U = TypeVar("U")

@@ -23,13 +23,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 
-from schema.checkpoint import CheckpointConfig
-from schema.errors import CapworksError, Code
-from schema.redact import redact, redact_uri, stored_text
-from schema.tables import BadMessage, Failure, Image, utcnow
-from schema.tables import Caption as CaptionRow
-from workers.engine import CaptionedImage
-from workers.outcome import Outcome
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.errors import CapworksError, Code
+from capworks.schema.redact import redact, redact_uri, stored_text
+from capworks.schema.tables import BadMessage, Failure, Image, utcnow
+from capworks.schema.tables import Caption as CaptionRow
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.outcome import Outcome
 
 MAX_BAD_BODY_CHARS = 10_000  # of a bad message kept in `bad_messages`, its length noted when cut
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}

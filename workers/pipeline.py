@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 
-from schema.uris import ImageRef
-from workers.engine import CaptionedImage
-from workers.imagepath import ImagePath
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
+from capworks.schema.uris import ImageRef
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.imagepath import ImagePath
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
 
 CHUNKS_IN_FLIGHT = 2
 

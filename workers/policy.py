@@ -1,6 +1,6 @@
 """The retry policy as plain functions of plain values (Dramatiq's `Retries` + `compute_backoff`):
 what to do with a job before it runs, and with its outcome after. The Celery task shell
-(`workers.tasks`) only carries the decision out.
+(`capworks.workers.tasks`) only carries the decision out.
 
 Before a run: a committed job's copy is dropped; a job for another caption identity (model,
 revision, generation settings) than this worker's is dead-lettered as `wrong_model` (handing it
@@ -22,10 +22,10 @@ import enum
 import random
 from dataclasses import dataclass
 
-from schema.backoff import compute_backoff
-from schema.errors import CapworksError, Code
-from schema.settings import Settings
-from schema.uris import ImageRef
+from capworks.schema.backoff import compute_backoff
+from capworks.schema.errors import CapworksError, Code
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
 
 
 class Before(enum.Enum):

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from schema.errors import Code, ImageError
+from capworks.schema.errors import Code, ImageError
 
 log = logging.getLogger(__name__)
 # Pillow warns about inputs it handles anyway (a palette image's transparency, EXIF it cannot

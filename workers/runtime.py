@@ -15,27 +15,27 @@ from typing import TypeVar
 import redis
 import torch
 
-from schema import heartbeat
-from schema.backoff import compute_backoff
-from schema.checkpoint import CheckpointConfig, resolve_checkpoint
-from schema.db import connect
-from schema.errors import CapworksError
-from schema.queue import make_redis
-from schema.settings import Settings
-from schema.startup import wait_until_reachable
-from schema.storage import LazyS3Client
-from workers import metrics
-from workers.batcher import Batcher, Captioner, Stager
-from workers.device_preprocess import DevicePreprocessor, JpegPassThrough
-from workers.engine import CaptionedImage, OfaEngine
-from workers.fetch import Fetcher, StoreFetcher
-from workers.imagepath import ImagePath
-from workers.ledger import RunLedger
-from workers.ofa_model import pick_device
-from workers.outcome import Outcome
-from workers.persist import DatabaseUnavailable, ResultWriter, SaveCounts
-from workers.preprocess import Decoder, ExactDecoder, ImageLimits, Normalization
-from workers.slots import RunSlots
+from capworks.schema import heartbeat
+from capworks.schema.backoff import compute_backoff
+from capworks.schema.checkpoint import CheckpointConfig, resolve_checkpoint
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError
+from capworks.schema.queue import make_redis
+from capworks.schema.settings import Settings
+from capworks.schema.startup import wait_until_reachable
+from capworks.schema.storage import LazyS3Client
+from capworks.workers import metrics
+from capworks.workers.batcher import Batcher, Captioner, Stager
+from capworks.workers.device_preprocess import DevicePreprocessor, JpegPassThrough
+from capworks.workers.engine import CaptionedImage, OfaEngine
+from capworks.workers.fetch import Fetcher, StoreFetcher
+from capworks.workers.imagepath import ImagePath
+from capworks.workers.ledger import RunLedger
+from capworks.workers.ofa_model import pick_device
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import DatabaseUnavailable, ResultWriter, SaveCounts
+from capworks.workers.preprocess import Decoder, ExactDecoder, ImageLimits, Normalization
+from capworks.workers.slots import RunSlots
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,7 +3,7 @@ run the job, retry transient failures with backoff, dead-letter the rest. The wo
 `workers.job.run_job`. A database outage is waited out inside the job (`Runtime.durably`): the
 message is acknowledged only once its outcome is committed.
 
-Start a worker with `capworks worker` (which runs `celery -A workers.tasks worker ...`).
+Start a worker with `capworks worker` (which runs `celery -A capworks.workers.tasks worker ...`).
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 
-from schema.broker_check import check_broker
-from schema.errors import CapworksError, Code
-from schema.jobs import Job, MalformedJob, derived_job_id, parse_message
-from schema.logs import quiet_libraries
-from schema.metrics_endpoint import check_bind
-from schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
-from schema.redact import install_log_redaction
-from schema.redis_transport import quarantine_key, record_quarantined_with
-from schema.settings import get_settings
-from schema.startup import wait_until_reachable
-from workers import metrics, policy
-from workers.engine import CaptionedImage
-from workers.job import run_job
-from workers.leases import LeaseStep
-from workers.ledger import GAVE_UP_KEY
-from workers.outcome import Outcome
-from workers.policy import Before
-from workers.runtime import Runtime, built_runtime, get_runtime
+from capworks.schema.broker_check import check_broker
+from capworks.schema.errors import CapworksError, Code
+from capworks.schema.jobs import Job, MalformedJob, derived_job_id, parse_message
+from capworks.schema.logs import quiet_libraries
+from capworks.schema.metrics_endpoint import check_bind
+from capworks.schema.queue import CAPTION_TASK, make_celery, make_redis, task_reprs
+from capworks.schema.redact import install_log_redaction
+from capworks.schema.redis_transport import quarantine_key, record_quarantined_with
+from capworks.schema.settings import get_settings
+from capworks.schema.startup import wait_until_reachable
+from capworks.workers import metrics, policy
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.job import run_job
+from capworks.workers.leases import LeaseStep
+from capworks.workers.ledger import GAVE_UP_KEY
+from capworks.workers.outcome import Outcome
+from capworks.workers.policy import Before
+from capworks.workers.runtime import Runtime, built_runtime, get_runtime
 
 log = logging.getLogger(__name__)
 settings = get_settings()

@@ -22,8 +22,8 @@ import torch
 
 from capworks.checkpoints.layout import configuration_json, ofa_config_kwargs, write_checkpoint
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import OFFLINE_NAMES, read_config
-from schema.errors import CheckpointError
+from capworks.schema.checkpoint import OFFLINE_NAMES, read_config
+from capworks.schema.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _build_shapes(out: Path) -> dict[str, Any]:
 
 def held_out_exact(model_dir: Path) -> float:
     """Share of held-out synthetic images the checkpoint captions exactly, via the real engine."""
-    from workers.engine import OfaEngine
+    from capworks.workers.engine import OfaEngine
 
     engine = OfaEngine.load(read_config(model_dir, "shapes"), device="cpu", batch_size=50)
     try:

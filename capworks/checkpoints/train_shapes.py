@@ -20,9 +20,9 @@ import torch
 
 from capworks.checkpoints.layout import TOKENIZER_DIR, ofa_config_kwargs
 from capworks.checkpoints.shapes_world import sample_scenes
-from schema.checkpoint import DEFAULT_PROMPT
-from workers.ofa_model import encode_prompt, load_tokenizer
-from workers.preprocess import Normalization, to_pixels
+from capworks.schema.checkpoint import DEFAULT_PROMPT
+from capworks.workers.ofa_model import encode_prompt, load_tokenizer
+from capworks.workers.preprocess import Normalization, to_pixels
 
 log = logging.getLogger(__name__)
 

@@ -26,21 +26,21 @@ from rich.text import Text
 from capworks.models import resolve_model
 from capworks.output import EXIT_SOME_FAILED, distinguishing_names, is_terminal
 from capworks.plain import plain, plain_line
-from producer.sources import InputError, iter_refs
-from schema.checkpoint import CheckpointConfig
-from schema.db import connect
-from schema.redact import redact, redact_uri
-from schema.settings import Settings, get_settings
-from schema.storage import LazyS3Client
-from schema.uris import ImageRef, is_http, is_s3
-from workers.engine import CaptionedImage
-from workers.fetch import StoreFetcher
-from workers.guard import IPNetwork
-from workers.imagepath import ImagePath
-from workers.outcome import Outcome
-from workers.persist import ResultWriter
-from workers.pipeline import caption_refs
-from workers.runtime import build_path
+from capworks.producer.sources import InputError, iter_refs
+from capworks.schema.checkpoint import CheckpointConfig
+from capworks.schema.db import connect
+from capworks.schema.redact import redact, redact_uri
+from capworks.schema.settings import Settings, get_settings
+from capworks.schema.storage import LazyS3Client
+from capworks.schema.uris import ImageRef, is_http, is_s3
+from capworks.workers.engine import CaptionedImage
+from capworks.workers.fetch import StoreFetcher
+from capworks.workers.guard import IPNetwork
+from capworks.workers.imagepath import ImagePath
+from capworks.workers.outcome import Outcome
+from capworks.workers.persist import ResultWriter
+from capworks.workers.pipeline import caption_refs
+from capworks.workers.runtime import build_path
 
 TABLE_ROWS = 50
 

@@ -28,16 +28,16 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from capworks.plain import plain
-from producer.crawl import Publisher, wait_for_room
-from producer.enqueue import make_publisher
-from producer.sources import InputError
-from schema.db import connect, database_now
-from schema.errors import Code
-from schema.jobs import Job, new_job_id
-from schema.redact import escape_controls
-from schema.settings import get_settings
-from schema.tables import Failure, Image, utcnow
-from schema.uris import ImageRef
+from capworks.producer.crawl import Publisher, wait_for_room
+from capworks.producer.enqueue import make_publisher
+from capworks.producer.sources import InputError
+from capworks.schema.db import connect, database_now
+from capworks.schema.errors import Code
+from capworks.schema.jobs import Job, new_job_id
+from capworks.schema.redact import escape_controls
+from capworks.schema.settings import get_settings
+from capworks.schema.tables import Failure, Image, utcnow
+from capworks.schema.uris import ImageRef
 
 
 @dataclass(frozen=True)

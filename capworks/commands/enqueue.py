@@ -20,18 +20,18 @@ from rich.progress import (
 )
 
 from capworks.models import resolve_model_identity
-from producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
-from producer.enqueue import crawl_lock, make_publisher
-from producer.inventory import SCHEME as INVENTORY_SCHEME
-from producer.listing import ListingPlan, describe_position
-from producer.sources import InputError, count_uri_file
-from producer.tables import TableSpec, table_rows
-from schema.broker_check import check_broker
-from schema.db import connect
-from schema.settings import get_settings
-from schema.storage import make_s3_client
-from schema.uris import is_s3
-from workers.fileroots import FileRoots
+from capworks.producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
+from capworks.producer.enqueue import crawl_lock, make_publisher
+from capworks.producer.inventory import SCHEME as INVENTORY_SCHEME
+from capworks.producer.listing import ListingPlan, describe_position
+from capworks.producer.sources import InputError, count_uri_file
+from capworks.producer.tables import TableSpec, table_rows
+from capworks.schema.broker_check import check_broker
+from capworks.schema.db import connect
+from capworks.schema.settings import get_settings
+from capworks.schema.storage import make_s3_client
+from capworks.schema.uris import is_s3
+from capworks.workers.fileroots import FileRoots
 
 log = logging.getLogger(__name__)
 

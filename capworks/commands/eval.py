@@ -31,11 +31,11 @@ from capworks.evaluation import (
 )
 from capworks.plain import plain
 from capworks.references import References, ReferenceSet, RefusedRow, read_references
-from schema.checkpoint import folder_model_id
-from schema.redact import escape_controls
-from schema.settings import get_settings
-from schema.tables import Caption, Image
-from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
+from capworks.schema.checkpoint import folder_model_id
+from capworks.schema.redact import escape_controls
+from capworks.schema.settings import get_settings
+from capworks.schema.tables import Caption, Image
+from capworks.schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
 
 # SQLite allows 999 bound parameters in old builds: look URIs up in chunks well below that.
 URI_CHUNK = 500
@@ -83,7 +83,7 @@ class Hypotheses:
 
 def run_eval(request: EvalRequest) -> int:
     """Score the model's captions of the reference images; print a table or one JSON object."""
-    from schema.db import connect
+    from capworks.schema.db import connect
 
     tokenizer = choose_tokenizer(request.tokenizer)  # before any work: `ptb` needs Java
     loaded = read_references(
@@ -192,11 +192,11 @@ def caption_references(
     local files are read from under `roots` only."""
     from capworks.commands.caption import ModelOptions, RateColumn, one_shot_path
     from capworks.models import resolve_model
-    from schema.settings import get_settings
-    from schema.storage import make_s3_client
-    from workers.engine import CaptionedImage
-    from workers.persist import ResultWriter
-    from workers.pipeline import caption_refs
+    from capworks.schema.settings import get_settings
+    from capworks.schema.storage import make_s3_client
+    from capworks.workers.engine import CaptionedImage
+    from capworks.workers.persist import ResultWriter
+    from capworks.workers.pipeline import caption_refs
 
     settings = get_settings()
     config = resolve_model(request.model, request.revision, settings)
@@ -230,7 +230,7 @@ def caption_references(
 def image_ref(uri: str) -> ImageRef:
     """The reference the image path fetches, under the URI the references name (a missing file
     fails there as `not_found`; a symlink is not followed here, and the fetch refuses it)."""
-    from producer.sources import stat_ref
+    from capworks.producer.sources import stat_ref
 
     if is_s3(uri):
         loc = parse_s3(uri)

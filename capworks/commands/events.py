@@ -14,16 +14,16 @@ from typing import Literal
 
 import boto3
 
-from producer.events.bulk import BulkSender
-from producer.events.filer import FilerFollower, FilerPosition
-from producer.events.sink import EventSink
-from producer.events.sqs import SqsConsumer, wait_for_queue
-from producer.events.webhook import WebhookAuth, WebhookServer, require_auth
-from schema.broker_check import check_broker
-from schema.checkpoint import resolve_identity
-from schema.db import connect
-from schema.queue import make_celery, make_redis
-from schema.settings import Settings, get_settings
+from capworks.producer.events.bulk import BulkSender
+from capworks.producer.events.filer import FilerFollower, FilerPosition
+from capworks.producer.events.sink import EventSink
+from capworks.producer.events.sqs import SqsConsumer, wait_for_queue
+from capworks.producer.events.webhook import WebhookAuth, WebhookServer, require_auth
+from capworks.schema.broker_check import check_broker
+from capworks.schema.checkpoint import resolve_identity
+from capworks.schema.db import connect
+from capworks.schema.queue import make_celery, make_redis
+from capworks.schema.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 Source = Literal["webhook", "sqs", "filer"]

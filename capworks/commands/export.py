@@ -23,10 +23,10 @@ from rich.text import Text
 
 from capworks.export import Window, count_rows, iter_batches, read_mark, save_mark, settled_until
 from capworks.export_formats import Format, Output, make_writer
-from schema.db import connect
-from schema.settings import get_settings
-from schema.storage import make_s3_client
-from schema.uris import is_http, is_s3
+from capworks.schema.db import connect
+from capworks.schema.settings import get_settings
+from capworks.schema.storage import make_s3_client
+from capworks.schema.uris import is_http, is_s3
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ def run_finetune(request: FinetuneRequest) -> int:
     from capworks.finetune.data import data_hash, split_held_out
     from capworks.finetune.output import finetune_record, write_model_folder
     from capworks.finetune.trainer import run_trainer
-    from schema.checkpoint import resolve_checkpoint
-    from schema.settings import get_settings
+    from capworks.schema.checkpoint import resolve_checkpoint
+    from capworks.schema.settings import get_settings
 
     if not 0 <= request.held_out < 1:
         raise FinetuneError(f"--held-out must be in [0, 1), got {request.held_out}")
@@ -159,7 +159,7 @@ def fetch_pairs(
 ) -> Any:
     """The pairs, with a bar over the images being fetched and decoded."""
     from capworks.finetune.data import load_pairs
-    from schema.storage import LazyS3Client
+    from capworks.schema.storage import LazyS3Client
 
     columns = (TextColumn("fetching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not request.show_progress) as progress:

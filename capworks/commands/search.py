@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from capworks.plain import plain
-from schema.db import connect
-from schema.search import (
+from capworks.schema.db import connect
+from capworks.schema.search import (
     DEFAULT_FIELDS,
     MAX_RANKED,
     Field,

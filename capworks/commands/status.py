@@ -23,10 +23,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
 from capworks.farm_metrics import FarmCollector
 from capworks.plain import plain, plain_line
-from schema.db import connect
-from schema.errors import CapworksError
-from schema.heartbeat import pid_space, read_heartbeats, redis_now
-from schema.metrics_endpoint import check_bind, start_metrics_server
+from capworks.schema.db import connect
+from capworks.schema.errors import CapworksError
+from capworks.schema.heartbeat import pid_space, read_heartbeats, redis_now
+from capworks.schema.metrics_endpoint import check_bind, start_metrics_server
 
 REDIS_TIMEOUT_S = 3.0
 
@@ -43,7 +43,9 @@ class FarmAddress:
     db_url: str
     queue: str
     stale_after_s: float
-    redis_tls: dict[str, Any] = field(default_factory=dict)  # `schema.queue.redis_tls_options`
+    redis_tls: dict[str, Any] = field(
+        default_factory=dict
+    )  # `capworks.schema.queue.redis_tls_options`
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Protocol
 
 from capworks.models import resolve_model
-from schema.instance import new_instance_id
-from schema.metrics_endpoint import check_bind
-from schema.settings import Settings, get_settings
+from capworks.schema.instance import new_instance_id
+from capworks.schema.metrics_endpoint import check_bind
+from capworks.schema.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 2.0
@@ -94,7 +94,7 @@ def celery_worker_argv(
         "-m",
         "celery",
         "-A",
-        "workers.tasks",
+        "capworks.workers.tasks",
         "worker",
         "--pool",
         "threads",
@@ -239,8 +239,8 @@ def hand_back_jobs(instance: str) -> None:
     """Give a dead child's held jobs back to the queue now, not when its lease expires."""
     import redis
 
-    from schema.queue import make_redis
-    from workers.leases import hand_back
+    from capworks.schema.queue import make_redis
+    from capworks.workers.leases import hand_back
 
     try:
         count = hand_back(make_redis(get_settings(), socket_timeout_s=5), instance)
@@ -257,8 +257,8 @@ def heartbeat_age_s(settings: Settings) -> Callable[[str], float]:
     wrote it with."""
     import redis
 
-    from schema.heartbeat import Heartbeat, heartbeat_key, redis_now
-    from schema.queue import make_redis
+    from capworks.schema.heartbeat import Heartbeat, heartbeat_key, redis_now
+    from capworks.schema.queue import make_redis
 
     client = make_redis(settings, socket_timeout_s=5)
 

@@ -22,9 +22,9 @@ from typing import Any
 from PIL import Image
 
 from capworks.references import References, load_references
-from schema.errors import CapworksError
-from schema.settings import Settings
-from schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
+from capworks.schema.errors import CapworksError
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef, is_http, is_s3, local_path, parse_s3
 
 FETCH_THREADS = 8
 
@@ -79,7 +79,7 @@ def load_pairs(
 ) -> PairSet:
     """Read the references, fetch and decode every image once (in threads), and return the
     pairs of the images that decoded; `on_image` is called after each image (a progress bar)."""
-    from workers.fetch import StoreFetcher
+    from capworks.workers.fetch import StoreFetcher
 
     refs = load_references(references, images_root)
     fetcher = StoreFetcher.from_settings(settings, s3_client, file_roots=local_roots(list(refs)))
@@ -109,8 +109,8 @@ def fetch_and_shrink(
 ) -> Image.Image | CapworksError:
     """One image through the fetch and decode path, resized as ModelScope resizes it; the
     failure (with its code) instead of raising."""
-    from workers.fetch import Fetched
-    from workers.preprocess import ImageLimits, decode_image
+    from capworks.workers.fetch import Fetched
+    from capworks.workers.preprocess import ImageLimits, decode_image
 
     try:
         data = fetcher.fetch(image_ref(uri))

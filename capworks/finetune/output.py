@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from schema.checkpoint import WEIGHTS_HASH_FILE, CheckpointConfig, file_sha256
+from capworks.schema.checkpoint import WEIGHTS_HASH_FILE, CheckpointConfig, file_sha256
 
 RECORD_KEY = "capworks_finetune"
 COPIED = ("config.json", "pytorch_model.bin", "vocab.json", "merges.txt")

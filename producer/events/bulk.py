@@ -21,8 +21,8 @@ from typing import Any
 from celery import Celery
 from kombu.serialization import dumps
 
-from schema.jobs import Job
-from schema.queue import CAPTION_TASK, task_reprs
+from capworks.schema.jobs import Job
+from capworks.schema.queue import CAPTION_TASK, task_reprs
 
 PERSISTENT = 2
 

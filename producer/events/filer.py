@@ -40,9 +40,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from producer.events.records import MAX_BAD_BODY_CHARS, BadRecord, ObjectCreated, is_image_key
-from producer.events.sink import EventSink, Outcome
-from schema.tables import Crawl, utcnow
+from capworks.producer.events.records import (
+    MAX_BAD_BODY_CHARS,
+    BadRecord,
+    ObjectCreated,
+    is_image_key,
+)
+from capworks.producer.events.sink import EventSink, Outcome
+from capworks.schema.tables import Crawl, utcnow
 
 log = logging.getLogger(__name__)
 ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"

@@ -24,10 +24,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
-from producer.crawl import unstorable_reason
-from schema.errors import CapworksError, Code
-from schema.jobs import MAX_KEY_CHARS, MAX_TAG_CHARS, escaped
-from schema.uris import ImageRef, s3_uri
+from capworks.producer.crawl import unstorable_reason
+from capworks.schema.errors import CapworksError, Code
+from capworks.schema.jobs import MAX_KEY_CHARS, MAX_TAG_CHARS, escaped
+from capworks.schema.uris import ImageRef, s3_uri
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_BAD_BODY_CHARS = 10_000

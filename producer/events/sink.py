@@ -27,13 +27,13 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select
 
-from producer.crawl import Publisher
-from producer.events.records import BadRecord, ObjectCreated
-from producer.events.versions import Order, Version, compare_versions
-from producer.replicas import wait_for_replicas
-from schema.jobs import Job, escaped
-from schema.redact import redact
-from schema.tables import BadMessage, utcnow
+from capworks.producer.crawl import Publisher
+from capworks.producer.events.records import BadRecord, ObjectCreated
+from capworks.producer.events.versions import Order, Version, compare_versions
+from capworks.producer.replicas import wait_for_replicas
+from capworks.schema.jobs import Job, escaped
+from capworks.schema.redact import redact
+from capworks.schema.tables import BadMessage, utcnow
 
 log = logging.getLogger(__name__)
 LATEST_KEY = "capworks:event:latest:{}"

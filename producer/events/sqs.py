@@ -23,9 +23,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from producer.events.records import BadRecord, MalformedEvent, ObjectCreated, parse_body
-from producer.events.sink import EventSink, Outcome
-from schema.backoff import compute_backoff
+from capworks.producer.events.records import BadRecord, MalformedEvent, ObjectCreated, parse_body
+from capworks.producer.events.sink import EventSink, Outcome
+from capworks.schema.backoff import compute_backoff
 
 log = logging.getLogger(__name__)
 MAX_MESSAGES = 10  # SQS's limit per receive

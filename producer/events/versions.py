@@ -18,7 +18,7 @@ import enum
 import json
 from dataclasses import asdict, dataclass
 
-from producer.events.records import ObjectCreated
+from capworks.producer.events.records import ObjectCreated
 
 
 class Order(enum.Enum):

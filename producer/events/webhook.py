@@ -44,10 +44,10 @@ from typing import Any
 from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from producer.events.records import BadRecord, MalformedEvent, Parsed, parse_body
-from producer.events.sink import EventSink, Outcome
-from schema.http_limits import CappedThreadingMixIn, deadline_rfile, discard_arrived
-from schema.metrics_endpoint import is_loopback
+from capworks.producer.events.records import BadRecord, MalformedEvent, Parsed, parse_body
+from capworks.producer.events.sink import EventSink, Outcome
+from capworks.schema.http_limits import CappedThreadingMixIn, deadline_rfile, discard_arrived
+from capworks.schema.metrics_endpoint import is_loopback
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Capworks-Signature"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from schema.tables import Base
+from capworks.schema.tables import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from capworks.checkpoints.shapes_world import Scene, render_scene
-from schema.errors import Code
+from capworks.schema.errors import Code
 
 CAPTION = "caption"
 MAX_BYTES = 10 * 1024 * 1024  # the default `ImageLimits.max_bytes`

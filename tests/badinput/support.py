@@ -11,7 +11,7 @@ from pipeline_support import query
 from sqlalchemy import select
 
 from badinput.cases import CAPTION, CASES, Case
-from schema.tables import BadMessage, Caption, Failure, Image
+from capworks.schema.tables import BadMessage, Caption, Failure, Image
 
 # Root reads a file of mode 000 anyway: to see "access denied" the command under test runs
 # without the two capabilities that let it (it is still uid 0, so everything else is as before).

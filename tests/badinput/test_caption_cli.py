@@ -17,7 +17,7 @@ from conftest import REPO
 
 from badinput.cases import CASES
 from badinput.support import mismatches, outcome_table, read_outcomes, unprivileged
-from schema.uris import file_uri
+from capworks.schema.uris import file_uri
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import pytest
 
 from badinput import cases
 from badinput.cases import CAPTION, CASES, Case
-from schema.errors import Code, ImageError
-from workers.preprocess import ImageLimits, decode_image, identify_non_image
+from capworks.schema.errors import Code, ImageError
+from capworks.workers.preprocess import ImageLimits, decode_image, identify_non_image
 
 STORED = [c for c in CASES if c.placement == "stored"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from capworks.schema.errors import Code, StorageError
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef
 from capworks.seaweed import s3_client
-from schema.errors import Code, StorageError
-from schema.settings import Settings
-from schema.uris import ImageRef
-from workers.fetch import StoreFetcher
+from capworks.workers.fetch import StoreFetcher
 
 
 @pytest.mark.parametrize("bucket", ["bad name!", "ünïcödé", "a:b"])

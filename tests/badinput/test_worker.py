@@ -24,10 +24,10 @@ from badinput.support import (
     read_outcomes,
     unprivileged,
 )
-from schema.jobs import Job, MalformedJob, escaped, parse_message
-from schema.queue import CAPTION_TASK, make_celery
-from schema.settings import Settings
-from schema.uris import ImageRef, file_uri, s3_uri
+from capworks.schema.jobs import Job, MalformedJob, escaped, parse_message
+from capworks.schema.queue import CAPTION_TASK, make_celery
+from capworks.schema.settings import Settings
+from capworks.schema.uris import ImageRef, file_uri, s3_uri
 
 pytestmark = pytest.mark.slow
 BUCKET = "badinput"

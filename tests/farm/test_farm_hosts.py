@@ -29,11 +29,11 @@ from pipeline_support import instance_of
 from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Caption, Failure, Image
+from capworks.workers.leases import OWNERS_KEY, lease_key, renew_every_s
+from capworks.workers.ledger import DONE_KEY
 from farm.hosts import PG_BIN, PG_PORT, REDIS_PORT, Farm, Host, remove_leftovers
-from schema.settings import Settings
-from schema.tables import Caption, Failure, Image
-from workers.leases import OWNERS_KEY, lease_key, renew_every_s
-from workers.ledger import DONE_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SUPERVISED = REPO / "tests" / "wrappers" / "supervised_farm_worker.py"

@@ -22,10 +22,10 @@ from pipeline_support import Pipeline, instance_of, query
 from sqlalchemy import create_engine, delete, func, select
 
 from capworks.commands.worker import celery_worker_argv
-from schema.heartbeat import heartbeat_key
-from schema.tables import Caption, Failure, Image
-from workers.leases import lease_key
-from workers.ledger import DONE_KEY
+from capworks.schema.heartbeat import heartbeat_key
+from capworks.schema.tables import Caption, Failure, Image
+from capworks.workers.leases import lease_key
+from capworks.workers.ledger import DONE_KEY
 
 CAPWORKS = Path(sys.executable).parent / "capworks"
 # What `Pipeline.env` tunes for quick tests that this suite leaves at its defaults.

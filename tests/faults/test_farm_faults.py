@@ -25,9 +25,9 @@ from pipeline_support import Pipeline, captions, failures, instance_of, own_queu
 from redis_server import RedisServer, own_redis
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.schema.settings import Settings
+from capworks.workers.leases import EXIT_STALLED, lease_key
 from faults.harness import children_of
-from schema.settings import Settings
-from workers.leases import EXIT_STALLED, lease_key
 
 pytestmark = pytest.mark.slow
 WRAPPERS = REPO / "tests" / "wrappers"

@@ -8,7 +8,7 @@ import os
 import sys
 
 from capworks.cli import main
-from producer.events.sqs import SqsConsumer
+from capworks.producer.events.sqs import SqsConsumer
 
 
 def crash(self: SqsConsumer, messages: list[object]) -> None:

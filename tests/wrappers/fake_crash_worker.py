@@ -10,12 +10,12 @@ import os
 import sys
 import time
 
-from schema.settings import Settings
-from schema.storage import make_s3_client
-from schema.uris import ImageRef
-from workers import runtime
-from workers.fetch import Fetched, StoreFetcher
-from workers.tasks import app
+from capworks.schema.settings import Settings
+from capworks.schema.storage import make_s3_client
+from capworks.schema.uris import ImageRef
+from capworks.workers import runtime
+from capworks.workers.fetch import Fetched, StoreFetcher
+from capworks.workers.tasks import app
 
 SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))
 

@@ -26,16 +26,16 @@ if SKEW_S:  # before anything else imports time.time
 
 from celery.signals import task_prerun
 
-from schema.instance import instance_id
-from schema.queue import make_redis
-from schema.settings import Settings
-from schema.storage import make_s3_client
-from schema.uris import ImageRef
-from workers import runtime
-from workers.batcher import ModelPixels
-from workers.engine import Caption
-from workers.fetch import Fetched, StoreFetcher
-from workers.tasks import app
+from capworks.schema.instance import instance_id
+from capworks.schema.queue import make_redis
+from capworks.schema.settings import Settings
+from capworks.schema.storage import make_s3_client
+from capworks.schema.uris import ImageRef
+from capworks.workers import runtime
+from capworks.workers.batcher import ModelPixels
+from capworks.workers.engine import Caption
+from capworks.workers.fetch import Fetched, StoreFetcher
+from capworks.workers.tasks import app
 
 RUNS_KEY = os.environ.get("CAPWORKS_TEST_RUNS_KEY", "capworks:test:runs")
 SLOW_S = float(os.environ.get("CAPWORKS_TEST_SLOW_S", "2"))

@@ -18,7 +18,7 @@ class CrashWorkerLauncher(CeleryLauncher):
 
     def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
         cmd, env = self.command(gpu, index, instance)
-        cmd[1:6] = [str(WRAPPER), "worker"]  # `python -m celery -A workers.tasks worker`
+        cmd[1:6] = [str(WRAPPER), "worker"]  # `python -m celery -A capworks.workers.tasks worker`
         return subprocess.Popen(cmd, env=env)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from capworks.commands.worker import CeleryLauncher, hand_back_jobs, heartbeat_age_s, supervise
-from schema.settings import get_settings
+from capworks.schema.settings import get_settings
 
 WRAPPER = Path(__file__).with_name("fake_farm_worker.py")
 
@@ -18,7 +18,7 @@ class FarmWorkerLauncher(CeleryLauncher):
 
     def start(self, gpu: str | None, index: int, instance: str) -> subprocess.Popen[bytes]:
         cmd, env = self.command(gpu, index, instance)
-        cmd[1:6] = [str(WRAPPER), "worker"]  # `python -m celery -A workers.tasks worker`
+        cmd[1:6] = [str(WRAPPER), "worker"]  # `python -m celery -A capworks.workers.tasks worker`
         return subprocess.Popen(cmd, env=env)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from schema.checkpoint import GenerationSettings
+from capworks.schema.checkpoint import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,11 @@ def make_generator(
 ) -> Generator:
     """Build the generator called `name` for a loaded model (autocast applies to `fast` only)."""
     if name == "reference":
-        from workers.generators.reference import ReferenceGenerator
+        from capworks.workers.generators.reference import ReferenceGenerator
 
         return ReferenceGenerator(model, tokenizer, settings)
     if name == "fast":
-        from workers.generators.fast import FastGenerator
+        from capworks.workers.generators.fast import FastGenerator
 
         return FastGenerator(model, tokenizer, settings, autocast_dtype)
     raise ValueError(f"unknown generator {name!r}; use one of {', '.join(GENERATORS)}")

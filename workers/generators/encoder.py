@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.generators.resnet_pass import ResNetPass
+from capworks.workers.generators.resnet_pass import ResNetPass
 
 BIAS_CACHE_SHAPES = 4  # input shapes whose attention biases are kept (one per batch shape used)
 

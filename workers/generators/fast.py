@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from schema.checkpoint import GenerationSettings
-from workers.generators import Hypothesis
-from workers.generators.encoder import FastEncoder
-from workers.generators.kv_decoder import IncrementalDecoder
-from workers.generators.ngram import ban_repeated_ngrams
+from capworks.schema.checkpoint import GenerationSettings
+from capworks.workers.generators import Hypothesis
+from capworks.workers.generators.encoder import FastEncoder
+from capworks.workers.generators.kv_decoder import IncrementalDecoder
+from capworks.workers.generators.ngram import ban_repeated_ngrams
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from schema.checkpoint import GenerationSettings
-from workers.generators import Hypothesis
+from capworks.schema.checkpoint import GenerationSettings
+from capworks.workers.generators import Hypothesis
 
 
 class ReferenceGenerator:

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from schema.tags import derive_tags
+from capworks.schema.tags import derive_tags
 
 revision = "0007"
 down_revision = "0006"
