@@ -226,6 +226,13 @@ class QoS(kombu_redis.QoS):
         super().append(message, delivery_tag)
 
 
+class AfterMove(Protocol):
+    """Called with a fetched entry between its move into the fetching list and its claim:
+    where a test stops Redis or kills the worker (`Channel.after_move`)."""
+
+    def __call__(self, queue: str, item: bytes) -> None: ...
+
+
 class Channel(kombu_redis.Channel):
     """A Redis channel whose fetch cannot lose a message (see the module docstring)."""
 
@@ -241,6 +248,8 @@ class Channel(kombu_redis.Channel):
         self._moving_from: str | None = None
         self._warned_brpop = False
         self._saved_params: dict[str, Any] | None = None
+        # None in service; a test sets it to fault the fetch at its one fragile instant.
+        self.after_move: AfterMove | None = None
         super().__init__(*args, **kwargs)
         self._connparams()  # remembered for acknowledgements after the channel closes
         self._claim = self.client.register_script(_CLAIM)
@@ -341,12 +350,16 @@ class Channel(kombu_redis.Channel):
             item = client.lmove(source, self.fetching_key(queue), "RIGHT", "LEFT")
         if item is None:
             raise Empty()
+        if self.after_move is not None:
+            self.after_move(queue, item)
         payload = self._claimed_payload(queue, item)
         if payload is None:
             raise Empty()
         return payload
 
     def _claim_and_deliver(self, queue: str, item: bytes) -> bool:
+        if self.after_move is not None:
+            self.after_move(queue, item)
         payload = self._claimed_payload(queue, item)
         if payload is None:
             return False

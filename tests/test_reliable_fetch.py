@@ -18,6 +18,7 @@ from fetch_storm import RELIABLE, restart_storm
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 from pipeline_support import REDIS_URL, live_redis
+from redis_server import RedisServer, own_redis
 
 from capworks.schema.redis_transport import (
     _REGISTER,
@@ -49,13 +50,13 @@ def queue(client: redis.Redis) -> Iterator[Queue]:
     client.delete(name)
 
 
-def connect(stock: bool = False) -> Connection:
+def connect(stock: bool = False, url: str = REDIS_URL) -> Connection:
     transport = "redis" if stock else "capworks.schema.redis_transport:Transport"
-    return Connection(REDIS_URL, transport=transport, transport_options=OPTIONS)
+    return Connection(url, transport=transport, transport_options=OPTIONS)
 
 
-def publish(queue: Queue, *bodies: str) -> None:
-    with connect() as conn:
+def publish(queue: Queue, *bodies: str, url: str = REDIS_URL) -> None:
+    with connect(url=url) as conn:
         producer = Producer(conn.default_channel)
         for body in bodies:
             producer.publish(
@@ -63,7 +64,7 @@ def publish(queue: Queue, *bodies: str) -> None:
             )
 
 
-def consume(queue: Queue, count: int, on_message: Any = None) -> list[str]:
+def consume(queue: Queue, count: int, on_message: Any = None, url: str = REDIS_URL) -> list[str]:
     """Take and acknowledge up to `count` messages; their bodies."""
     got: list[str] = []
 
@@ -73,7 +74,7 @@ def consume(queue: Queue, count: int, on_message: Any = None) -> list[str]:
         got.append(body["job"])
         message.ack()
 
-    with connect() as conn:
+    with connect(url=url) as conn:
         with Consumer(conn.default_channel, queues=[queue], callbacks=[receive], accept=["json"]):
             for _ in range(count * 3):
                 if len(got) == count:
@@ -136,6 +137,80 @@ def test_stock_kombu_loses_a_message_taken_as_redis_fails(
     assert client.llen(queue.name) == 0
     assert "lost" not in unacked_jobs(client, queue)
     assert fetching_lists(client, queue) == {}
+
+
+def stop_redis_between_take_and_record(server: RedisServer, queue: Queue, stock: bool) -> None:
+    """Fetch the one job of `queue` from `server`, stopping Redis (SIGTERM, its append-only
+    file flushed) at the one instant between taking the job and recording its delivery, then
+    start Redis again. Stock kombu records it in `QoS.append`, after BRPOP; capworks' fetch
+    claims it after BLMOVE (`Channel.after_move`)."""
+    stopped: list[str] = []
+
+    def stop_redis(*_: Any) -> None:
+        server.stop()
+        stopped.append("stopped")
+
+    with connect(stock, server.url) as conn:
+        channel = conn.default_channel
+        if stock:
+            record = channel.qos.append
+
+            def stop_then_record(message: Any, delivery_tag: str) -> None:
+                stop_redis()
+                record(message, delivery_tag)
+
+            channel.qos.append = stop_then_record
+        else:
+            assert isinstance(channel, Channel)
+            channel.after_move = stop_redis
+        with Consumer(channel, queues=[queue], callbacks=[], accept=["json"]):
+            with pytest.raises(redis.ConnectionError):
+                conn.drain_events(timeout=5)
+            assert stopped == ["stopped"]  # the fault came exactly there, once
+            server.start()
+
+
+def jobs_anywhere(client: redis.Redis, queue: Queue) -> dict[str, list[str]]:
+    """Where `queue`'s jobs are: queued, fetched but unclaimed, or delivered and unacked."""
+    fetched = [job_of(e) for entries in fetching_lists(client, queue).values() for e in entries]
+    return {
+        "queued": [job_of(e) for e in client.lrange(queue.name, 0, -1)],
+        "fetching": fetched,
+        "unacked": unacked_jobs(client, queue),
+    }
+
+
+@pytest.mark.slow
+def test_a_job_taken_as_redis_stops_is_kept_and_delivered_once_after_the_restart(
+    queue: Queue, tmp_path: Path
+) -> None:
+    args = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_redis(tmp_path / "redis", args) as server:
+        publish(queue, "kept", url=server.url)
+        stop_redis_between_take_and_record(server, queue, stock=False)
+        client = redis.Redis.from_url(server.url)
+        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": ["kept"], "unacked": []}
+        sweeper = FetchingSweeper(client)
+        swept, deadline = 0, time.monotonic() + 30
+        while not swept and time.monotonic() < deadline:  # once its fetch's deadline is stale
+            swept = sweeper.sweep()
+            time.sleep(0.2)
+        assert swept == 1
+        assert consume(queue, 2, url=server.url) == ["kept"]
+        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
+
+
+@pytest.mark.slow
+def test_stock_kombu_loses_a_job_taken_as_redis_stops_every_time(
+    queue: Queue, tmp_path: Path
+) -> None:
+    # The same fault as above with kombu's own fetch: the job is nowhere in Redis.
+    args = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_redis(tmp_path / "redis", args) as server:
+        publish(queue, "lost", url=server.url)
+        stop_redis_between_take_and_record(server, queue, stock=True)
+        client = redis.Redis.from_url(server.url)
+        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
 
 
 def test_a_message_taken_as_redis_fails_is_swept_back_and_delivered_once(
