@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, func, select
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import celery_worker_argv
+from capworks.schema.redis_transport import REGISTRY_KEY, as_text, queue_of
 from capworks.schema.tables import Caption, Failure, Image
 
 # Each concurrent test run takes its own Redis database (CAPWORKS_TEST_REDIS_DB, default 15): the
@@ -135,8 +136,15 @@ class Pipeline:
         return redis.Redis.from_url(self.broker_url)
 
     def queue_length(self) -> int:
+        """This queue's jobs in Redis: waiting, fetched but not yet claimed, and delivered but
+        not acknowledged. kombu's `unacked` hash (`[message, exchange, routing key]`) and the
+        fetching registry hold every queue of the database, so they are filtered by queue."""
         r = self.redis()
-        return int(r.llen(self.queue)) + int(r.hlen("unacked"))
+        held = sum(json.loads(raw)[2] == self.queue for raw in r.hvals("unacked"))
+        fetching = [
+            k for k in map(as_text, r.zrange(REGISTRY_KEY, 0, -1)) if queue_of(k) == self.queue
+        ]
+        return int(r.llen(self.queue)) + held + sum(int(r.llen(k)) for k in fetching)
 
 
 @contextmanager
