@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -17,6 +17,7 @@ class RunSlots:
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
+        self._waiting = 0
         self._job_ids: set[str] = set()
 
     @property
@@ -25,11 +26,25 @@ class RunSlots:
         with self._cond:
             return self._shared + int(self._exclusive)
 
+    @property
+    def waiting(self) -> int:
+        """How many jobs wait for a slot, or for another copy of themselves to finish."""
+        with self._cond:
+            return self._waiting
+
+    def _wait_for(self, ready: Callable[[], bool]) -> None:
+        """Wait (holding the condition) until `ready()`, counted in `waiting` meanwhile."""
+        self._waiting += 1
+        try:
+            self._cond.wait_for(ready)
+        finally:
+            self._waiting -= 1
+
     @contextmanager
     def one_copy(self, job_id: str) -> Iterator[None]:
         """Wait while another copy of this job runs in this process, then hold the job id."""
         with self._cond:
-            self._cond.wait_for(lambda: job_id not in self._job_ids)
+            self._wait_for(lambda: job_id not in self._job_ids)
             self._job_ids.add(job_id)
         try:
             yield
@@ -44,11 +59,11 @@ class RunSlots:
         with self._cond:
             if exclusive:
                 self._waiting_exclusive += 1
-                self._cond.wait_for(lambda: self._shared == 0 and not self._exclusive)
+                self._wait_for(lambda: self._shared == 0 and not self._exclusive)
                 self._waiting_exclusive -= 1
                 self._exclusive = True
             else:
-                self._cond.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+                self._wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
                 self._shared += 1
         try:
             yield
