@@ -4,17 +4,24 @@ listing the bucket, which is how AWS recommends handling billions of objects.
 
 Rows are taken in manifest order, each with the position `<file number>:<row number>`, so a
 crawl resumes by file and row: files before the position are not opened, and a Parquet file's
-row groups before it are not read. Delete markers and versions that are not the latest are
-skipped; each row's ETag, size and modification time go into its reference, so the crawl's
-filters and its "already captioned" check work as they do for a listing.
+row groups before it are not read. Each file is checked against the manifest before any of its
+rows is handed out: its bytes against `files[].MD5checksum`, a Parquet file's columns against
+`fileSchema` (a CSV file's rows are checked against it one by one). Delete markers and
+versions that are not the latest are skipped; each row's ETag, size and modification time go
+into its reference, so the crawl's filters and its "already captioned" check work as they do
+for a listing. `inventory_rows` sizes the progress bar's ETA from the manifest and the files'
+heads (Parquet footers, the first MiB of CSV.gz).
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,12 +31,16 @@ from typing import IO, Any
 from urllib.parse import unquote_plus
 
 from capworks.producer.sources import InputError, s3_body, s3_stream
+from capworks.schema.errors import StorageError
 from capworks.schema.uris import ImageRef, s3_uri
 
 SCHEME = "s3-inventory://"
 # The manifest's column names, normalised (CSV says `ETag`, Parquet `e_tag`): lower case, no `_`.
 _COLUMNS = ("bucket", "key", "size", "etag", "lastmodifieddate", "islatest", "isdeletemarker")
 _VERSION = "versionid"
+# A Parquet fileSchema's fields: "message s3.inventory { required binary bucket (UTF8); ... }".
+_PARQUET_FIELD = re.compile(r"(?:required|optional|repeated)\s+\w+\s+(\w+)")
+ETA_SAMPLE_BYTES = 1 << 20  # of a CSV.gz file, decompressed to estimate rows per stored byte
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class DataFile:
 
     key: str
     size_bytes: int | None
+    md5: str | None = None  # hex, from `MD5checksum`
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class Manifest:
     """What a crawl needs of an inventory's `manifest.json`."""
 
     file_format: str  # "CSV" or "Parquet"
-    columns: tuple[str, ...]  # normalised names, in the CSV files' column order
+    columns: tuple[str, ...]  # normalised names of fileSchema, in the CSV files' column order
     destination_bucket: str | None
     files: tuple[DataFile, ...]
 
@@ -69,7 +81,11 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         file_format = str(doc["fileFormat"])
         schema = str(doc["fileSchema"])
         files = tuple(
-            DataFile(str(f["key"]), int(f["size"]) if f.get("size") is not None else None)
+            DataFile(
+                str(f["key"]),
+                int(f["size"]) if f.get("size") is not None else None,
+                str(f["MD5checksum"]).lower() if f.get("MD5checksum") else None,
+            )
             for f in doc["files"]
         )
     except (ValueError, KeyError, TypeError) as exc:
@@ -78,7 +94,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
         raise InputError(f"{where}: ORC inventories are not read; configure CSV or Parquet")
     if file_format.upper() not in ("CSV", "PARQUET"):
         raise InputError(f"{where}: unknown inventory fileFormat {file_format!r}")
-    columns = _schema_columns(schema) if file_format.upper() == "CSV" else ()
+    columns = _schema_columns(schema)
     if file_format.upper() == "CSV" and not {"bucket", "key"} <= set(columns):
         raise InputError(f"{where}: the fileSchema names no Bucket and Key columns: {schema!r}")
     destination = str(doc.get("destinationBucket") or "").removeprefix("arn:aws:s3:::") or None
@@ -86,7 +102,10 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
 
 
 def _schema_columns(schema: str) -> tuple[str, ...]:
-    """A CSV inventory's column names from its fileSchema ("Bucket, Key, Size, ...")."""
+    """The column names of a fileSchema: a CSV inventory's "Bucket, Key, Size, ...", or a
+    Parquet one's message fields (none when it names no field)."""
+    if schema.lstrip().startswith("message"):
+        return tuple(normalise(name) for name in _PARQUET_FIELD.findall(schema))
     return tuple(normalise(name) for name in schema.split(","))
 
 
@@ -116,7 +135,7 @@ def iter_inventory(
             rows = (
                 _csv_rows(stream, manifest.columns, data.key)
                 if manifest.file_format == "CSV"
-                else _parquet_rows(stream, skip)
+                else _parquet_rows(stream, skip, manifest.columns, data.key)
             )
             for row_number, row in rows:
                 if row_number <= skip:
@@ -176,13 +195,20 @@ def _csv_rows(stream: IO[bytes], columns: tuple[str, ...], name: str) -> Iterato
         raise InputError(f"inventory file {name} cannot be read: {exc}") from exc
 
 
-def _parquet_rows(stream: IO[bytes], skip: int) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(
+    stream: IO[bytes], skip: int, schema: tuple[str, ...], name: str
+) -> Iterator[tuple[int, Any]]:
     """(row number, row) of a Parquet file, one row group at a time; row groups wholly before
-    `skip` are not read."""
+    `skip` are not read. Its columns must be the fileSchema's when that names any."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(stream)
     names = {normalise(name): name for name in parquet.schema_arrow.names}
+    if schema and set(names) != set(schema):
+        raise InputError(
+            f"inventory file {name}: columns {sorted(names)} are not the manifest's "
+            f"fileSchema {sorted(schema)}"
+        )
     if not {"bucket", "key"} <= set(names):
         raise InputError(f"inventory Parquet file has no bucket and key columns: {list(names)}")
     wanted = [names[c] for c in (*_COLUMNS, _VERSION) if c in names]
@@ -211,19 +237,116 @@ def _read_manifest(source: str, path: Path | None, s3_client: Any | None) -> byt
 def _opened(
     source: str, manifest: Manifest, path: Path | None, data: DataFile, s3_client: Any | None
 ) -> Iterator[IO[bytes]]:
-    """A data file opened for reading: beside a local manifest when it is there, else from the
-    inventory's destination bucket. Parquet needs to seek, so it is spooled to a temporary file
-    (CSV.gz streams)."""
+    """A data file opened for reading, its MD5 checked first when the manifest gives one:
+    beside a local manifest when it is there, else from the inventory's destination bucket.
+    A file read from S3 is spooled to a temporary file when it is checked or is Parquet (which
+    seeks); an unchecked CSV.gz streams."""
     local = _local_copy(path, data.key) if path is not None else None
     if local is not None:
         with local.open("rb") as f:
+            _check_md5(f, data)
             yield f
         return
-    bucket = manifest.destination_bucket or source.removeprefix(SCHEME).partition("/")[0]
     if path is not None and s3_client is None:
         raise InputError(f"inventory file {data.key} is not beside {path} (and S3 is not set up)")
-    with s3_stream(s3_client, bucket, data.key, manifest.file_format != "CSV") as stream:
+    seekable = manifest.file_format != "CSV" or data.md5 is not None
+    with s3_stream(s3_client, _data_bucket(source, manifest), data.key, seekable) as stream:
+        _check_md5(stream, data)
         yield stream
+
+
+def _data_bucket(source: str, manifest: Manifest) -> str:
+    return manifest.destination_bucket or source.removeprefix(SCHEME).partition("/")[0]
+
+
+def _check_md5(stream: IO[bytes], data: DataFile) -> None:
+    """Raise an `InputError` when a seekable file's bytes are not those the manifest names (a
+    file rewritten or cut short since); rewind it for reading."""
+    if data.md5 is None:
+        return
+    digest = hashlib.md5(usedforsecurity=False)
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(chunk)
+    if digest.hexdigest() != data.md5:
+        raise InputError(
+            f"inventory file {data.key}: MD5 {digest.hexdigest()} is not the manifest's "
+            f"MD5checksum {data.md5}"
+        )
+    stream.seek(0)
+
+
+def inventory_rows(source: str, s3_client: Any | None) -> int | None:
+    """About how many rows an inventory holds, for the progress bar's ETA: a Parquet file's
+    footer says; a CSV.gz file's count is estimated from its size and the rows in the first
+    `ETA_SAMPLE_BYTES` of the first file (exact when that file is smaller). None when the
+    manifest cannot be read (the crawl then reports why)."""
+    manifest_path = None if source.startswith(SCHEME) else Path(source)
+    try:
+        manifest = parse_manifest(_read_manifest(source, manifest_path, s3_client), source)
+        if not manifest.files:
+            return 0
+        if manifest.file_format == "CSV":
+            return _estimate_csv_rows(source, manifest, manifest_path, s3_client)
+        return sum(
+            _parquet_file_rows(source, manifest, manifest_path, d, s3_client)
+            for d in manifest.files
+        )
+    except (InputError, StorageError, OSError, ValueError):
+        return None
+
+
+def _estimate_csv_rows(
+    source: str, manifest: Manifest, path: Path | None, s3_client: Any | None
+) -> int | None:
+    """Rows of the files read whole within `ETA_SAMPLE_BYTES`, and of the rest by the rows per
+    byte of what was read."""
+    budget, rows, read_bytes, unread_bytes = ETA_SAMPLE_BYTES, 0, 0, 0
+    for data in manifest.files:
+        sample = _head(source, manifest, path, data, s3_client, budget) if budget else b""
+        budget -= len(sample)
+        rows += zlib.decompressobj(wbits=31).decompress(sample).count(b"\n")
+        read_bytes += len(sample)
+        if len(sample) < (data.size_bytes or 0) or (not sample and data.size_bytes is None):
+            if data.size_bytes is None:
+                return None
+            unread_bytes += data.size_bytes - len(sample)
+    if unread_bytes and not rows:
+        return None
+    return rows + round(unread_bytes * rows / max(read_bytes, 1))
+
+
+def _head(
+    source: str,
+    manifest: Manifest,
+    path: Path | None,
+    data: DataFile,
+    s3_client: Any | None,
+    size_bytes: int,
+) -> bytes:
+    """The first `size_bytes` of a data file (fewer when it is shorter)."""
+    local = _local_copy(path, data.key) if path is not None else None
+    if local is not None:
+        with local.open("rb") as f:
+            return f.read(size_bytes)
+    where = _data_bucket(source, manifest)
+    body = s3_body(s3_client, where, data.key, data.key, Range=f"bytes=0-{size_bytes - 1}")
+    return bytes(body.read())
+
+
+def _parquet_file_rows(
+    source: str, manifest: Manifest, path: Path | None, data: DataFile, s3_client: Any | None
+) -> int:
+    """A Parquet file's row count from its footer (on S3, two ranged reads of its end)."""
+    import pyarrow.parquet as pq
+
+    local = _local_copy(path, data.key) if path is not None else None
+    if local is not None:
+        return int(pq.ParquetFile(local).metadata.num_rows)
+    bucket = _data_bucket(source, manifest)
+    tail = s3_body(s3_client, bucket, data.key, data.key, Range="bytes=-8").read()
+    footer_bytes = int.from_bytes(tail[:4], "little") + 8
+    footer = s3_body(s3_client, bucket, data.key, data.key, Range=f"bytes=-{footer_bytes}").read()
+    return int(pq.read_metadata(io.BytesIO(b"PAR1" + footer)).num_rows)
 
 
 def _local_copy(manifest: Path, key: str) -> Path | None:

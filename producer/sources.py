@@ -181,13 +181,14 @@ def _local_uri_at(position: str) -> str:
     return position
 
 
-def s3_body(s3_client: Any | None, bucket: str, key: str, where: str) -> Any:
-    """The streaming body of one object (a table, an inventory file), errors in one line naming
-    `where`: a refusal or missing object is the input's fault, an unreachable store is not."""
+def s3_body(s3_client: Any | None, bucket: str, key: str, where: str, **extra: str) -> Any:
+    """The streaming body of one object (a table, an inventory file; `extra`: `Range`...),
+    errors in one line naming `where`: a refusal or missing object is the input's fault, an
+    unreachable store is not."""
     if s3_client is None:
         raise InputError(f"{where}: no S3 client configured")
     try:
-        return s3_client.get_object(Bucket=bucket, Key=key)["Body"]
+        return s3_client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         raise InputError(f"cannot read {where}: {code or exc}") from exc

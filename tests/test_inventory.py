@@ -27,7 +27,7 @@ from pipeline_support import REDIS_URL, Pipeline, own_queue, queued_images
 from capworks.checkpoints.layout import configuration_json
 from capworks.producer.crawl import Filters, Publisher, run_crawl
 from capworks.producer.enqueue import make_publisher
-from capworks.producer.inventory import iter_inventory
+from capworks.producer.inventory import inventory_rows, iter_inventory
 from capworks.producer.sources import InputError
 from capworks.schema.db import connect
 from capworks.schema.jobs import Job
@@ -261,3 +261,58 @@ def test_an_orc_or_incomplete_local_inventory_is_refused_in_one_line(
     assert result.returncode != 0
     [line] = [line for line in result.stderr.splitlines() if "error" in line]  # no traceback
     assert line.startswith("capworks: error: ") and message in line, result.stderr
+
+
+def put_inventory(s3: Any, file_format: str, files: list[tuple[str, bytes]], doc: bytes) -> str:
+    """The inventory's files and manifest in a bucket of its own; returns its source."""
+    bucket = f"inventory-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for key, body in files:
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    manifest_key = f"{PREFIX}/2026-12-05T00-00Z/manifest.json"
+    doc = doc.replace(b"arn:aws:s3:::inventory", f"arn:aws:s3:::{bucket}".encode())
+    s3.put_object(Bucket=bucket, Key=manifest_key, Body=doc)
+    return f"s3-inventory://{bucket}/{manifest_key}"
+
+
+def test_a_data_file_whose_md5_differs_from_the_manifest_is_refused_before_its_rows(
+    local: Pipeline, s3_endpoint: str
+) -> None:
+    first, second = objects(5), objects(5, offset=5)
+    files = data_files([csv_gz(first), csv_gz(second)], ".csv.gz")
+    doc = manifest("CSV", files)
+    # The second file changed after the manifest was written (a partial copy, another run's).
+    files[1] = (files[1][0], csv_gz(second + objects(1, offset=10)))
+    source = put_inventory(s3_client(s3_endpoint), "CSV", files, doc)
+
+    with pytest.raises(InputError, match=r"inventory file .*\.csv\.gz: MD5 [0-9a-f]{32} is not"):
+        crawl(local, source, s3_client(s3_endpoint), page_size=5)
+    assert queued_entries(local) == expected(first)  # no row of the changed file went out
+
+
+def test_a_parquet_file_whose_columns_differ_from_the_file_schema_is_refused(
+    tmp_path: Path,
+) -> None:
+    schema = (
+        "message s3.inventory { required binary bucket (STRING); required binary key (STRING);"
+        " optional int64 size; optional binary e_tag (STRING);}"
+    )
+    files = data_files([parquet(objects(3), row_group_rows=3)], ".parquet")
+    path = local_inventory(tmp_path, "Parquet", files)
+    path.write_bytes(path.read_bytes().replace(b"message s3.inventory { ... }", schema.encode()))
+    with pytest.raises(InputError, match=r"columns .* are not the manifest's fileSchema"):
+        list(iter_inventory(str(path), None, None))
+
+
+def test_an_inventorys_row_count_for_the_eta_comes_from_its_manifest_and_files(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    csv_files = data_files([csv_gz(objects(13)), csv_gz(objects(9, offset=13))], ".csv.gz")
+    source = put_inventory(s3_client(s3_endpoint), "CSV", csv_files, manifest("CSV", csv_files))
+    assert inventory_rows(source, s3_client(s3_endpoint)) == 22
+    pq_files = data_files([parquet(objects(7), 3), parquet(objects(4), 3)], ".parquet")
+    assert inventory_rows(str(local_inventory(tmp_path, "Parquet", pq_files)), None) == 11
+    source = put_inventory(
+        s3_client(s3_endpoint), "Parquet", pq_files, manifest("Parquet", pq_files)
+    )
+    assert inventory_rows(source, s3_client(s3_endpoint)) == 11  # from the footers' ranges

@@ -23,6 +23,7 @@ from capworks.models import resolve_model_identity
 from capworks.producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from capworks.producer.enqueue import crawl_lock, make_publisher
 from capworks.producer.inventory import SCHEME as INVENTORY_SCHEME
+from capworks.producer.inventory import inventory_rows, is_inventory
 from capworks.producer.listing import ListingPlan, describe_position
 from capworks.producer.sources import InputError, count_uri_file
 from capworks.producer.tables import TableSpec, table_rows
@@ -68,6 +69,8 @@ def run_enqueue(args: argparse.Namespace) -> int:
         total = expected_objects(source, args.expect)
         if total is None and table is not None:
             total = table_rows(source)
+        elif total is None and is_inventory(source):
+            total = inventory_rows(source, s3)
         with (
             crawl_lock(db, crawl_id, wait=args.wait),
             CrawlProgress(source, total, console, disable=args.no_progress) as bar,
@@ -182,7 +185,8 @@ def table_spec(args: argparse.Namespace) -> TableSpec | None:
 
 def expected_objects(source: str, expect: int | None) -> int | None:
     """How many objects the listing will give, for the ETA: `--expect`, or a URI list's length.
-    S3 and folders do not say up front (unknown: the bar shows counts and rate, no ETA)."""
+    S3 and folders do not say up front (unknown: the bar shows counts and rate, no ETA); tables
+    and inventories are sized by `table_rows` and `inventory_rows`."""
     if expect is not None:
         return expect
     if source.startswith("@"):
