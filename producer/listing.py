@@ -14,7 +14,10 @@ before `cats.png`, S3 after), so nothing here compares keys. The resume position
 is JSON of every part with the last key handed out from it and whether it is done. Keys are
 handed out in the server's order within a part, so each part resumes after its key
 (StartAfter), and the crawl's exactly-once publishing (a page's jobs recorded before they are
-published) holds as it does for one stream.
+published) holds as it does for one stream. A resumed crawl asks each split folder for its
+subfolders again: one made since the crawl began (whose keys no part covers, the folder's own
+part being listed without them) becomes a new part, listed with the others; parts done stay
+done.
 """
 
 from __future__ import annotations
@@ -112,15 +115,27 @@ def discover_parts(s3_client: Any, loc: S3Location, want: int, threads: int) -> 
     return [Part(prefix, flat=True) for prefix in split] + [Part(prefix) for prefix in leaves]
 
 
-def _folders(s3_client: Any, loc: S3Location, prefix: str) -> list[str]:
+def new_parts(s3_client: Any, loc: S3Location, parts: list[Part], threads: int) -> list[Part]:
+    """Parts for the folders made under split folders since `parts` were discovered (none
+    when nothing was split: the crawl's one part covers every key)."""
+    split = [part.prefix for part in parts if part.flat]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = pool.map(lambda prefix: _folders(s3_client, loc, prefix, None), split)
+        folders = {folder for listed in found for folder in listed}
+    return [Part(prefix) for prefix in sorted(folders - {part.prefix for part in parts})]
+
+
+def _folders(
+    s3_client: Any, loc: S3Location, prefix: str, max_pages: int | None = DISCOVERY_PAGES
+) -> list[str]:
     """The common prefixes ("folders") directly under `prefix`; none when there are more than
-    `DISCOVERY_PAGES` pages (a folder that cannot be split stays one part)."""
+    `max_pages` pages (a folder that cannot be split stays one part)."""
     paginator = s3_client.get_paginator("list_objects_v2")
     folders: list[str] = []
     try:
         pages = paginator.paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
         for number, page in enumerate(pages):
-            if number == DISCOVERY_PAGES:
+            if number == max_pages:
                 return []
             folders.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
     except ClientError as exc:
@@ -133,11 +148,12 @@ def _folders(s3_client: Any, loc: S3Location, prefix: str) -> list[str]:
 
 
 def plan_parts(source: str, s3_client: Any, position: str | None, plan: ListingPlan) -> list[Part]:
-    """The parts of a crawl: those of its resume position, else the given prefixes, else
-    discovered ones."""
-    if position:
-        return decode_position(position)
+    """The parts of a crawl: those of its resume position and any folder made since, else the
+    given prefixes, else discovered ones."""
     loc = parse_s3(source)
+    if position:
+        parts = decode_position(position)
+        return parts + new_parts(s3_client, loc, parts, plan.streams)
     if plan.prefixes:
         return [Part(loc.key + prefix) for prefix in sorted(set(plan.prefixes))]
     return discover_parts(s3_client, loc, plan.streams * PARTS_PER_STREAM, plan.streams)

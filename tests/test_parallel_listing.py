@@ -141,3 +141,22 @@ def test_given_prefixes_are_listed_by_several_streams_and_only_their_keys_enqueu
 def test_listing_times_parse_as_botocore_parses_them_iso_and_http_dates_alike() -> None:
     for text in ("2026-12-05T17:00:01.250Z", "Sat, 05 Dec 2026 17:00:01 GMT", "1764954001"):
         assert parse_timestamp_fast(text) == parse_timestamp(text), text
+
+
+def test_a_resumed_parallel_crawl_also_lists_folders_made_since_it_began_and_no_key_twice(
+    local: Pipeline, bucket: tuple[str, list[str]], s3_endpoint: str
+) -> None:
+    name, uris = bucket
+    with pytest.raises(Crash):  # dies before its 7th job: the middle of the second page
+        crawl(local, f"s3://{name}/", ListingPlan(streams=3), crash_at=7)
+    s3 = s3_client(s3_endpoint)
+    added = ["aaa/first.png", "new/one.png", "new/two/three.png", "zzz/last.png"]
+    for key in added:
+        s3.put_object(Bucket=name, Key=key, Body=b"x")  # type: ignore[attr-defined]
+
+    stats = crawl(local, f"s3://{name}/", ListingPlan(streams=3))
+
+    queued = Counter(queued_images(local))
+    assert set(queued) == set(uris) | {f"s3://{name}/{key}" for key in added}
+    assert set(queued.values()) == {1}
+    assert stats.enqueued == len(uris) + len(added)
