@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(undecodable, too large, ...) too; skipped by default: they fail the same way again",
     )
     enq.add_argument("--wait", action="store_true", help="wait while another run holds this crawl")
-    enq.add_argument("--suffix", action="append", default=[], help="only keys ending so (repeat)")
+    enq.add_argument(
+        "--suffix",
+        action="append",
+        default=[],
+        help="only names with this suffix, any case (repeat; default: the image suffixes)",
+    )
     enq.add_argument("--min-bytes", type=int)
     enq.add_argument("--max-bytes", type=int)
     enq.add_argument("--modified-since", type=iso_datetime, help="ISO date or time (UTC)")

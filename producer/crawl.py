@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from capworks.producer.imagenames import is_image_name
 from capworks.producer.inventory import is_inventory, iter_inventory
 from capworks.producer.listing import (
     ONE_STREAM,
@@ -52,15 +54,22 @@ PAGE_SIZE = 1000  # listed objects per progress commit: one S3 ListObjectsV2 pag
 class Filters:
     """Which listed objects to caption."""
 
-    suffixes: frozenset[str] = frozenset()
+    # `--suffix` (lower case, with the dot), judged on every source; None: the image suffix
+    # policy (producer/imagenames.py), judged on listings only (folders, prefixes, inventories)
+    suffixes: frozenset[str] | None = None
     min_bytes: int | None = None
     max_bytes: int | None = None
     modified_since: datetime | None = None
 
+    def named_as_image(self, ref: ImageRef, listing: bool) -> bool:
+        """True when the object's name passes the suffix policy (`listing`: the source is a
+        folder, prefix or inventory, not a list naming each image)."""
+        if self.suffixes is not None:
+            return is_image_name(ref.uri, self.suffixes)
+        return not listing or is_image_name(ref.uri)
+
     def accept(self, ref: ImageRef) -> bool:
-        """True when the object passes every filter."""
-        if self.suffixes and not ref.uri.lower().endswith(tuple(self.suffixes)):
-            return False
+        """True when the object passes the size and time filters."""
         size = ref.size_bytes
         if size is not None and self.min_bytes is not None and size < self.min_bytes:
             return False
@@ -79,6 +88,7 @@ class CrawlStats:
     skipped: int = 0
     enqueued: int = 0
     jobs: int = 0
+    not_images: int = 0  # of `skipped`, this run: names the suffix policy says are no images
     resumed_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -126,7 +136,7 @@ def crawl_id_for(source: str, filters: Filters, identity: tuple[str, str, str]) 
     blob = json.dumps(
         [
             source,
-            sorted(filters.suffixes),
+            sorted(filters.suffixes or ()),
             filters.min_bytes,
             filters.max_bytes,
             str(filters.modified_since),
@@ -177,8 +187,11 @@ def run_crawl(
         # jobs of a cut-off page keep their ids (above), so a resume does not send them twice.
         run_id = f"{crawl_id}-{new_job_id()[:8]}"
         pages = source_pages(source, s3_client, crawl.last_key, listing, page_size, table)
+        lists_names = is_listing(source, table)
         for position, page in pages:
-            accepted = [ref for ref in page if filters.accept(ref) or row_problem(ref)]
+            named = [r for r in page if filters.named_as_image(r, lists_names) or row_problem(r)]
+            stats.not_images += len(page) - len(named)
+            accepted = [ref for ref in named if filters.accept(ref) or row_problem(ref)]
             keep = _storable(session, crawl_id, accepted)
             if table is not None and table.keeps_columns:
                 save_table_columns(session, keep)  # committed with the page's progress
@@ -258,6 +271,14 @@ def _save(session: Session, crawl: Crawl, stats: CrawlStats, last_key: str | Non
     crawl.enqueued, crawl.jobs = stats.enqueued, stats.jobs
     crawl.updated = utcnow()
     session.commit()
+
+
+def is_listing(source: str, table: TableSpec | None) -> bool:
+    """True for a source that lists names (a folder, a prefix, an inventory), whose names the
+    suffix policy judges; a URI list, a table or a single file names each image itself."""
+    if table is not None or source.startswith("@"):
+        return False
+    return is_s3(source) or is_inventory(source) or Path(source).is_dir()
 
 
 def source_pages(

@@ -12,13 +12,11 @@ from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from capworks.producer.imagenames import IMAGE_SUFFIXES, is_image_name
 from capworks.producer.walk import walk_files
 from capworks.schema.errors import Code, StorageError
 from capworks.schema.uris import ImageRef, file_uri, is_http, is_s3, parse_s3, s3_uri
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo"}
-)
 # The resume position of a local file whose name is not valid UTF-8 (no database column holds
 # it): its bytes in hex. Local URIs are absolute paths, so no real URI starts so.
 _BYTES_POSITION = "bytes:"
@@ -29,7 +27,8 @@ class InputError(ValueError):
 
 
 def iter_refs(inputs: Iterable[str], s3_client: Any | None) -> Iterator[ImageRef]:
-    """Every image reference under the given inputs, in a stable order per input."""
+    """Every image reference under the given inputs, in a stable order per input; a folder's
+    files and a prefix's keys are judged by the image suffix policy (`producer/imagenames.py`)."""
     for item in inputs:
         if is_s3(item):
             if s3_client is None:
@@ -68,14 +67,15 @@ def iter_local(path: Path, start_after: str | None = None) -> Iterator[ImageRef]
 
 
 def iter_local_positions(
-    path: Path, start_after: str | None = None
+    path: Path, start_after: str | None = None, suffixes: frozenset[str] | None = IMAGE_SUFFIXES
 ) -> Iterator[tuple[str, ImageRef]]:
-    """(walked path, reference) of a file, or of the image files under a folder, streamed as
-    the folder is walked (`producer/walk.py`), after the walked path `start_after`."""
+    """(walked path, reference) of a file, or of the files under a folder named as images by
+    `suffixes` (every file for None), streamed as the folder is walked (`producer/walk.py`),
+    after the walked path `start_after`."""
     if path.is_file():
         yield file_uri(path), local_ref(path)
     elif path.is_dir():
-        for found in walk_files(path, IMAGE_SUFFIXES, start_after):
+        for found in walk_files(path, suffixes, start_after):
             yield found.path, stat_ref(found.target, found.stat)
     else:
         raise InputError(f"no such file or directory: {path}")
@@ -147,7 +147,8 @@ def iter_positions(
 
     A position is the S3 key, the walked path of a local file (its URI, unless it is a
     symlink: the walk goes by the links' paths), or the line number of a URI list (`@FILE`);
-    every position can be stored in the database (see `local_position`).
+    every position can be stored in the database (see `local_position`). Every object and file
+    is given: the crawl judges names (`Filters`) and counts what it skips.
     """
     if is_s3(source):
         if s3_client is None:
@@ -161,7 +162,7 @@ def iter_positions(
         yield from iter_uri_file(path, start_after)
     else:
         start_path = _local_uri_at(start_after) if start_after else None
-        for walked, ref in iter_local_positions(Path(source), start_path):
+        for walked, ref in iter_local_positions(Path(source), start_path, suffixes=None):
             yield local_position(walked), ref
 
 

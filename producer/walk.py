@@ -7,9 +7,10 @@ sort of the whole tree's paths would. The same key decides which subfolders a re
 whole, so walking and comparing can never disagree. Memory holds one sorted listing per level
 of the path being walked, never the tree.
 
-The rules of the old `rglob` listing are kept: files are picked by suffix (pathlib's, so
-`.png` alone has none), a symlink to a file counts and is named by its target (the workers'
-file roots decide whether it may be read), a symlink to a folder is not followed.
+The rules of the old `rglob` listing are kept: files are picked by the image suffix policy
+(`producer/imagenames.py`), or all of them for a crawl, which judges names itself and counts
+what it skips; a symlink to a file counts and is named by its target (the workers' file roots
+decide whether it may be read), a symlink to a folder is not followed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from capworks.producer.imagenames import is_image_name
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,17 @@ class WalkedFile:
     stat: os.stat_result  # of the target, taken as the file was found
 
 
-def suffix_of(name: str) -> str:
-    """pathlib's suffix of a file name: from its last dot, unless the dot leads or ends it."""
-    dot = name.rfind(".")
-    return name[dot:] if 0 < dot < len(name) - 1 else ""
-
-
 def walk_files(
-    root: Path, suffixes: frozenset[str], start_after: str | None = None
+    root: Path, suffixes: frozenset[str] | None, start_after: str | None = None
 ) -> Iterator[WalkedFile]:
-    """The files under `root` (resolved) whose lowercased suffix is in `suffixes`, in path
-    order, after `start_after` (a path from an earlier walk) when given."""
+    """The files under `root` (resolved) named as images by `suffixes` (every file for None),
+    in path order, after `start_after` (a path from an earlier walk) when given."""
     yield from _walk(str(root.resolve()), suffixes, start_after)
 
 
-def _walk(folder: str, suffixes: frozenset[str], start_after: str | None) -> Iterator[WalkedFile]:
+def _walk(
+    folder: str, suffixes: frozenset[str] | None, start_after: str | None
+) -> Iterator[WalkedFile]:
     for entry in _listing(folder):
         path = os.path.join(folder, entry.name)
         if entry.is_dir:
@@ -69,7 +68,7 @@ def _walk(folder: str, suffixes: frozenset[str], start_after: str | None) -> Ite
             yield from _walk(path, suffixes, start_after)
         elif start_after is not None and path <= start_after:
             continue
-        elif suffix_of(entry.name).lower() in suffixes:
+        elif suffixes is None or is_image_name(entry.name, suffixes):
             found = _regular_file(path)
             if found is not None:
                 yield WalkedFile(path, _target(path), found)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from capworks.producer import walk
+from capworks.producer import imagenames
 from capworks.producer.sources import IMAGE_SUFFIXES, iter_local, iter_positions, local_position
 from capworks.schema.uris import file_uri
 
@@ -156,7 +156,7 @@ def test_the_walk_reads_file_sizes_and_change_tags_as_it_finds_them(tmp_path: Pa
 
 
 def test_pathlib_suffix_rules_are_kept() -> None:
-    assert [walk.suffix_of(n) for n in ("a.png", ".png", "a.", "..png", "a.b.JPG", "a")] == [
+    assert [imagenames.suffix_of(n) for n in ("a.png", ".png", "a.", "..png", "a.b.JPG", "a")] == [
         ".png",
         "",
         "",

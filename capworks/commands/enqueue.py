@@ -22,6 +22,7 @@ from rich.progress import (
 from capworks.models import resolve_model_identity
 from capworks.producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from capworks.producer.enqueue import crawl_lock, make_publisher
+from capworks.producer.imagenames import IMAGE_SUFFIXES, suffix_set
 from capworks.producer.inventory import SCHEME as INVENTORY_SCHEME
 from capworks.producer.inventory import inventory_rows, is_inventory
 from capworks.producer.listing import ListingPlan, describe_position
@@ -56,7 +57,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
     listing = ListingPlan(args.list_streams, args.prefixes)
     table = table_spec(args)
     filters = Filters(
-        frozenset(s.lower() for s in args.suffix),
+        suffix_set(args.suffix) or None,
         args.min_bytes,
         args.max_bytes,
         args.modified_since,
@@ -99,7 +100,15 @@ def run_enqueue(args: argparse.Namespace) -> int:
             f"crawl {crawl_id} of {source}: listed {stats.listed}, skipped {stats.skipped}, "
             f"enqueued {stats.enqueued} in {stats.jobs} jobs{resumed}"
         )
+        if stats.not_images:
+            print(not_images_line(stats.not_images, filters.suffixes or IMAGE_SUFFIXES))
     return 0
+
+
+def not_images_line(count: int, suffixes: frozenset[str]) -> str:
+    """The summary's line on what the suffix policy skipped (producer/imagenames.py)."""
+    names = "name" if count == 1 else "names"
+    return f"  {count} {names} not ending in {' '.join(sorted(suffixes))} (any case): skipped"
 
 
 class CrawlProgress:

@@ -44,9 +44,9 @@ from capworks.producer.events.records import (
     MAX_BAD_BODY_CHARS,
     BadRecord,
     ObjectCreated,
-    is_image_key,
 )
 from capworks.producer.events.sink import EventSink, Outcome
+from capworks.producer.imagenames import is_image_name
 from capworks.schema.tables import Crawl, utcnow
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def change_from_json(doc: dict[str, Any], path_prefix: str = "/buckets/") -> Fil
     bucket, _, key = path[len(path_prefix) :].partition("/")
     if not bucket or not key or bucket.startswith(".") or key.startswith(".uploads/"):
         return FilerChange(ts_ns, None)
-    if not is_image_key(key):
+    if not is_image_name(key):
         return FilerChange(ts_ns, None)
     attributes = entry.get("attributes") or {}
     size = attributes.get("fileSize")

@@ -25,11 +25,11 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from capworks.producer.crawl import unstorable_reason
+from capworks.producer.imagenames import is_image_name
 from capworks.schema.errors import CapworksError, Code
 from capworks.schema.jobs import MAX_KEY_CHARS, MAX_TAG_CHARS, escaped
 from capworks.schema.uris import ImageRef, s3_uri
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_BAD_BODY_CHARS = 10_000
 MAX_SEQUENCER_CHARS = 64  # AWS sends 18 hex digits
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -97,11 +97,6 @@ class Parsed:
         self.created.extend(other.created)
         self.ignored += other.ignored
         self.bad.extend(other.bad)
-
-
-def is_image_key(key: str) -> bool:
-    """True for keys whose name says image (by suffix, any case)."""
-    return key.lower().endswith(IMAGE_SUFFIXES)
 
 
 def parse_body(raw: bytes | str) -> Parsed:
@@ -228,7 +223,7 @@ def _created(
     event_ns: int | None = None,
     sequencer: Any = None,
 ) -> Parsed:
-    if not is_image_key(key):
+    if not is_image_name(key):  # the crawl's suffix policy (producer/imagenames.py)
         return Parsed(ignored=1)
     uri = s3_uri(bucket, key)
     reason = unstorable_reason(uri)
