@@ -5,16 +5,19 @@ Goal (issue 25, item 2): a table of 1,000,000 URLs enqueued at >= 20,000 URIs/s,
 
 Writes a Parquet table of `--rows` rows (`url` s3://library/photos/.../IMG_n.jpg, `key`,
 `caption`) and the same URLs as a URI list, then crawls each into a scratch queue on Redis
-database 14 through the real publisher (crawl state in a scratch SQLite file), each in a child
-process of its own so that peak RSS is its alone: the URI list (`@FILE`, the way in before
-tables), the table with `--url-col url`, and the table with `--id-col key --keep-cols caption`
-(which also writes each image's id and kept columns into `images`). The queue and its marks
-are deleted after each crawl.
+database 14 through the real publisher (crawl state in a scratch SQLite file, or a scratch
+PostgreSQL database where a case says so), each in a child process of its own so that peak RSS
+is its alone: the URI list (`@FILE`, the way in before tables), the table with `--url-col url`,
+and the table with `--id-col key --keep-cols caption` (which also writes each image's id and
+kept columns into `images`), on SQLite and on PostgreSQL, each also with the ORM bulk upsert
+those columns were written with before (`orm_upsert`, patched into the crawl in its child).
+The queue and its marks are deleted after each crawl.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -26,12 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 from child_rss import peak_growth_bytes, rss_bytes, run_in_child
+from scratch_pg import scratch_database
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
+from capworks.producer import crawl
 from capworks.producer.crawl import SENT_KEY, Filters, run_crawl
 from capworks.producer.enqueue import make_publisher
-from capworks.producer.tables import TableSpec
+from capworks.producer.tables import TableRef, TableSpec
 from capworks.schema.db import connect
 from capworks.schema.settings import Settings
+from capworks.schema.tables import Image, utcnow
+from capworks.schema.uris import ImageRef
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 GOAL_URIS_PER_S = 20_000
@@ -53,12 +62,43 @@ def make_inputs(tmp: Path, rows: int, row_group: int) -> tuple[Path, Path]:
     return parquet, listing
 
 
-def measure(source: str, table: TableSpec | None, tmp: str) -> dict[str, Any]:
+def orm_upsert(session: Session, refs: list[ImageRef]) -> None:
+    """The way a page's ids and kept columns were written before: the ORM's bulk upsert."""
+    rows = [
+        {
+            "uri": ref.uri,
+            "bucket": ref.bucket,
+            "key": ref.key,
+            "source_id": ref.source_id,
+            "extra": json.loads(ref.extra_json) if ref.extra_json else None,
+            "first_seen": utcnow(),
+            "updated_at": utcnow(),
+        }
+        for ref in refs
+        if isinstance(ref, TableRef) and (ref.source_id is not None or ref.extra_json)
+    ]
+    if rows:
+        dialect = session.get_bind().dialect.name
+        stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Image)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[Image.uri],
+                set_={"source_id": stmt.excluded.source_id, "extra": stmt.excluded.extra},
+            ),
+            rows,
+        )
+
+
+def measure(
+    source: str, table: TableSpec | None, tmp: str, db_url: str | None, old: bool
+) -> dict[str, Any]:
     """One crawl to the end (in a child of its own): its count, time and peak RSS growth."""
     queue = f"bench-table-{uuid.uuid4().hex[:8]}"
     settings = Settings(broker_url=REDIS_URL, queue_name=queue)
     publisher = make_publisher(settings)
-    db = connect(f"sqlite:///{tmp}/crawl-{queue}.db")
+    if old:
+        crawl.save_table_columns = orm_upsert  # this child only
+    db = connect(db_url or f"sqlite:///{tmp}/crawl-{queue}.db")
     base = rss_bytes()
     started = time.perf_counter()
     stats = run_crawl(
@@ -93,26 +133,33 @@ def main() -> None:
         parquet, listing = make_inputs(tmp, args.rows, args.row_group)
         sizes_mb = [path.stat().st_size / 2**20 for path in (parquet, listing)]
         print(f"{args.rows:,} rows: Parquet {sizes_mb[0]:.1f} MiB, URI list {sizes_mb[1]:.1f} MiB")
+        keep = TableSpec("url", "key", ("caption",))
         cases = [
-            ("URI list (@FILE)", f"@{listing}", None),
-            ("Parquet --url-col url", str(parquet), TableSpec("url")),
-            (
-                "Parquet --url-col url --id-col key --keep-cols caption",
-                str(parquet),
-                TableSpec("url", "key", ("caption",)),
-            ),
+            ("URI list (@FILE)", f"@{listing}", None, False, False),
+            ("Parquet --url-col url", str(parquet), TableSpec("url"), False, False),
+            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, False, False),
+            ("  the same, ORM upsert (before)", str(parquet), keep, False, True),
+            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, True, False),
+            ("  the same, ORM upsert (before)", str(parquet), keep, True, True),
         ]
         rates = {}
-        for label, source, table in cases:
-            r = run_in_child(measure, source, table, tmp)
-            rates[label] = rate = r["enqueued"] / r["seconds"]
+        for label, source, table, on_pg, old in cases:
+            if on_pg:
+                with scratch_database() as db_url:
+                    r = run_in_child(measure, source, table, tmp, db_url, old)
+            else:
+                r = run_in_child(measure, source, table, tmp, None, old)
+            rates[f"{label} ({'PostgreSQL' if on_pg else 'SQLite'})"] = rate = (
+                r["enqueued"] / r["seconds"]
+            )
             goal = "meets" if rate >= GOAL_URIS_PER_S else "misses"
             print(
-                f"{label:55s} {r['enqueued']:>9,} URIs in {r['seconds']:6.1f} s = "
+                f"{label:42s} {'PostgreSQL' if on_pg else 'SQLite':10s} "
+                f"{r['enqueued']:>9,} URIs in {r['seconds']:6.1f} s = "
                 f"{rate:8,.0f} URIs/s ({goal} the {GOAL_URIS_PER_S:,}/s goal), "
                 f"peak RSS +{r['rss'] / 2**20:.1f} MiB"
             )
-        base = rates["URI list (@FILE)"]
+        base = rates["URI list (@FILE) (SQLite)"]
         for label, rate in rates.items():
             print(f"{label}: {rate / base:.2f}x the URI list's rate")
     finally:

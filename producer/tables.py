@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy.dialects import postgresql, sqlite
+import orjson
 from sqlalchemy.orm import Session
 
 from capworks.producer.sources import InputError, s3_stream
@@ -32,7 +32,6 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PARQUET_BATCH_ROWS = 10_000
 MAX_SOURCE_ID_CHARS = 1024  # images.source_id
 MAX_ROW_TEXT_CHARS = 10_000  # of a bad row kept in bad_messages
-_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 @dataclass(frozen=True)
@@ -140,31 +139,43 @@ def row_problem(ref: ImageRef) -> str | None:
 
 def save_table_columns(session: Session, refs: list[ImageRef]) -> None:
     """Write the id and kept columns of table rows into their `images` rows (created when
-    new, in the page's transaction), so exports can give captions back under them."""
-    rows = [
-        {
-            "uri": ref.uri,
-            "bucket": ref.bucket,
-            "key": ref.key,
-            "source_id": ref.source_id,
-            "extra": json.loads(ref.extra_json) if ref.extra_json else None,
-            "first_seen": utcnow(),
-            "updated_at": utcnow(),
-        }
+    new, in the page's transaction), so exports can give captions back under them.
+
+    One statement a page, below the ORM (whose bulk upsert cost a third of a table crawl's
+    rate): PostgreSQL takes the page as one JSON parameter in one round trip (psycopg dumps
+    lists to arrays, or binds 1,000 rows' parameters, far slower than orjson dumps them), SQLite
+    as one `executemany`; the kept columns go in as the JSON text the row already is."""
+    # One row per URI (the last wins): PostgreSQL refuses to upsert a row twice in a statement.
+    latest = {
+        ref.uri: (ref.uri, ref.bucket, ref.key, ref.source_id, ref.extra_json)
         for ref in refs
         if isinstance(ref, TableRef) and (ref.source_id is not None or ref.extra_json)
-    ]
+    }
+    rows = list(latest.values())
     if not rows:
         return
-    insert = _INSERTS[session.get_bind().dialect.name]
-    stmt = insert(Image)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[Image.uri],
-            set_={"source_id": stmt.excluded.source_id, "extra": stmt.excluded.extra},
-        ),
-        rows,
-    )
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        page = orjson.dumps([dict(zip("ubkse", row, strict=True)) for row in rows])
+        conn.exec_driver_sql(_PG_UPSERT, {"page": page.decode(), "now": utcnow()})
+        return
+    # SQLite keeps times as text in SQLAlchemy's format: the column type writes the stamp.
+    stamp_type = Image.__table__.c.first_seen.type.dialect_impl(conn.dialect)
+    now = stamp_type.bind_processor(conn.dialect)(utcnow())
+    conn.exec_driver_sql(_SQLITE_UPSERT, [(*row, now, now) for row in rows])
+
+
+_PG_UPSERT = """
+    INSERT INTO images (uri, bucket, key, source_id, extra, first_seen, updated_at)
+    SELECT u, b, k, s, e::json, %(now)s, %(now)s
+    FROM json_to_recordset(%(page)s::json) AS page(u text, b text, k text, s text, e text)
+    ON CONFLICT (uri) DO UPDATE SET source_id = excluded.source_id, extra = excluded.extra
+"""
+_SQLITE_UPSERT = """
+    INSERT INTO images (uri, bucket, key, source_id, extra, first_seen, updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (uri) DO UPDATE SET source_id = excluded.source_id, extra = excluded.extra
+"""
 
 
 def _bad(text: str, problem: str) -> TableRef:

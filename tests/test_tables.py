@@ -9,6 +9,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from capworks.producer.sources import InputError
 from capworks.producer.tables import TableRef, TableSpec, iter_table
 from capworks.schema.db import connect
 from capworks.schema.settings import Settings
-from capworks.schema.tables import BadMessage, Image
+from capworks.schema.tables import BadMessage, Image, utcnow
 
 IDENTITY = ("m", "r", "h")
 SPEC = TableSpec("url", "key", ("caption", "width"))
@@ -47,7 +48,12 @@ def local(any_db_url: str, tmp_path: Path) -> Iterator[Pipeline]:
 
 
 def crawl(
-    p: Pipeline, source: str, spec: TableSpec = SPEC, s3: Any = None, crash_at: int = 0
+    p: Pipeline,
+    source: str,
+    spec: TableSpec = SPEC,
+    s3: Any = None,
+    crash_at: int = 0,
+    page_size: int = 2,
 ) -> Any:
     publisher = make_publisher(Settings(broker_url=REDIS_URL, queue_name=p.queue, job_images=2))
     return run_crawl(
@@ -58,7 +64,7 @@ def crawl(
         s3_client=s3,
         identity=IDENTITY,
         job_images=2,
-        page_size=2,
+        page_size=page_size,
         table=spec,
     )
 
@@ -241,3 +247,29 @@ def test_a_table_ref_is_still_an_image_ref_for_jobs() -> None:
     assert Job.new([ref], "c", job_id="j").to_wire()["images"] == [
         ["s3://b/a.jpg", None, None, None]
     ]
+
+
+def test_a_page_naming_an_image_twice_and_a_table_crawled_again_upsert_its_columns(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(CSV + "s3://b/000.jpg,000b,the same image again,65\n")
+    crawl(local, str(path), page_size=1000)
+    read = lambda c: c.execute(  # noqa: E731
+        select(Image.id, Image.source_id, Image.extra, Image.first_seen).where(
+            Image.uri == "s3://b/000.jpg"
+        )
+    ).one()
+    [(image_id, source_id, extra, first_seen)] = [tuple(query(local.db_url, read))]
+    assert (source_id, extra) == ("000b", {"caption": "the same image again", "width": "65"})
+    assert abs((utcnow() - first_seen.replace(tzinfo=UTC)).total_seconds()) < 600
+
+    path.write_text(CSV.replace("a red square,64", "a redder square,63"))
+    crawl(local, str(path), page_size=1000)
+    again = query(local.db_url, read)
+    assert tuple(again) == (
+        image_id,
+        "000",
+        {"caption": "a redder square", "width": "63"},
+        first_seen,
+    )
