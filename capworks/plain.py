@@ -17,3 +17,8 @@ def plain(value: object, style: str = "") -> Text:
 def plain_line(value: object) -> str:
     """`value` as one line for `print`: control characters (newlines too) escaped."""
     return escape_controls(str(value))
+
+
+def counted(count: int, one: str, many: str | None = None) -> str:
+    """`count` with its noun in the right number: "1 try", "5 tries", "2 dead letters"."""
+    return f"{count} {one if count == 1 else many or one + 's'}"

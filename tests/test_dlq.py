@@ -168,10 +168,28 @@ def test_show_prints_the_dead_letter_with_its_replay(pg: Pipeline) -> None:
     fields = dict(line.split(": ", 1) for line in shown.stdout.splitlines())
     assert fields["uri"] == GONE and fields["code"] == "not_found"
     assert fields["message"] == "no such object" and fields["job_id"] == "job-1"
-    assert (fields["attempts"], fields["replays"], fields["replay_job"]) == ("1", "0", "—")
+    assert (fields["dead-lettered"], fields["replays"], fields["replay_job"]) == (
+        "1 time",
+        "0",
+        "—",
+    )
     missing = dlq(pg, "show", "s3://photos/never.jpg")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "capworks: error: no dead letter for s3://photos/never.jpg"
+
+
+def test_show_and_list_count_tries_and_letters_in_words_that_agree(pg: Pipeline) -> None:
+    db = connect(pg.db_url)
+    fail(db, (GONE, Code.NOT_FOUND))
+    fail(db, (GONE, Code.NOT_FOUND))
+    shown = dlq(pg, "show", GONE)
+    assert shown.returncode == 0, shown.stderr
+    assert "dead-lettered: 2 times" in shown.stdout.splitlines()
+    assert "attempts" not in shown.stdout  # the message says how many tries, in its own words
+    listed = dlq(pg, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1] == "1 dead letter"
+    assert dlq(pg, "purge", "--code", "not_found").stdout.strip() == "purged 1 dead letter"
 
 
 def test_list_in_80_columns_keeps_every_code_whole_and_every_uri_end(pg: Pipeline) -> None:
@@ -201,7 +219,7 @@ def test_purge_deletes_what_the_filters_select(pg: Pipeline) -> None:
             .values(last_seen=datetime.now(UTC) - timedelta(days=40))
         )
     purged = dlq(pg, "purge", "--older-than", "30d")
-    assert purged.stdout.strip() == "purged 1 dead letters", purged.stderr
+    assert purged.stdout.strip() == "purged 1 dead letter", purged.stderr
     assert set(failure_rows(db)) == {GONE, BROKEN, KILLER}
     assert dlq(pg, "purge", "--code", "undecodable").returncode == 0
     assert set(failure_rows(db)) == {GONE, KILLER}

@@ -55,7 +55,11 @@ def test_transient_failures_at_the_attempt_cap_are_dead_lettered_as_retries_exha
     assert after.retry == ()
     ((ref, error),) = after.dead_letters
     assert ref == A and error.code is Code.RETRIES_EXHAUSTED
-    assert error.message == "3 attempts; last: storage_unavailable: 503 Slow Down"
+    assert error.message == "3 tries; last: storage_unavailable: 503 Slow Down"
+    (once,) = after_images_failed(
+        ((A, DOWN),), 1, SETTINGS.model_copy(update={"max_attempts": 1})
+    ).dead_letters
+    assert once[1].message == "1 try; last: storage_unavailable: 503 Slow Down"
 
 
 def test_a_job_that_raised_is_retried_whole_until_the_cap_then_each_image_is_dead_lettered() -> (

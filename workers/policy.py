@@ -74,9 +74,10 @@ def after_images_failed(
     if not transient:
         return After()
     if attempt >= settings.max_attempts:
+        tries = "1 try" if attempt == 1 else f"{attempt} tries"  # `dlq show` words it so too
         return After(
             dead_letters=tuple(
-                (ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{attempt} attempts; last: {err}"))
+                (ref, CapworksError(Code.RETRIES_EXHAUSTED, f"{tries}; last: {err}"))
                 for ref, err in transient
             )
         )

@@ -27,7 +27,7 @@ from rich.table import Table
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from capworks.plain import plain
+from capworks.plain import counted, plain
 from capworks.producer.crawl import Publisher, wait_for_room
 from capworks.producer.enqueue import make_publisher
 from capworks.producer.sources import InputError
@@ -105,7 +105,7 @@ def list_rows(db: Engine, selection: Selection, limit: int, as_json: bool) -> in
     table = Table(title="dead letters")
     table.add_column("uri", overflow="fold", ratio=2)
     table.add_column("code", no_wrap=True)
-    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("times", justify="right", no_wrap=True)  # dead-lettered (tries: message)
     table.add_column("last seen (UTC)", no_wrap=True)
     table.add_column("message", overflow="ellipsis", ratio=1)
     for r in rows:
@@ -118,7 +118,8 @@ def list_rows(db: Engine, selection: Selection, limit: int, as_json: bool) -> in
             plain(d["message"]),
         )
     Console().print(table)
-    print(f"{total} dead letters" + (f" (showing {len(rows)})" if total > len(rows) else ""))
+    shown = f" (showing {len(rows)})" if total > len(rows) else ""
+    print(counted(total, "dead letter") + shown)
     return 0
 
 
@@ -154,6 +155,9 @@ def show(db: Engine, uri: str) -> int:
         if n:
             print()
         for key, value in as_dict(row).items():  # a traceback keeps its lines, nothing its controls
+            if key == "attempts":  # how often it was dead-lettered; the message counts tries
+                print(f"dead-lettered: {counted(value, 'time')}")
+                continue
             shown = "—" if value is None else str(value)  # "None" read as a value
             print(f"{key}: {escape_controls(shown, newlines=key == 'traceback')}")
     return 0
@@ -177,7 +181,7 @@ def purge(db: Engine, selection: Selection, *, everything: bool, yes: bool) -> i
             return 1
     with db.begin() as conn:
         purged = conn.execute(delete(Failure).where(Failure.id.in_(chosen))).rowcount
-    print(f"purged {purged} dead letters")
+    print(f"purged {counted(purged, 'dead letter')}")
     return 0
 
 
@@ -236,7 +240,7 @@ class ReplayCounts:
 
     def summary(self, rate_per_s: float) -> str:
         """One line for the terminal."""
-        parts = [f"replayed {self.replayed} dead letters at up to {rate_per_s:g}/s"]
+        parts = [f"replayed {counted(self.replayed, 'dead letter')} at up to {rate_per_s:g}/s"]
         if self.resent:
             parts.append(f"sent again {self.resent} whose replay was cut off")
         if self.already_sent:
