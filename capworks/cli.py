@@ -485,15 +485,11 @@ def run_command(argv: Sequence[str] | None = None) -> int:
             )
         if args.command in ("status", "health"):
             from capworks.commands import status
-            from capworks.schema.queue import redis_tls_options
+            from capworks.schema.queue import redis_address
 
             settings = get_settings()
             farm = status.FarmAddress(
-                settings.broker_url,
-                args.db,
-                settings.queue_name,
-                settings.heartbeat_stale_s,
-                redis_tls_options(settings),
+                redis_address(settings), args.db, settings.queue_name, settings.heartbeat_stale_s
             )
             if args.command == "status":
                 return status.run_status(

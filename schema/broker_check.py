@@ -76,8 +76,11 @@ def _judge(name: str, config: dict[str, str], allow_evicting: bool) -> list[str]
 
 
 def broker_name(client: Any) -> str:
-    """host:port/db of a redis-py client, for messages (never its password)."""
+    """host:port/db of a redis-py client, for messages (never its password); the primary's
+    name behind Sentinels."""
     kwargs = client.connection_pool.connection_kwargs
+    if hasattr(client.connection_pool, "service_name"):  # redis-py's SentinelConnectionPool
+        return f"Sentinel primary {client.connection_pool.service_name}/{kwargs.get('db', 0)}"
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

@@ -5,18 +5,26 @@ worker process dies, one prefetched job per worker thread, events on for Flower,
 visibility timeout far above the longest job.
 
 Every Redis client capworks opens (broker, leases, ledger, heartbeats, claims, status) comes from
-`make_redis`, so a `rediss://` broker URL and its CA file hold for all of them and for Celery.
+`make_redis` (or the `RedisAddress` it reads), so a `rediss://` broker URL and its CA file, or a
+`sentinel://` one and its primary's name (schema/sentinel.py), hold for all of them and for Celery.
 """
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from celery import Celery
 
 from capworks.schema.redact import redact
+from capworks.schema.sentinel import (
+    is_sentinel_url,
+    parse_sentinel_url,
+    sentinel_master,
+    transport_options,
+)
 from capworks.schema.settings import Settings
 
 CAPTION_TASK = "capworks.caption_job"
@@ -37,14 +45,49 @@ def redis_tls_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+@dataclass(frozen=True)
+class RedisAddress:
+    """How to reach the broker's Redis: its URL, TLS options, and for a `sentinel://` URL the
+    primary's name and the Sentinels' password."""
+
+    url: str
+    tls: dict[str, Any] = field(default_factory=dict)
+    master_name: str | None = None
+    sentinel_password: str | None = None
+
+    def client(self, socket_timeout_s: float | None = None) -> redis.Redis:
+        """A client of the broker's Redis (of the current primary, behind Sentinels)."""
+        if is_sentinel_url(self.url):
+            if not self.master_name:
+                raise ValueError("a sentinel:// broker URL needs CAPWORKS_REDIS_MASTER_NAME")
+            return sentinel_master(
+                parse_sentinel_url(self.url),
+                self.master_name,
+                self.sentinel_password,
+                socket_timeout_s,
+            )
+        return redis.Redis.from_url(
+            self.url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            **self.tls,
+        )
+
+
+def redis_address(settings: Settings) -> RedisAddress:
+    """Where the settings say the broker's Redis is."""
+    secret = settings.redis_sentinel_password
+    return RedisAddress(
+        settings.broker_url,
+        redis_tls_options(settings),
+        settings.redis_master_name,
+        secret.get_secret_value() if secret is not None else None,
+    )
+
+
 def make_redis(settings: Settings, socket_timeout_s: float | None = None) -> redis.Redis:
     """A client of the broker's Redis, with its password and TLS settings."""
-    return redis.Redis.from_url(
-        settings.broker_url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        **redis_tls_options(settings),
-    )
+    return redis_address(settings).client(socket_timeout_s)
 
 
 def task_reprs(body: dict[str, Any], attempt: int | None = None) -> dict[str, str]:
@@ -63,10 +106,13 @@ def task_reprs(body: dict[str, Any], attempt: int | None = None) -> dict[str, st
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from settings; tasks are registered by `capworks.workers.tasks`."""
     app = Celery("capworks", broker=settings.broker_url)
+    sentinels = is_sentinel_url(settings.broker_url)
+    address = redis_address(settings)
     app.conf.update(
         # kombu's Redis transport with a fetch that cannot lose a job as Redis goes down
         # (schema/redis_transport.py); it blocks on one Redis list, so one priority step.
-        broker_transport="capworks.schema.redis_transport:Transport",
+        broker_transport="capworks.schema.redis_transport:"
+        + ("SentinelTransport" if sentinels else "Transport"),
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_name,
@@ -92,6 +138,11 @@ def make_celery(settings: Settings) -> Celery:
             # mark drops.
             "unacked_mutex_expire": 15,
             "priority_steps": [0],
+            **(
+                transport_options(address.master_name or "", address.sentinel_password)
+                if sentinels
+                else {}
+            ),
         },
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,

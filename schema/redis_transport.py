@@ -20,6 +20,7 @@ sweep costs one sorted-set range per tick whatever the size of the farm or the k
 Only a channel that consumes a single Redis list can block on BLMOVE (one source key), so
 capworks runs with one priority step (`priority_steps: [0]`); a channel consuming several lists
 falls back to kombu's BRPOP, with a warning. `global_keyprefix` is not supported with it.
+`SentinelTransport` is the same fetch behind Redis Sentinels (`sentinel://` broker URLs).
 """
 
 from __future__ import annotations
@@ -395,6 +396,18 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with `Channel`'s reliable fetch."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The reliable fetch on kombu's Sentinel channel: every connection it opens goes to the
+    primary the Sentinels name at that moment, so a reconnect after a failover follows it
+    (`sentinel://` broker URLs, schema/sentinel.py)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with `SentinelChannel`'s reliable fetch."""
+
+    Channel = SentinelChannel
 
 
 class FetchingSweeper:

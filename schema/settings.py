@@ -7,10 +7,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from capworks.schema.redact import redact, register_secrets, url_password
+from capworks.schema.sentinel import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_MODEL = "damo/ofa_image-caption_coco_distilled_en"
 # The webhook token and HMAC secret and the metrics token: shorter ones are refused at start-up.
@@ -80,6 +88,10 @@ class Settings(BaseSettings):
 
     # Queue (Celery on Redis)
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # Redis behind Sentinels (schema/sentinel.py): a `sentinel://h1:26379;sentinel://h2:26379`
+    # broker URL, the name the Sentinels monitor the primary by, and their own password if any.
+    redis_master_name: str | None = Field(default=None, validate_default=True)
+    redis_sentinel_password: SecretStr | None = None
     # TLS to Redis (`rediss://` URLs): the CA that signed the server's certificate (the system's
     # when unset; the hostname is checked either way), and a client certificate if it asks for one.
     redis_ca_file: Path | None = None
@@ -151,6 +163,20 @@ class Settings(BaseSettings):
     # containers); a process started without one makes its own (schema/instance.py).
     instance_id: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
 
+    @field_validator("broker_url")
+    @classmethod
+    def _sentinels_parse(cls, value: str) -> str:
+        if is_sentinel_url(value):
+            parse_sentinel_url(value)  # BadSentinelUrl is a ValueError: one line, at start-up
+        return value
+
+    @field_validator("redis_master_name")
+    @classmethod
+    def _master_named(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value and is_sentinel_url(str(info.data.get("broker_url", ""))):
+            raise ValueError("a sentinel:// broker URL needs the primary's name")
+        return value or None
+
     @field_validator("fetch_allow_cidrs", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
@@ -184,6 +210,7 @@ class Settings(BaseSettings):
             self.events_token,
             self.events_hmac_secret,
             self.metrics_token,
+            self.redis_sentinel_password,
         )
         return [
             *(s.get_secret_value() for s in hidden if s is not None),

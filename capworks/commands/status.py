@@ -7,7 +7,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,10 +23,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
 from capworks.farm_metrics import FarmCollector
 from capworks.plain import plain, plain_line
+from capworks.schema.broker_check import broker_name
 from capworks.schema.db import connect
 from capworks.schema.errors import CapworksError
 from capworks.schema.heartbeat import pid_space, read_heartbeats, redis_now
 from capworks.schema.metrics_endpoint import check_bind, start_metrics_server
+from capworks.schema.queue import RedisAddress
 
 REDIS_TIMEOUT_S = 3.0
 
@@ -39,13 +41,10 @@ class FarmUnreachable(ValueError):
 class FarmAddress:
     """Where the farm's state lives."""
 
-    broker_url: str
+    redis: RedisAddress
     db_url: str
     queue: str
     stale_after_s: float
-    redis_tls: dict[str, Any] = field(
-        default_factory=dict
-    )  # `capworks.schema.queue.redis_tls_options`
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,9 @@ class HealthRequest:
     here: bool = False
 
 
-def open_redis(url: str, tls: dict[str, Any] | None = None) -> Any:
+def open_redis(address: RedisAddress) -> Any:
     """A Redis client that has answered a PING; `FarmUnreachable` otherwise."""
-    client = redis.Redis.from_url(
-        url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S, **(tls or {})
-    )
+    client = address.client(REDIS_TIMEOUT_S)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -86,9 +83,9 @@ def open_redis(url: str, tls: dict[str, Any] | None = None) -> Any:
 
 
 def redacted(client: Any) -> str:
-    """A Redis client's address without its password."""
-    kw = client.connection_pool.connection_kwargs
-    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+    """A Redis client's address without its password (the primary's name behind Sentinels)."""
+    name = broker_name(client)
+    return name if name.startswith("Sentinel") else f"redis://{name}"
 
 
 def open_database(url: str) -> Engine:
@@ -108,7 +105,7 @@ def open_farm(farm: FarmAddress) -> tuple[Any, Engine]:
     """Redis and the database, both reached; one `FarmUnreachable` naming each that is not."""
     reasons, client, db = [], None, None
     try:
-        client = open_redis(farm.broker_url, farm.redis_tls)
+        client = open_redis(farm.redis)
     except FarmUnreachable as exc:
         reasons.append(str(exc))
     try:
@@ -269,7 +266,7 @@ def run_health(request: HealthRequest) -> int:
     farm = request.farm
     problems: list[str] = []
     try:
-        client = open_redis(farm.broker_url, farm.redis_tls)
+        client = open_redis(farm.redis)
     except FarmUnreachable as exc:
         client = None
         problems.append(str(exc))
