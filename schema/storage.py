@@ -12,6 +12,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.utils import parse_timestamp
 
+from capworks.schema.list_pages import use_fast_list_parser
 from capworks.schema.settings import Settings
 
 
@@ -25,7 +26,7 @@ def make_s3_client(settings: Settings) -> Any:
         connect_timeout=settings.http_timeout_s,
         read_timeout=settings.http_timeout_s,
     )
-    return fast_timestamp_session().client(
+    client = fast_timestamp_session().client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
@@ -39,6 +40,8 @@ def make_s3_client(settings: Settings) -> Any:
         verify=str(settings.s3_ca_bundle) if settings.s3_ca_bundle else None,
         config=config,
     )
+    use_fast_list_parser(client)  # listing pages parsed without holding the GIL for long
+    return client
 
 
 def parse_timestamp_fast(value: str) -> datetime:

@@ -1,0 +1,93 @@
+"""ListObjectsV2 pages parsed by one regular-expression pass instead of botocore's parser.
+
+botocore parses a page of 1,000 keys through its shape model, element by element, in Python:
+tens of milliseconds of CPU that hold the GIL, so concurrent listing streams (threads) are
+CPU-bound long before the network is (issue 25: 32 streams gave 2.4x one stream). A listing
+page is flat and small: each `<Contents>` holds a few fields, none of which can hold a raw `<`.
+`parse_list_page` reads the fields a crawl and botocore's paginator use (keys, ETags, sizes,
+modification times, common prefixes, truncation and the continuation token) several times
+faster; `use_fast_list_parser` plugs it into a client through botocore's `before-parse` event,
+so signing, retries, errors, pagination and the URL-decoding of keys stay botocore's.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from datetime import datetime
+from typing import Any
+
+from botocore.utils import parse_timestamp
+
+_CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
+_FIELD = re.compile(rb"<(Key|LastModified|ETag|Size)>([^<]*)</")
+_COMMON = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
+_TOP = re.compile(
+    rb"<(IsTruncated|NextContinuationToken|KeyCount|MaxKeys|EncodingType|Name)>([^<]*)</"
+)
+_INTS = ("KeyCount", "MaxKeys")
+
+
+def _text(raw: bytes) -> str:
+    """An element's text: XML entities (`&amp;`, `&quot;`, `&#x1F;`) resolved."""
+    text = raw.decode()
+    return html.unescape(text) if "&" in text else text
+
+
+def parse_list_page(body: bytes) -> dict[str, Any]:
+    """The parsed ListObjectsV2 result of a `ListBucketResult` body, as botocore gives it for
+    the fields read here (`Contents` Key/ETag/Size/LastModified, `CommonPrefixes`, ...)."""
+    page: dict[str, Any] = {}
+    # None of these names is a field of `Contents` or `CommonPrefixes`: the whole body is read.
+    for name, raw in _TOP.findall(body):
+        key = name.decode()
+        value = _text(raw)
+        page[key] = value == "true" if key == "IsTruncated" else value
+        if key in _INTS:
+            page[key] = int(value)
+    contents = []
+    for block in _CONTENTS.finditer(body):
+        fields = dict(_FIELD.findall(block.group(1)))
+        item: dict[str, Any] = {"Key": _text(fields[b"Key"])}
+        if b"ETag" in fields:
+            item["ETag"] = _text(fields[b"ETag"])
+        if b"Size" in fields:
+            item["Size"] = int(fields[b"Size"])
+        if b"LastModified" in fields:
+            item["LastModified"] = _timestamp(fields[b"LastModified"].decode())
+        contents.append(item)
+    if contents:
+        page["Contents"] = contents
+    prefixes = [{"Prefix": _text(raw)} for raw in _COMMON.findall(body)]
+    if prefixes:
+        page["CommonPrefixes"] = prefixes
+    page.setdefault("IsTruncated", False)
+    return page
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return parse_timestamp(text)  # type: ignore[no-any-return]
+
+
+def _before_parse(
+    response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any
+) -> None:
+    """botocore's `before-parse` hook: a successful page is parsed here and botocore is left
+    an empty result to parse (errors and anything unexpected go to botocore as they came)."""
+    body = response_dict.get("body")
+    if response_dict.get("status_code") != 200 or not isinstance(body, bytes):
+        return
+    if b"<ListBucketResult" not in body[:512]:
+        return
+    customized_response_dict.update(parse_list_page(body))
+    response_dict["body"] = b"<ListBucketResult></ListBucketResult>"
+
+
+def use_fast_list_parser(s3_client: Any) -> None:
+    """Have this client parse its ListObjectsV2 pages with `parse_list_page`."""
+    s3_client.meta.events.register(
+        "before-parse.s3.ListObjectsV2", _before_parse, unique_id="capworks-fast-list-parser"
+    )

@@ -1,0 +1,104 @@
+"""ListObjectsV2 pages parsed by `schema/list_pages.py` instead of botocore's parser (the CPU
+that capped concurrent listing streams): against a real SeaweedFS, every field a crawl or the
+paginator reads comes out as botocore gives it, for awkward keys, folders and several pages,
+and the client a crawl builds (`make_s3_client`) uses it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from conftest import s3_client
+
+from capworks.schema.list_pages import parse_list_page, use_fast_list_parser
+from capworks.schema.settings import Settings
+from capworks.schema.storage import make_s3_client
+
+KEYS = [
+    "a & b <c> \"d\" 'e'.png",
+    "plus+sign and space.png",
+    "ünïcödé/日本.jpg",
+    "cats/01.png",
+    "cats/02.png",
+    "cats.png",
+    "percent%20kept.png",
+    "dogs/old/03.png",
+    "tab\tand\x7fdel.png",
+]
+FIELDS = ("Key", "ETag", "Size", "LastModified")
+
+
+def pages(client: Any, bucket: str, **options: Any) -> list[dict[str, Any]]:
+    paginator = client.get_paginator("list_objects_v2")
+    result = []
+    for page in paginator.paginate(Bucket=bucket, PaginationConfig={"PageSize": 3}, **options):
+        result.append(
+            {
+                "Contents": [{f: obj.get(f) for f in FIELDS} for obj in page.get("Contents", [])],
+                "CommonPrefixes": page.get("CommonPrefixes", []),
+                "IsTruncated": page["IsTruncated"],
+                "KeyCount": page.get("KeyCount"),
+            }
+        )
+    return result
+
+
+def test_pages_parsed_fast_are_what_botocore_parses_for_awkward_keys_folders_and_pages(
+    s3_endpoint: str,
+) -> None:
+    plain = s3_client(s3_endpoint)
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    plain.create_bucket(Bucket=bucket)
+    for n, key in enumerate(KEYS):
+        plain.put_object(Bucket=bucket, Key=key, Body=b"x" * n)
+    fast = s3_client(s3_endpoint)
+    use_fast_list_parser(fast)
+
+    for options in ({}, {"Delimiter": "/"}, {"Prefix": "cats/"}, {"StartAfter": "cats.png"}):
+        expected = pages(plain, bucket, **options)
+        assert pages(fast, bucket, **options) == expected, options
+        assert len(expected) > 1 or options
+    assert {obj["Key"] for page in pages(fast, bucket) for obj in page["Contents"]} == set(KEYS)
+
+
+def test_a_page_body_is_parsed_without_a_server() -> None:
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?>'
+        b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>'
+        b"<Prefix></Prefix><KeyCount>2</KeyCount><MaxKeys>2</MaxKeys><IsTruncated>true"
+        b"</IsTruncated><Contents><Key>x &amp; y.png</Key><LastModified>2026-12-05T10:00:00.000Z"
+        b"</LastModified><ETag>&quot;abc&quot;</ETag><Size>7</Size><Owner><ID>1</ID>"
+        b"<DisplayName>me</DisplayName></Owner><StorageClass>STANDARD</StorageClass></Contents>"
+        b"<CommonPrefixes><Prefix>cats/</Prefix></CommonPrefixes>"
+        b"<NextContinuationToken>tok</NextContinuationToken></ListBucketResult>"
+    )
+    page = parse_list_page(body)
+    assert page["Contents"][0]["Key"] == "x & y.png" and page["Contents"][0]["Size"] == 7
+    assert page["Contents"][0]["ETag"] == '"abc"'
+    assert str(page["Contents"][0]["LastModified"]) == "2026-12-05 10:00:00+00:00"
+    assert page["CommonPrefixes"] == [{"Prefix": "cats/"}]
+    assert (page["IsTruncated"], page["NextContinuationToken"], page["KeyCount"]) == (
+        True,
+        "tok",
+        2,
+    )
+    assert page["Name"] == "b"
+
+
+def test_the_client_a_crawl_builds_parses_list_pages_fast(s3_endpoint: str) -> None:
+    plain = s3_client(s3_endpoint)
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    plain.create_bucket(Bucket=bucket)
+    plain.put_object(Bucket=bucket, Key="one.png", Body=b"x")
+    settings = Settings(
+        s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="test",
+        s3_secret_access_key="test",
+        s3_region="us-east-1",
+        s3_addressing_style="path",
+    )
+    [botocores] = plain.list_objects_v2(Bucket=bucket)["Contents"]
+    [ours] = make_s3_client(settings).list_objects_v2(Bucket=bucket)["Contents"]
+    # The fast parser reads only the fields a crawl uses: botocore's also has StorageClass.
+    assert "StorageClass" in botocores and set(ours) == set(FIELDS)
+    assert {f: botocores[f] for f in FIELDS} == ours
