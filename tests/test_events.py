@@ -370,19 +370,35 @@ def test_sqs_visibility_is_extended_while_a_slow_publish_runs(
     client.send_message(QueueUrl=url, MessageBody=records(s3_record("photos", "slow.png")).decode())
     sink = make_sink(p)
     real_publish = sink.publish
+    publishing, release = threading.Event(), threading.Event()
 
-    def slow_publish(events: Any) -> Any:
-        threading.Event().wait(4.0)  # a broker that answers slowly: longer than the visibility
+    def held_publish(events: Any) -> Any:
+        publishing.set()
+        assert release.wait(60)  # a broker that answers only once the test has looked
         return real_publish(events)
 
-    sink.publish = slow_publish  # type: ignore[method-assign]
+    sink.publish = held_publish  # type: ignore[method-assign]
     consumer = SqsConsumer(client, url, sink, wait_s=1, visibility_timeout_s=2)
+    extended: list[float] = []
+    extend = consumer.extend_visibility
+
+    def counted_extend(messages: list[dict[str, Any]]) -> None:
+        extend(messages)
+        extended.append(time.monotonic())
+
+    consumer.extend_visibility = counted_extend  # type: ignore[method-assign]
     other = SqsConsumer(client, url, make_sink(p), wait_s=0, visibility_timeout_s=2)
     thread = threading.Thread(target=consumer.poll_once)
     thread.start()
-    threading.Event().wait(3.0)  # past the first visibility timeout, mid-publish
-    assert other.poll_once() == 0  # still invisible: the heartbeat extended it
-    thread.join()
+    try:
+        assert publishing.wait(30)
+        # A heartbeat every third of the 2 s timeout from after the receive: the fourth comes
+        # past the visibility the message was received with.
+        wait_until(lambda: len(extended) >= 4, 30, "four visibility extensions")
+        assert other.poll_once() == 0  # still invisible: the heartbeat extended it
+    finally:
+        release.set()
+        thread.join()
     assert queued_images(p) == ["s3://photos/slow.png"] and messages_left(client, url) == 0
 
 
@@ -473,28 +489,40 @@ def test_filer_stream_uploads_are_captioned_unlisted_and_a_restart_misses_and_re
         wait_until(lambda: len(queued_images(p)) == 3, 60, "three jobs from the stream")
         stop.set()
         thread.join()
+        handed: list[str] = []  # every object the restarted follower hands the sink
+        publish = sink.publish
+
+        def noted_publish(events: Any) -> Any:
+            handed.extend(f"s3://{e.bucket}/{e.key}" for e in events)
+            return publish(events)
+
+        sink.publish = noted_publish  # type: ignore[method-assign]
         second = upload(p.s3_endpoint, "stream", ["later 1.png", "later 2.png"], seed=4)
         s3_client(p.s3_endpoint).put_object(Bucket="stream", Key="notes.txt", Body=b"not an image")
         stop, thread = follow()
         try:
             wait_until(lambda: len(queued_images(p)) >= 5, 60, "the two uploaded while stopped")
-            threading.Event().wait(2.0)  # nothing else arrives (a replay would)
-            assert sorted(queued_images(p)) == sorted([*first, *second])
+            # The stream is read in order: once an upload made after the restart is queued,
+            # a replay of what came before it would be queued too.
+            marker = upload(p.s3_endpoint, "stream", ["marker.png"], seed=5)
+            wait_until(lambda: set(marker) <= set(queued_images(p)), 60, "the marker's job")
+            assert sorted(queued_images(p)) == sorted([*first, *second, *marker])
+            # Replays none: not even one the sink's duplicate check would have absorbed.
+            assert sorted(handed) == sorted([*second, *marker])
             p.start_worker()
             wait_until(
-                lambda: count_rows(p.db_url)["captions"] >= 5 and p.queue_length() == 0,
+                lambda: count_rows(p.db_url)["captions"] >= 6 and p.queue_length() == 0,
                 300,
-                "five captions",
+                "six captions",
                 lambda: p.log_text()[-3000:],
             )
         finally:
             stop.set()
             thread.join()
         rows = count_rows(p.db_url)
-        assert (rows["images"], rows["captions"], rows["failures"]) == (5, 5, 0)
-        assert_mostly_true(
-            captions(p.db_url), {u: c for u, (c, _) in {**first, **second}.items()}, floor=0.8
-        )
+        assert (rows["images"], rows["captions"], rows["failures"]) == (6, 6, 0)
+        uploads = {**first, **second, **marker}
+        assert_mostly_true(captions(p.db_url), {u: c for u, (c, _) in uploads.items()}, floor=0.8)
 
 
 # --- upload -> caption latency ------------------------------------------------------------------
