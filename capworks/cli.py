@@ -9,12 +9,13 @@ import sys
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from capworks.cli_help import HelpFormatter, add_examples
 from capworks.schema.errors import CapworksError, CheckpointError
 from capworks.schema.logs import quiet_libraries
 from capworks.schema.redact import escape_controls, install_log_redaction, redact
-from capworks.schema.settings import BadSetting, get_settings
+from capworks.schema.settings import BadSetting, get_settings, unknown_variable_warnings
 
 log = logging.getLogger("capworks")
 MODEL_COMMANDS = frozenset({"caption", "demo", "checkpoint", "finetune"})
@@ -22,7 +23,12 @@ MAX_ERROR_CHARS = 500  # of an unexpected error's first line
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr and exit status 2."""
+    """An argument parser whose errors are one line on stderr and exit status 2, and whose
+    help shows every option's default (`capworks/cli_help.py`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print `capworks: error: ...` and exit 2."""
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
-    ckpt = sub.add_parser("checkpoint", help="build offline checkpoints")
+    ckpt = sub.add_parser("checkpoint", help="list and build offline checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
     build.add_argument("name", choices=["shapes", "tiny-random", "large-random", "tiny-wide"])
@@ -405,6 +411,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         print(f"capworks: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    for line in unknown_variable_warnings():  # once per command, not once per worker process
+        print(f"capworks: warning: {line}", file=sys.stderr)
     # Only the commands that load a model pay for importing transformers (~4 s) to quiet it.
     loads_model = args.command in MODEL_COMMANDS or getattr(args, "caption", False) is True
     configure_logging(args.verbose, quiet_transformers=loads_model)
@@ -565,6 +573,10 @@ def run_command(argv: Sequence[str] | None = None) -> int:
             from capworks.commands.demo import run_demo
 
             return run_demo(args.dir, args.count)
+        if args.action == "list":
+            from capworks.commands.checkpoint import run_checkpoint_list
+
+            return run_checkpoint_list(get_settings().checkpoint_dir)
         from capworks.checkpoints.build import ensure_checkpoint
 
         print(ensure_checkpoint(args.name, get_settings().checkpoint_dir))

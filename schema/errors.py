@@ -62,6 +62,11 @@ class Unreachable(CapworksError):
     """A service (broker, database) refused or dropped the connection: it may be restarting,
     so a process starting up waits for it (`capworks.schema.startup.wait_until_reachable`)."""
 
+    def __str__(self) -> str:
+        # "cannot reach the broker at ...": the code (`storage_unavailable`) names an image's
+        # store to a user, not the service the command could not reach
+        return self.message
+
 
 class ImageError(CapworksError):
     """One image could not be used; the rest of its batch goes on."""

@@ -50,6 +50,9 @@ class Heartbeat:
     # Where `pid` means something: the kernel's boot id and the pid namespace's inode. Twin
     # containers share a hostname and pids but not a pid namespace ("" from older workers).
     pid_space: str = ""
+    # Celery's node name for the process (`cpu0@host`, `gpu1@host`): what Flower calls it, and
+    # so what `capworks status` does ("" from older workers and plain `beat` callers).
+    node: str = ""
 
     @property
     def key(self) -> str:
@@ -81,9 +84,18 @@ class Heartbeat:
                 started_at=float(data["started_at"]),
                 beat_at=float(data["beat_at"]),
                 pid_space=str(data.get("pid_space", "")),
+                node=str(data.get("node", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a heartbeat: {exc}") from exc
+
+
+_node: list[str] = []  # this process's Celery node name, once its worker has started
+
+
+def name_node(node: str) -> None:
+    """Record this process's Celery node name for its beats (the worker's start-up calls it)."""
+    _node[:] = [node]
 
 
 def heartbeat_key(queue: str, instance: str) -> str:
@@ -124,6 +136,7 @@ def beat(
         started_at=now if started_at is None else started_at,
         beat_at=now,
         pid_space=pid_space(),
+        node=_node[0] if _node else "",
     )
     redis.set(heartbeat.key, heartbeat.to_json(), ex=ttl_s)
     return heartbeat

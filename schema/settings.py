@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -259,3 +261,28 @@ def get_settings() -> Settings:
         raise BadSetting(describe_bad_settings(exc)) from None
     register_secrets(settings.secret_values())
     return settings
+
+
+# `CAPWORKS_*` names that are no setting yet are expected: the test harness's, the farm and soak
+# runs', the install scripts' and the compose file's database role (prefixes and whole names).
+NOT_SETTINGS = ("CAPWORKS_TEST_", "CAPWORKS_FARM_", "CAPWORKS_SOAK_", "CAPWORKS_DB_")
+NOT_SETTING_NAMES = frozenset({"CAPWORKS_VENV", "CAPWORKS_TRAIN_VENV", "CAPWORKS_REQUIRE_SERVICES"})
+
+
+def unknown_variable_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per `CAPWORKS_*` variable that names no setting (a typo is otherwise ignored
+    in silence), with the closest setting's name when one is close."""
+    known = [f"CAPWORKS_{name.upper()}" for name in Settings.model_fields]
+    lines = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()
+        if not upper.startswith("CAPWORKS_") or upper in known or upper in NOT_SETTING_NAMES:
+            continue
+        if upper.startswith(NOT_SETTINGS):
+            continue
+        # compared without the prefix every name shares, which would make any two look alike
+        fields = [k.removeprefix("CAPWORKS_") for k in known]
+        close = difflib.get_close_matches(upper.removeprefix("CAPWORKS_"), fields, n=1, cutoff=0.75)
+        hint = f" (did you mean CAPWORKS_{close[0]}?)" if close else ""
+        lines.append(f"{name} is not a capworks setting and is ignored{hint}")
+    return lines

@@ -487,3 +487,37 @@ def test_secrets_written_by_new_env_are_never_committed() -> None:
         text=True,
     )
     assert ignored.stdout.split() == ["docker/.env", "docker/secrets/metrics_token"]
+
+
+def test_grafana_filters_workers_by_instance_and_answers_load_time_utilisation_and_drain() -> None:
+    dashboard = json.loads((DOCKER / "grafana" / "capworks.json").read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "instance" and variable["includeAll"]
+    assert "capworks_images_total" in variable["definition"]
+    by_metric: dict[str, list[dict[str, Any]]] = {}
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for name in set(re.findall(r"\b(capworks_[a-z_]+)\b", target["expr"])):
+                by_metric.setdefault(name, []).append(panel)
+    # The model load time alone, on a seconds axis (it shared a bytes axis with GPU memory).
+    (load,) = by_metric["capworks_model_load_seconds"]
+    assert load["fieldConfig"]["defaults"]["unit"] == "s"
+    assert all("model_load" in t["expr"] for t in load["targets"])
+    batch_time = by_metric["capworks_batch_seconds_sum"]
+    utilisation = [p for p in batch_time if "utilisation" in p["title"]]
+    assert [p["fieldConfig"]["defaults"]["unit"] for p in utilisation] == ["percentunit"]
+    (drain,) = [p for p in by_metric["capworks_queue_images"] if "drain" in p["title"].lower()]
+    assert drain["fieldConfig"]["defaults"]["unit"] == "s"
+    assert "/ sum(rate(capworks_images_total" in drain["targets"][0]["expr"]
+    # Every worker metric follows the $instance choice, except in the farm-wide drain ETA.
+    from capworks.farm_metrics import FAMILIES
+
+    farm = set(FAMILIES)
+    for panel in dashboard["panels"]:
+        if panel is drain:
+            continue
+        for target in panel.get("targets", []):
+            for name in re.findall(r"\b(capworks_[a-z_]+)\b", target["expr"]):
+                if name not in farm:
+                    assert f"{name}{{" in target["expr"], target["expr"]
+                    assert '$instance"' in target["expr"], target["expr"]

@@ -139,7 +139,7 @@ def test_status_prints_worker_host_names_literally() -> None:
     values = {
         "instance": "i", "host": "[/b]\x1b[31mhost", "pid": 1, "device": "[link=x]cpu",
         "model": "[bold]m", "queue": "q", "jobs_in_flight": 0, "images_waiting": 0,
-        "started_at": now, "beat_at": now, "pid_space": "",
+        "started_at": now, "beat_at": now, "pid_space": "", "node": "",
     }  # fmt: skip
     beat = Heartbeat(**{f.name: values[f.name] for f in fields(Heartbeat)})
     farm = FarmStatus(

@@ -3,6 +3,7 @@ Redis, real Celery worker processes with the shapes model, captions in the real 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -409,6 +410,19 @@ def test_flower_and_prometheus_watch_the_work(pipeline: Pipeline, shapes_engine:
 
         wait_until(lambda: len(succeeded()) == 4, 60, "Flower to see 4 finished jobs")
         assert all(str(t["worker"]).startswith("watched-") for t in succeeded())
+        # The last job holds only the corrupt image: SUCCESS (handled), and its result says so.
+        results = sorted(str(t["result"]) for t in succeeded())
+        assert sum("'outcome': 'all dead-lettered'" in r for r in results) == 1, results
+        assert sum("'captioned': 4" in r and "outcome" not in r for r in results) == 3, results
+        # A first attempt's arguments name the job (a retry's add "(attempt N)"), no bare number.
+        assert all(str(t["args"]).startswith("[job ") for t in succeeded())
+        # capworks status names each worker as Flower does.
+        shown = json.loads(p.cli("status", "--json").stdout)
+        nodes = {w["heartbeat"]["node"] for w in shown["workers"]}
+        assert nodes == {str(t["worker"]) for t in succeeded()}, nodes
+        p.extra_env["COLUMNS"] = "200"
+        table = p.cli("status").stdout
+        assert all(node in table for node in nodes), table
 
         metrics = scrape(metrics_port)
         assert metrics[("capworks_images_total", _labels(outcome="captioned", code=""))] == 12

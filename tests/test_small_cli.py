@@ -62,3 +62,32 @@ def test_health_with_no_worker_says_that_none_is_beating(pg_url: str) -> None:
     done = run_cli("health", "--db", pg_url, env=env)
     assert done.returncode == 0, done.stderr
     assert "0 workers beating" in done.stdout
+
+
+def test_enqueue_and_status_say_they_cannot_reach_the_broker(tmp_path: Path) -> None:
+    env = {
+        "CAPWORKS_BROKER_URL": "redis://127.0.0.1:9/0",  # nothing listens on the discard port
+        "CAPWORKS_DATABASE_URL": f"sqlite:///{tmp_path / 'c.db'}",
+        "CAPWORKS_MODEL": "shapes",
+    }
+    for command in (("enqueue", str(tmp_path), "--no-progress"), ("status",)):
+        done = run_cli(*command, env=env, timeout=120)
+        assert done.returncode == 1, done.stdout
+        line = done.stderr.strip()
+        assert line.startswith("capworks: error: cannot reach the broker"), line
+        assert "127.0.0.1:9/0" in line and "storage_unavailable" not in line
+        assert "\n" not in line
+
+
+def test_an_unknown_capworks_variable_is_warned_once_with_the_closest_setting(
+    tmp_path: Path,
+) -> None:
+    env = {"CAPWORKS_MODLE": "shapes", "CAPWORKS_CACHE_DIR": str(tmp_path)}
+    done = run_cli("checkpoint", "list", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "capworks: warning: CAPWORKS_MODLE is not a capworks setting and is ignored "
+        "(did you mean CAPWORKS_MODEL?)"
+    ]
+    clean = run_cli("checkpoint", "list", env={"CAPWORKS_CACHE_DIR": str(tmp_path)})
+    assert clean.returncode == 0 and clean.stderr == "", clean.stderr

@@ -33,6 +33,7 @@ from pipeline_support import live_redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from capworks.commands.status import throughput_text
 from capworks.farm import EXACT_JOBS, images_in_message, read_queue
 from capworks.farm_metrics import FAMILIES
 from capworks.schema.checkpoint import CheckpointConfig
@@ -169,6 +170,18 @@ def test_status_json_shows_queue_held_jobs_last_hour_crawls_and_workers(
     assert not workers[os.getpid()]["stale"] and workers[4242]["stale"]
 
 
+def test_a_rate_below_a_tenth_per_second_is_shown_as_a_count_not_as_zero(
+    queue: str, pg_url: str
+) -> None:
+    fill_database(pg_url)  # 3 captions in the last five minutes: 0.01 images/s
+    shown = run_cli("status", "--db", pg_url, env={**cli_env(queue), "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "3 images captioned in the last 5 min" in shown.stdout, shown.stdout
+    assert "0.0 images/s" not in shown.stdout
+    assert throughput_text(1 / 300, 300) == "1 image captioned in the last 5 min"
+    assert throughput_text(0.25, 300) == "0.2 images/s (last 5 min)"
+
+
 def test_status_with_no_worker_says_so_and_watch_refreshes(queue: str, pg_url: str) -> None:
     shown = run_cli("status", "--db", pg_url, env=cli_env(queue))
     assert shown.returncode == 0, shown.stderr
@@ -204,7 +217,9 @@ def test_redis_or_database_down_is_named_in_one_line_and_exits_1(queue: str, pg_
             done = run_cli(command, "--db", db_url, env=env, timeout=60)
             assert done.returncode == 1, (case, command, done.stdout, done.stderr)
             out = (done.stdout + done.stderr).strip()
-            assert "Redis at redis://127.0.0.1:9/0 is unreachable" in out or case == "database"
+            assert "cannot reach the broker (Redis) at redis://127.0.0.1:9/0" in out or (
+                case == "database"
+            )
             assert "database is unreachable" in out or case == "redis"
             if command == "status":
                 assert out.count("\n") == 0, out

@@ -19,6 +19,7 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 
+from capworks.schema import heartbeat
 from capworks.schema.broker_check import check_broker
 from capworks.schema.errors import CapworksError, Code
 from capworks.schema.jobs import Job, MalformedJob, derived_job_id, parse_message
@@ -67,6 +68,7 @@ def load_before_taking_jobs(sender: Any = None, **_: Any) -> None:
     level = getattr(sender, "loglevel", None) or logging.INFO
     configure_logging(level)
     quiet_libraries(level, import_transformers=True)
+    heartbeat.name_node(str(getattr(sender, "hostname", "") or ""))
     try:
         if settings.metrics_port:
             check_bind(settings.metrics_host, settings.metrics_token, settings.metrics_allow_open)
@@ -116,7 +118,7 @@ def close_runtime(**_: Any) -> None:
 
 
 @app.task(name=CAPTION_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def caption_job(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
+def caption_job(self: Task, *args: Any, **kwargs: Any) -> dict[str, int | str]:
     """Caption one job message `(body, attempt=1)`; see the module docstring for the policy.
 
     Whatever arrives ends as captions, dead letters or a `bad_messages` row. If even recording
@@ -125,9 +127,20 @@ def caption_job(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
     """
     rt = get_runtime(settings)
     try:
-        return handle_message(rt, args, kwargs, str(self.request.id))
+        return with_outcome(handle_message(rt, args, kwargs, str(self.request.id)))
     except Exception as exc:  # noqa: BLE001 - nothing was recorded: requeue, never acknowledge
-        return hand_back(rt, str(self.request.id), args, kwargs, exc)
+        return with_outcome(hand_back(rt, str(self.request.id), args, kwargs, exc))
+
+
+def with_outcome(counts: dict[str, int]) -> dict[str, int | str]:
+    """A job's counts with a word for Flower's Result column, where every handled job is
+    SUCCESS: `all dead-lettered` when no image of it was captioned or is being retried,
+    `some dead-lettered` when some were."""
+    dead = counts.get("dead_lettered", 0)
+    if not dead:
+        return dict(counts)
+    alive = counts.get("captioned", 0) + counts.get("retrying", 0)
+    return {**counts, "outcome": "some dead-lettered" if alive else "all dead-lettered"}
 
 
 def hand_back(

@@ -20,9 +20,16 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from capworks.farm import FarmStatus, gather, health_problems, ping_database, worker_states
+from capworks.farm import (
+    RATE_WINDOW_S,
+    FarmStatus,
+    gather,
+    health_problems,
+    ping_database,
+    worker_states,
+)
 from capworks.farm_metrics import FarmCollector
-from capworks.plain import plain, plain_line
+from capworks.plain import counted, plain, plain_line
 from capworks.schema.broker_check import broker_name
 from capworks.schema.db import connect
 from capworks.schema.errors import CapworksError
@@ -78,7 +85,9 @@ def open_redis(address: RedisAddress) -> Any:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise FarmUnreachable(f"Redis at {redacted(client)} is unreachable: {exc}") from exc
+        raise FarmUnreachable(
+            f"cannot reach the broker (Redis) at {redacted(client)}: {exc}"
+        ) from exc
     return client
 
 
@@ -203,6 +212,14 @@ def serve_metrics(
     return 0
 
 
+def throughput_text(per_s: float, window_s: float) -> str:
+    """The caption rate over the window; below 0.1/s (which would print as 0.0) the count."""
+    minutes = f"last {window_s / 60:g} min"
+    if per_s >= 0.1:
+        return f"{per_s:.1f} images/s ({minutes})"
+    return f"{counted(round(per_s * window_s), 'image')} captioned in the {minutes}"
+
+
 def render(status: FarmStatus) -> Group:
     """The status as terminal tables."""
     q, a = status.queue, status.activity
@@ -215,7 +232,7 @@ def render(status: FarmStatus) -> Group:
         f"{a.captioned_last_hour:,} captioned, {a.dead_lettered_last_hour:,} dead-lettered",
     )
     eta = f", queue drains in ~{_duration(status.drain_eta_s)}" if status.drain_eta_s else ""
-    summary.add_row("throughput", f"{a.captioned_per_s:.1f} images/s (last 5 min){eta}")
+    summary.add_row("throughput", throughput_text(a.captioned_per_s, RATE_WINDOW_S) + eta)
     parts: list[Any] = [summary]
     if status.workers:
         workers = Table(
@@ -225,7 +242,7 @@ def render(status: FarmStatus) -> Group:
             hb = w.heartbeat
             state = "gone" if w.gone else "STALE" if w.stale else "ok"
             workers.add_row(
-                plain(f"{hb.host}:{hb.pid}"),
+                plain(hb.node or f"{hb.host}:{hb.pid}"),  # Flower's name for it
                 plain(hb.device),
                 plain(hb.model),
                 str(hb.jobs_in_flight),
