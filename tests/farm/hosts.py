@@ -25,17 +25,22 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import redis
+from redis.sentinel import Sentinel
 
 PREFIX = "cwf"
 CAPWORKS = Path(sys.executable).parent / "capworks"
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
 REDIS_PASSWORD = "farm-" + uuid.uuid4().hex[:12]
 REDIS_PORT, PG_PORT = 6379, 5432
+# With sentinels: a replica beside the primary on the services host, and three Sentinels.
+REPLICA_PORT, SENTINEL_PORTS, MASTER_NAME = 6380, (26379, 26380, 26381), "capworks"
 RUN_LINE = re.compile(r"job (\S+): attempt (\d+) starts")
 
 
@@ -87,7 +92,7 @@ class Host:
 class Farm:
     """The namespaces, servers and workers of one farm."""
 
-    def __init__(self, worker_env: dict[str, str] | None = None) -> None:
+    def __init__(self, worker_env: dict[str, str] | None = None, sentinels: bool = False) -> None:
         self.id = f"{PREFIX}{uuid.uuid4().hex[:4]}"
         self.net = 1 + int(self.id[-2:], 16) % 250  # 198.18.<net>.0/24
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
@@ -95,6 +100,8 @@ class Farm:
         self.images = self.root / "images"  # what the producer crawls and the workers read
         self.images.mkdir()
         self.worker_env = worker_env or {}
+        self.sentinels = sentinels  # capworks reaches Redis through three Sentinels
+        self.redis_procs: dict[str, subprocess.Popen[bytes]] = {}  # "primary", "replica"
         self.hosts: dict[str, Host] = {}
         self.services: Host | None = None  # set by `start`
         self.producer: Host | None = None
@@ -104,14 +111,28 @@ class Farm:
 
     @property
     def broker_url(self) -> str:
-        return f"redis://:{REDIS_PASSWORD}@{self.addr(1)}:{REDIS_PORT}/0"
+        """What capworks is given: the primary's URL, or the Sentinels' (`sentinel://`)."""
+        if self.sentinels:
+            first, *more = (f"{self.addr(1)}:{port}" for port in SENTINEL_PORTS)
+            rest = "".join(f";sentinel://{address}" for address in more)
+            return f"sentinel://:{REDIS_PASSWORD}@{first}/0{rest}"
+        return self.redis_url(REDIS_PORT)
+
+    def redis_url(self, port: int) -> str:
+        return f"redis://:{REDIS_PASSWORD}@{self.addr(1)}:{port}/0"
 
     @property
     def db_url(self) -> str:
         return f"postgresql+psycopg://postgres@{self.addr(1)}:{PG_PORT}/capworks"
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.broker_url, socket_timeout=10)
+        """The current primary (asked of the Sentinels, with them)."""
+        if not self.sentinels:
+            return redis.Redis.from_url(self.broker_url, socket_timeout=10)
+        sentinels = [(self.addr(1), port) for port in SENTINEL_PORTS]
+        kwargs = {"password": REDIS_PASSWORD, "socket_timeout": 10}
+        found = Sentinel(sentinels, sentinel_kwargs=kwargs).master_for(MASTER_NAME, **kwargs)
+        return cast(redis.Redis, found)
 
     # -- building -------------------------------------------------------------------------
 
@@ -126,6 +147,8 @@ class Farm:
         self.services = self.start_host("svc", 1)
         self.producer = self.start_host("prod", 2)
         self._start_redis(self.services)
+        if self.sentinels:
+            self._start_sentinels(self.services)
         self._start_postgres(self.services)
         for i in range(workers):
             self.start_worker(self.start_host(f"w{i + 1}", 11 + i))
@@ -162,13 +185,51 @@ class Farm:
         out = host.log.open("ab")
         host.procs.append(subprocess.Popen(in_ns(host.ns, *cmd), stdout=out, stderr=out, env=env))
 
-    def _start_redis(self, host: Host) -> None:
-        data = self.root / "redis"
+    def _start_redis(self, host: Host, port: int = REDIS_PORT, *more: str) -> None:
+        """Redis on the services host (append-only, a password); `more` are more options."""
+        data = self.root / f"redis{port}"
         data.mkdir()
-        self._spawn(host, ["redis-server", "--bind", host.addr, "--port", str(REDIS_PORT),
-                           "--requirepass", REDIS_PASSWORD, "--dir", str(data), "--save", "",
-                           "--appendonly", "yes", "--appendfsync", "everysec"])  # fmt: skip
-        self._wait(lambda: bool(self.redis().ping()), 30, "Redis")
+        self._spawn(host, ["redis-server", "--bind", host.addr, "--port", str(port),
+                           "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD,
+                           "--dir", str(data), "--save", "", "--appendonly", "yes",
+                           "--appendfsync", "everysec", *more])  # fmt: skip
+        self.redis_procs["replica" if more else "primary"] = host.procs[-1]
+        self._wait(lambda: bool(redis.Redis.from_url(self.redis_url(port)).ping()), 30, "Redis")
+
+    def _start_sentinels(self, host: Host) -> None:
+        """A replica of the primary and three Sentinels (quorum 2) that call it down after 1 s
+        without a reply; every one with the Redis password."""
+        self._start_redis(host, REPLICA_PORT, "--replicaof", host.addr, str(REDIS_PORT))
+        for port in SENTINEL_PORTS:
+            conf = self.root / f"sentinel{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind {host.addr}\ndir {self.root}\n"
+                f"requirepass {REDIS_PASSWORD}\nsentinel sentinel-pass {REDIS_PASSWORD}\n"
+                f"sentinel monitor {MASTER_NAME} {host.addr} {REDIS_PORT} 2\n"
+                f"sentinel auth-pass {MASTER_NAME} {REDIS_PASSWORD}\n"
+                f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
+                f"sentinel failover-timeout {MASTER_NAME} 10000\n"
+            )
+            self._spawn(host, ["redis-server", str(conf), "--sentinel"])
+        self._wait(lambda: self.sentinels_know(2), 30, "the Sentinels to find each other")
+
+    def sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(self.addr(1), port, password=REDIS_PASSWORD, socket_timeout=2)
+
+    def sentinels_know(self, others: int) -> bool:
+        """Whether every Sentinel knows the replica and `others` other Sentinels."""
+        states = [self.sentinel(port).sentinel_master(MASTER_NAME) for port in SENTINEL_PORTS]
+        return all(
+            int(s["num-slaves"]) >= 1 and int(s["num-other-sentinels"]) >= others for s in states
+        )
+
+    def primary_port(self) -> int:
+        """The port of the primary every Sentinel names; 0 while they disagree."""
+        named = {
+            int(self.sentinel(port).sentinel_get_master_addr_by_name(MASTER_NAME)[1])
+            for port in SENTINEL_PORTS
+        }
+        return named.pop() if len(named) == 1 else 0
 
     def _start_postgres(self, host: Host) -> None:
         """A cluster of the farm's own (initdb as `postgres`: it refuses root), listening on
@@ -206,6 +267,7 @@ class Farm:
         return {
             **base,
             "CAPWORKS_BROKER_URL": self.broker_url,
+            **(self.sentinel_env() if self.sentinels else {}),
             "CAPWORKS_DATABASE_URL": self.db_url,
             "CAPWORKS_MODEL": "shapes",
             "CAPWORKS_FILE_ROOTS": str(self.images),
@@ -214,6 +276,13 @@ class Farm:
             "AWS_EC2_METADATA_DISABLED": "true",
             **self.worker_env,
             **extra,
+        }
+
+    @staticmethod
+    def sentinel_env() -> dict[str, str]:
+        return {
+            "CAPWORKS_REDIS_MASTER_NAME": MASTER_NAME,
+            "CAPWORKS_REDIS_SENTINEL_PASSWORD": REDIS_PASSWORD,
         }
 
     def start_worker(
@@ -250,10 +319,12 @@ class Farm:
     def worker_hosts(self) -> list[Host]:
         return [h for n, h in self.hosts.items() if n.startswith("w")]
 
-    def enqueue(self, folder: Path, job_images: int) -> None:
-        """`capworks enqueue FOLDER` on the producer host, in jobs of `job_images`."""
+    def enqueue(self, folder: Path, job_images: int, *options: str) -> None:
+        """`capworks enqueue FOLDER` on the producer host, in jobs of `job_images`; `options`
+        are more of its options (`--reconcile`)."""
         assert self.producer is not None
-        cmd = in_ns(self.producer.ns, str(CAPWORKS), "enqueue", str(folder), "--no-progress")
+        args = ["enqueue", str(folder), "--no-progress", *options]
+        cmd = in_ns(self.producer.ns, str(CAPWORKS), *args)
         env = self.env(CAPWORKS_JOB_IMAGES=str(job_images))
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
@@ -305,6 +376,28 @@ class Farm:
             proc.wait(timeout=60)
         host.procs.clear()
 
+    def freeze(self, host: Host, frozen: bool = True) -> None:
+        """SIGSTOP (SIGCONT) every process of `host`: it takes nothing and renews nothing."""
+        sig = signal.SIGSTOP if frozen else signal.SIGCONT
+        for pid in sh("ip", "netns", "pids", host.ns, check=False).split():
+            try:
+                os.kill(int(pid), sig)
+            except ProcessLookupError:
+                pass
+
+    def cut_replication(self) -> None:
+        """Stop the replica and drop its link: from now on the primary acknowledges writes the
+        replica never gets (a stopped replica alone would: the kernel buffers its socket)."""
+        os.kill(self.redis_procs["replica"].pid, signal.SIGSTOP)
+        redis.Redis.from_url(self.redis_url(REDIS_PORT)).client_kill_filter(_type="replica")
+
+    def fail_over(self) -> None:
+        """SIGKILL the primary and let the replica go on: the Sentinels promote it."""
+        primary = self.redis_procs.pop("primary")
+        primary.kill()
+        primary.wait()
+        os.kill(self.redis_procs["replica"].pid, signal.SIGCONT)
+
     def stop_host(self, host: Host, timeout_s: float = 180) -> int:
         """SIGTERM the host's PID 1 (a deploy: warm shutdown); its exit status."""
         pid1 = host.pid1()
@@ -351,6 +444,25 @@ class Farm:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout_s:.0f} s: {what}\n{detail()}")
             time.sleep(0.5)
+
+
+@contextmanager
+def running_farm(cache_dir: Path, workers: int, sentinels: bool = False) -> Iterator[Farm]:
+    """A started farm of `workers` worker hosts (checkpoints under `cache_dir`), closed
+    afterwards; skipped (failed in CI) where namespaces cannot be made."""
+    from conftest import require_service
+
+    needed = ("ip", "unshare", "iptables", "runuser", "redis-server")
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing or not PG_BIN:
+        require_service("a farm of namespaces", f"needs root, PostgreSQL and {missing or needed}")
+    remove_leftovers()  # what a crashed run left behind
+    farm = Farm({"CAPWORKS_CACHE_DIR": str(cache_dir)}, sentinels=sentinels)
+    try:
+        farm.start(workers)
+        yield farm
+    finally:
+        farm.close()
 
 
 def remove_leftovers(prefix: str = PREFIX) -> None:

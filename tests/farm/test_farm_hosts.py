@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, png_bytes, require_service
+from conftest import REPO, png_bytes
 from faults.harness import jobs_held
 from pipeline_support import instance_of
 from sqlalchemy import create_engine, func, select
@@ -33,7 +32,7 @@ from capworks.schema.settings import Settings
 from capworks.schema.tables import Caption, Failure, Image
 from capworks.workers.leases import OWNERS_KEY, lease_key, renew_every_s
 from capworks.workers.ledger import DONE_KEY
-from farm.hosts import PG_BIN, PG_PORT, REDIS_PORT, Farm, Host, remove_leftovers
+from farm.hosts import PG_PORT, REDIS_PORT, Farm, Host, running_farm
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SUPERVISED = REPO / "tests" / "wrappers" / "supervised_farm_worker.py"
@@ -51,17 +50,8 @@ MARGIN_S = 10.0
 @pytest.fixture(scope="module")
 def farm(shapes_dir: Path) -> Iterator[Farm]:
     """Three worker hosts, a services host and a producer host, for every test of the module."""
-    needed = ("ip", "unshare", "iptables", "runuser", "redis-server")
-    missing = [tool for tool in needed if shutil.which(tool) is None]
-    if os.geteuid() != 0 or missing or not PG_BIN:
-        require_service("a farm of namespaces", f"needs root, PostgreSQL and {missing or needed}")
-    remove_leftovers()  # what a crashed run left behind
-    f = Farm({"CAPWORKS_CACHE_DIR": str(shapes_dir.parent.parent)})
-    try:
-        f.start(workers=3)
+    with running_farm(shapes_dir.parent.parent, workers=3) as f:
         yield f
-    finally:
-        f.close()
 
 
 class Run:
