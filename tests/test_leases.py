@@ -1,6 +1,8 @@
 """Leases on the real Redis and real Celery worker processes, with the default lease and
-visibility settings unless a test says otherwise: a killed worker's jobs come back within 30 s,
-at once when its supervisor sees it die, and a job whose worker lives is never delivered again."""
+visibility settings unless a test says otherwise: a killed worker's jobs come back within the
+lease and a tick, at once when its supervisor sees it die, and a job whose worker lives is never
+delivered again. Timing asserts are the promise (README, "Delivery and retries") plus a margin
+for CI's load, `CI_MARGIN_S`, stated here once."""
 
 from __future__ import annotations
 
@@ -19,13 +21,25 @@ from conftest import REPO, png_bytes, s3_client
 from pipeline_support import Pipeline, captions, failures, instance_of, live_redis, own_queue
 
 from capworks.checkpoints.shapes_world import sample_scenes
+from capworks.commands.worker import POLL_S
+from capworks.schema.heartbeat import heartbeat_key
 from capworks.schema.settings import Settings
-from capworks.workers.leases import LEASES_KEY, OWNERS_KEY, LeaseKeeper, hand_back, lease_key
+from capworks.workers.leases import (
+    LEASES_KEY,
+    OWNERS_KEY,
+    LeaseKeeper,
+    hand_back,
+    lease_key,
+    renew_every_s,
+)
 
 WRAPPERS = Path(__file__).parent / "wrappers"
 LEASE_S = Settings.model_fields["lease_s"].default
 VISIBILITY_S = Settings.model_fields["visibility_timeout_s"].default
 DEFAULTS = {"CAPWORKS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "CAPWORKS_LEASE_S": str(LEASE_S)}
+# What a loaded 2-core CI machine may add to a promised time: a tick that runs late, the
+# test's own 0.2 s polling.
+CI_MARGIN_S = 5.0
 
 
 @pytest.fixture()
@@ -179,7 +193,7 @@ def back_in_play(p: Pipeline, tags: set[str], killed_at: float) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_workers_jobs_are_back_within_30_s_with_default_settings(
+def test_a_killed_workers_jobs_are_back_within_the_lease_and_a_tick_with_default_settings(
     pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
 ) -> None:
     with own_queue(pg_url, tmp_path, s3_endpoint) as p:
@@ -196,7 +210,12 @@ def test_a_killed_workers_jobs_are_back_within_30_s_with_default_settings(
             lambda: back_in_play(p, tags, killed_at), 60, "the dead worker's jobs to come back"
         )
         wait_until(lambda: len(captions(p.db_url)) == len(uris), 180, "every caption")
-        assert recovered_s <= 30, f"the dead worker's jobs came back after {recovered_s:.1f} s"
+        # Promised: the lease (8 s) and one tick of the survivor (2 s).
+        promised_s = LEASE_S + renew_every_s(LEASE_S)
+        assert recovered_s <= promised_s + CI_MARGIN_S, (
+            f"the dead worker's jobs came back after {recovered_s:.1f} s "
+            f"(promised {promised_s:.0f} s, margin {CI_MARGIN_S:.0f} s)"
+        )
         assert failures(p.db_url) == {}
         assert "handed back" not in p.log_text("survivor")
 
@@ -209,7 +228,12 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
         # A long lease: only the hand-back can bring the jobs back before it ends.
         p.extra_env.update(DEFAULTS, CAPWORKS_JOB_IMAGES="4", CAPWORKS_TEST_SLOW_S="8")
         p.extra_env["CAPWORKS_LEASE_S"] = "60"
-        uris = slow_bucket(p.s3_endpoint, "supervised-leases", 8, seed=72)
+        uris = slow_bucket(p.s3_endpoint, "supervised-leases", 32, seed=72)
+        # A live worker beside the supervisor's, up before the jobs are sent, whose tick
+        # restores what is handed back (the restarted child would first load its model).
+        survivor = p.start_worker("survivor", WRAPPERS / "fake_crash_worker.py")
+        beat = heartbeat_key(p.queue, instance_of(survivor.pid))
+        wait_until(lambda: bool(p.redis().exists(beat)), 120, "the survivor's model")
         log = (tmp_path / "supervisor.log").open("ab")
         # The supervisor runs the crash wrapper's worker: the same `capworks worker`, whose
         # children fetch slowly (the Launcher would start plain Celery otherwise).
@@ -229,15 +253,20 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
             os.kill(child, signal.SIGKILL)
             killed_at = time.time()
             back_s = wait_until(lambda: back_in_play(p, tags, killed_at), 60, "the jobs' return")
+            handed = not p.redis().exists(lease_key(instance))  # the hand-back drops the set
             wait_until(lambda: len(captions(p.db_url)) == len(uris), 180, "every caption")
         finally:
             supervisor.send_signal(signal.SIGTERM)
             supervisor.wait(timeout=60)
         text = (tmp_path / "supervisor.log").read_text(errors="replace")
-        assert f"handed back the {len(tags)} jobs worker {instance} held" in text
-        # The lease alone would take 60 s or more; the hand-back waits only for the restarted
-        # child to load its model and sweep.
-        assert back_s < 45, f"handed-back jobs came back after {back_s:.1f} s"
+        assert f"handed back the {len(tags)} jobs worker {instance} held" in text and handed
+        # Promised: handed back at once (the supervisor polls its children every 0.5 s), back
+        # in the queue at the survivor's next tick (5 s at this lease). The lease alone: 60 s.
+        promised_s = POLL_S + renew_every_s(60)
+        assert back_s <= promised_s + CI_MARGIN_S, (
+            f"handed-back jobs came back after {back_s:.1f} s "
+            f"(promised {promised_s:.1f} s, margin {CI_MARGIN_S:.0f} s)"
+        )
 
 
 def wait_for_child(pid: int, timeout_s: float = 60) -> int:

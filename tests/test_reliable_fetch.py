@@ -23,7 +23,6 @@ from redis_server import RedisServer, own_redis
 from capworks.schema.redis_transport import (
     _REGISTER,
     REGISTRY_KEY,
-    STALE_AFTER_S,
     Channel,
     FetchingSweeper,
     fetching_key,
@@ -139,11 +138,12 @@ def test_stock_kombu_loses_a_message_taken_as_redis_fails(
     assert fetching_lists(client, queue) == {}
 
 
-def stop_redis_between_take_and_record(server: RedisServer, queue: Queue, stock: bool) -> None:
-    """Fetch the one job of `queue` from `server`, stopping Redis (SIGTERM, its append-only
-    file flushed) at the one instant between taking the job and recording its delivery, then
-    start Redis again. Stock kombu records it in `QoS.append`, after BRPOP; capworks' fetch
-    claims it after BLMOVE (`Channel.after_move`)."""
+def take_as_redis_stops(server: RedisServer, queue: Queue, job: str, stock: bool) -> redis.Redis:
+    """Publish `job` to `queue` and fetch it from `server`, stopping Redis (SIGTERM, its
+    append-only file flushed) at the one instant between taking the job and recording its
+    delivery; start Redis again and return a client of it. Stock kombu records the delivery in
+    `QoS.append`, after BRPOP; capworks' fetch claims it after BLMOVE (`Channel.after_move`)."""
+    publish(queue, job, url=server.url)
     stopped: list[str] = []
 
     def stop_redis(*_: Any) -> None:
@@ -168,6 +168,7 @@ def stop_redis_between_take_and_record(server: RedisServer, queue: Queue, stock:
                 conn.drain_events(timeout=5)
             assert stopped == ["stopped"]  # the fault came exactly there, once
             server.start()
+    return redis.Redis.from_url(server.url)
 
 
 def jobs_anywhere(client: redis.Redis, queue: Queue) -> dict[str, list[str]]:
@@ -180,37 +181,40 @@ def jobs_anywhere(client: redis.Redis, queue: Queue) -> dict[str, list[str]]:
     }
 
 
+def sweep_once_stale(sweeper: FetchingSweeper, timeout_s: float = 30) -> int:
+    """Sweep until a fetching list's deadline is `STALE_AFTER_S` past and the sweep moves
+    something; how many it moved (0 after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while not (swept := sweeper.sweep()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return swept
+
+
+@pytest.fixture()
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own that writes every command to disk before answering."""
+    with own_redis(tmp_path / "redis", ["--appendonly", "yes", "--appendfsync", "always"]) as s:
+        yield s
+
+
 @pytest.mark.slow
 def test_a_job_taken_as_redis_stops_is_kept_and_delivered_once_after_the_restart(
-    queue: Queue, tmp_path: Path
+    queue: Queue, durable_redis: RedisServer
 ) -> None:
-    args = ["--appendonly", "yes", "--appendfsync", "always"]
-    with own_redis(tmp_path / "redis", args) as server:
-        publish(queue, "kept", url=server.url)
-        stop_redis_between_take_and_record(server, queue, stock=False)
-        client = redis.Redis.from_url(server.url)
-        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": ["kept"], "unacked": []}
-        sweeper = FetchingSweeper(client)
-        swept, deadline = 0, time.monotonic() + 30
-        while not swept and time.monotonic() < deadline:  # once its fetch's deadline is stale
-            swept = sweeper.sweep()
-            time.sleep(0.2)
-        assert swept == 1
-        assert consume(queue, 2, url=server.url) == ["kept"]
-        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
+    client = take_as_redis_stops(durable_redis, queue, "kept", stock=False)
+    assert jobs_anywhere(client, queue) == {"queued": [], "fetching": ["kept"], "unacked": []}
+    assert sweep_once_stale(FetchingSweeper(client)) == 1
+    assert consume(queue, 2, url=durable_redis.url) == ["kept"]
+    assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
 
 
 @pytest.mark.slow
 def test_stock_kombu_loses_a_job_taken_as_redis_stops_every_time(
-    queue: Queue, tmp_path: Path
+    queue: Queue, durable_redis: RedisServer
 ) -> None:
     # The same fault as above with kombu's own fetch: the job is nowhere in Redis.
-    args = ["--appendonly", "yes", "--appendfsync", "always"]
-    with own_redis(tmp_path / "redis", args) as server:
-        publish(queue, "lost", url=server.url)
-        stop_redis_between_take_and_record(server, queue, stock=True)
-        client = redis.Redis.from_url(server.url)
-        assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
+    client = take_as_redis_stops(durable_redis, queue, "lost", stock=True)
+    assert jobs_anywhere(client, queue) == {"queued": [], "fetching": [], "unacked": []}
 
 
 def test_a_message_taken_as_redis_fails_is_swept_back_and_delivered_once(
@@ -236,8 +240,7 @@ def test_a_message_taken_as_redis_fails_is_swept_back_and_delivered_once(
     sweeper = FetchingSweeper(client)
     # Its fetch's deadline has not passed by STALE_AFTER_S yet: it may be a moment from its claim.
     assert sweeper.sweep() == 0
-    time.sleep(STALE_AFTER_S + 1.5)  # past the deadline (the 1 s fetch) and the grace
-    assert sweeper.sweep() == 1  # back to the queue's head
+    assert sweep_once_stale(sweeper) == 1  # back to the queue's head
     assert fetching_lists(client, queue) == {}
     assert consume(queue, 2) == ["kept"]
     assert client.llen(queue.name) == 0
