@@ -33,7 +33,7 @@ def iter_refs(inputs: Iterable[str], s3_client: Any | None) -> Iterator[ImageRef
         if is_s3(item):
             if s3_client is None:
                 raise InputError(f"{item}: no S3 client configured")
-            yield from iter_s3(item, s3_client)
+            yield from (ref for ref in iter_s3(item, s3_client) if is_image_name(ref.uri))
         elif is_http(item):
             yield ImageRef(uri=item)
         else:
