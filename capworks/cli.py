@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_sub = ckpt.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     build = ckpt_sub.add_parser("build", help="build a checkpoint into the cache")
     build.add_argument("name", choices=["shapes", "tiny-random", "large-random", "tiny-wide"])
+    ckpt_sub.add_parser("list", help="the offline checkpoints: built (where) or not")
+    add_examples(sub.choices.items())
     for command in sub.choices.values():  # `capworks search x -v` as well as `capworks -v ...`
         command.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
