@@ -5,7 +5,9 @@ A scratch SeaweedFS server on 127.0.0.1 holds `--prefixes` folders of `--keys-pe
 empty objects; a small loopback proxy in front of it forwards every request and sleeps
 `--page-delay-ms` before each ListObjectsV2 (GETs with `list-type=2`). One stream is today's
 crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s parallel
-listing (delimiter discovery included in its time). Prints keys/s and the ratio to one stream.
+listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
+whose list pages `schema/list_pages.py` parses, and again with botocore's own parser (the way
+before); prints keys/s and the ratios to one stream of each, and to one stream before.
 
     .venv/bin/python bench/list_streams.py [--prefixes 64] [--keys-per-prefix 1000]
 """
@@ -29,6 +31,7 @@ from seaweed import s3_client, scratch_s3
 
 from capworks.producer.listing import ListingPlan, iter_parallel_pages
 from capworks.producer.sources import iter_s3
+from capworks.schema.list_pages import FAST_PARSER_ID
 from capworks.schema.settings import Settings
 from capworks.schema.storage import make_s3_client
 
@@ -90,8 +93,9 @@ def latency_proxy(upstream: str, delay_s: float) -> Iterator[str]:
         proxy.join()
 
 
-def proxied_client(endpoint: str) -> Any:
-    """The client a crawl uses (`make_s3_client`), through the proxy."""
+def proxied_client(endpoint: str, fast_parser: bool = True) -> Any:
+    """The client a crawl uses (`make_s3_client`), through the proxy; with botocore's own
+    list-page parser when not `fast_parser`."""
     settings = Settings(
         s3_endpoint_url=endpoint,
         s3_access_key_id="bench",
@@ -99,7 +103,10 @@ def proxied_client(endpoint: str) -> Any:
         s3_region="us-east-1",
         s3_addressing_style="path",
     )
-    return make_s3_client(settings)
+    client = make_s3_client(settings)
+    if not fast_parser:
+        client.meta.events.unregister("before-parse.s3.ListObjectsV2", unique_id=FAST_PARSER_ID)
+    return client
 
 
 def fill_bucket(client: Any, prefixes: int, per_prefix: int) -> int:
@@ -133,21 +140,25 @@ def main() -> None:
         put_s = time.perf_counter() - started
         print(f"{total:,} objects in {args.prefixes} folders, put in {put_s:.0f} s")
         with latency_proxy(endpoint, args.page_delay_ms / 1000) as proxied:
-            client = proxied_client(proxied)
-            base = None
             print(f"{args.page_delay_ms:.0f} ms added to each list page")
-            print("| streams | keys | seconds | keys/s | vs 1 stream |")
-            print("|---|---|---|---|---|")
-            for streams in (int(s) for s in args.streams.split(",")):
-                begun = time.perf_counter()
-                listed = list_keys(client, streams)
-                seconds = time.perf_counter() - begun
-                rate = listed / seconds
-                base = base or rate
-                print(
-                    f"| {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | {rate / base:.1f}x |"
-                )
-                assert listed == total, f"listed {listed} of {total}"
+            print("| page parser | streams | keys | seconds | keys/s | vs 1 stream | vs 1 before |")
+            print("|---|---|---|---|---|---|---|")
+            before = None
+            for parser in ("botocore (before)", "list_pages (now)"):
+                client = proxied_client(proxied, fast_parser=parser.startswith("list_pages"))
+                base = None
+                for streams in (int(s) for s in args.streams.split(",")):
+                    begun = time.perf_counter()
+                    listed = list_keys(client, streams)
+                    seconds = time.perf_counter() - begun
+                    rate = listed / seconds
+                    base = base or rate
+                    before = before or rate
+                    print(
+                        f"| {parser} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
+                        f"{rate / base:.1f}x | {rate / before:.1f}x |"
+                    )
+                    assert listed == total, f"listed {listed} of {total}"
 
 
 if __name__ == "__main__":

@@ -160,8 +160,10 @@ def save_table_columns(session: Session, refs: list[ImageRef]) -> None:
         conn.exec_driver_sql(_PG_UPSERT, {"page": page.decode(), "now": utcnow()})
         return
     # SQLite keeps times as text in SQLAlchemy's format: the column type writes the stamp.
-    stamp_type = Image.__table__.c.first_seen.type.dialect_impl(conn.dialect)
-    now = stamp_type.bind_processor(conn.dialect)(utcnow())
+    write_stamp = Image.__table__.c.first_seen.type.dialect_impl(conn.dialect).bind_processor(
+        conn.dialect
+    )
+    now = write_stamp(utcnow()) if write_stamp else utcnow()
     conn.exec_driver_sql(_SQLITE_UPSERT, [(*row, now, now) for row in rows])
 
 

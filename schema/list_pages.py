@@ -26,6 +26,7 @@ _TOP = re.compile(
     rb"<(IsTruncated|NextContinuationToken|KeyCount|MaxKeys|EncodingType|Name)>([^<]*)</"
 )
 _INTS = ("KeyCount", "MaxKeys")
+FAST_PARSER_ID = "capworks-fast-list-parser"  # its handler's unique_id on a client's events
 
 
 def _text(raw: bytes) -> str:
@@ -89,5 +90,5 @@ def _before_parse(
 def use_fast_list_parser(s3_client: Any) -> None:
     """Have this client parse its ListObjectsV2 pages with `parse_list_page`."""
     s3_client.meta.events.register(
-        "before-parse.s3.ListObjectsV2", _before_parse, unique_id="capworks-fast-list-parser"
+        "before-parse.s3.ListObjectsV2", _before_parse, unique_id=FAST_PARSER_ID
     )
