@@ -9,13 +9,21 @@ VENV=${CAPWORKS_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 stamp="$VENV/.capworks-installed"
+say() { echo "install.sh: $*" >&2; }  # pip runs quiet: these lines say what it is doing
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing capworks into $VENV (about 5 minutes on a fresh machine, in 4 steps)"
+    say "1/4 torch 2.13.0, CPU build"
     "${PIP[@]}" "torch==2.13.0"
+    say "2/4 build tools (cython, numpy, setuptools, wheel)"
     "${PIP[@]}" cython numpy "setuptools<81" wheel
-    "$VENV/bin/python" -c "import fairseq" 2>/dev/null \
-        || "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
+    if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
+        say "3/4 compiling fairseq-fixed 0.12.3.1 against that torch (the longest step)"
+        "${PIP[@]}" --no-build-isolation "fairseq-fixed==0.12.3.1"
+    fi
+    say "4/4 capworks, ModelScope, transformers and the rest"
     "${PIP[@]}" -e ".[dev]"
     touch "$stamp"
+    say "done: $VENV"
 fi
 # `capworks eval`: pycocoevalcap's PTB tokenizer and METEOR are Java programs. Debian's headless
 # JRE is about 49 MB and 15 s to install; without Java, eval tokenizes in Python and skips METEOR.
