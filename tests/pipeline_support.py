@@ -293,11 +293,14 @@ INSTANCES: dict[int, str] = {}
 
 
 def instance_of(pid: int) -> str:
-    """A worker process's instance id (the `CAPWORKS_INSTANCE_ID` its starter gave it)."""
+    """A worker process's instance id (the `CAPWORKS_INSTANCE_ID` its starter gave it),
+    remembered once read: a process killed a moment ago has no readable environment (ESRCH
+    while it is a zombie), and the fault harness asks for the instance of its victims."""
     if pid in INSTANCES:
         return INSTANCES[pid]
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     for entry in environ:
         if entry.startswith(b"CAPWORKS_INSTANCE_ID="):
-            return entry.split(b"=", 1)[1].decode()
+            INSTANCES[pid] = entry.split(b"=", 1)[1].decode()
+            return INSTANCES[pid]
     raise LookupError(f"process {pid} has no CAPWORKS_INSTANCE_ID")

@@ -1,7 +1,9 @@
 """1,000 images through two supervised worker processes with the default lease and visibility
 settings, once calm and once with six SIGKILLs (one while the farm is idle, five at random
-moments of the run): nothing lost, no caption twice, the queue empty, every killed process's
-jobs back within 30 s, and the run not much slower than the calm one."""
+moments of the run): nothing lost, no caption twice, the queue empty, and every killed process's
+jobs committed again within the supervisor's promise: handed back at once, run at the other
+process's next tick (README, "Delivery and retries"), with a margin for CI's load that stays
+below what the lease alone could do."""
 
 from __future__ import annotations
 
@@ -12,13 +14,24 @@ from typing import Any
 import pytest
 from pipeline_support import count_rows, make_bucket, own_queue, wait_until
 
+from capworks.commands.worker import POLL_S
+from capworks.schema.settings import Settings
+from capworks.workers.leases import renew_every_s
 from faults.harness import Farm, clear, default_env, distinct_captioned, timed_crawl
 
 pytestmark = pytest.mark.slow
 IMAGES = 3000
+LEASE_S = Settings.model_fields["lease_s"].default
+# The hand-back's promise: the supervisor sees the death within a poll (0.5 s) and hands the jobs
+# back, the other process's next tick (2 s) restores them, then one job's run. Without it a job
+# waits for its lease to expire (at least lease - tick after the kill), a tick to be reaped, and
+# its run: 10.4-15.2 s here with the hand-back disabled, against 3.8 s p50 / 5.1 s max with it on
+# a loaded machine (2026-12-05). The bound, the lease itself, leaves ~3 s of that for CI's load.
+PROMISED_S = POLL_S + renew_every_s(LEASE_S)
+BOUND_S = LEASE_S
 
 
-def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_within_30_s(
+def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_by_the_hand_back(
     pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
 ) -> None:
     with own_queue(pg_url, tmp_path, s3_endpoint) as p:
@@ -46,7 +59,10 @@ def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_within_30_s(
         assert all(s is not None for s in recovered), "a killed process's jobs never came back"
         times: list[float] = [s for s in recovered if s is not None]
         report(calm_s, rough_s, farm, times)
-        assert max(times) <= 30, f"recovery took {max(times):.1f} s"
+        assert max(times) < BOUND_S, (
+            f"recovery took {max(times):.1f} s: promised {PROMISED_S:.1f} s and a job's run, "
+            f"bound {BOUND_S:.0f} s (the lease)"
+        )
         # The slowdown (rough_s / calm_s) is printed by `report` and recorded in RELIABILITY.md,
         # not asserted: a timing on a shared 2-core machine, not a pass or fail.
 
