@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from capworks.checkpoints.layout import BUILD_DURATIONS, is_current_build
 from capworks.schema.checkpoint import (
     OFFLINE_NAMES,
     CheckpointConfig,
@@ -30,8 +31,8 @@ def resolve_model(
     """The checkpoint `model` names, built or downloaded first when needed; `say` hears what
     is being built or fetched before it starts."""
     if model in OFFLINE_NAMES:
-        if not (settings.checkpoint_dir / model / "build.json").is_file():
-            say(f"building the offline {model!r} checkpoint (first use; minutes on a CPU)")
+        if not is_current_build(settings.checkpoint_dir / model, model):
+            say(f"building the offline {model!r} checkpoint: {BUILD_DURATIONS.get(model, '')}")
             # Imported only to build: it imports torch, which a worker's supervisor never needs.
             from capworks.checkpoints.build import ensure_checkpoint
 

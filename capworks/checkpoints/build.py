@@ -12,15 +12,25 @@ import fcntl
 import json
 import logging
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 
-from capworks.checkpoints.layout import configuration_json, ofa_config_kwargs, write_checkpoint
+from capworks.checkpoints.layout import (
+    BUILD_DURATIONS,
+    BUILD_VERSIONS,
+    configuration_json,
+    is_current_build,
+    ofa_config_kwargs,
+    write_checkpoint,
+)
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.schema.checkpoint import OFFLINE_NAMES, read_config
 from capworks.schema.errors import CheckpointError
@@ -51,20 +61,21 @@ WIDE_CONFIGURATION = configuration_json(
 
 
 def ensure_checkpoint(name: str, cache: Path) -> Path:
-    """The folder of checkpoint `name`, building it first if it is not in the cache."""
+    """The folder of checkpoint `name`, building it first if the cache holds no current build."""
     if name not in OFFLINE_NAMES:
         raise CheckpointError(f"unknown offline checkpoint {name!r}; use one of {OFFLINE_NAMES}")
     final = cache / name
-    if (final / "build.json").is_file():
+    if is_current_build(final, name):
         return final
     cache.mkdir(parents=True, exist_ok=True)
     with _build_lock(cache / f".{name}.lock"):
-        if (final / "build.json").is_file():  # another process built it while we waited
+        if is_current_build(final, name):  # another process built it while we waited
             return final
-        log.warning("building the %s checkpoint into %s (first use)", name, final)
+        log.warning("building the %s checkpoint into %s: %s", name, final, BUILD_DURATIONS[name])
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".{name}-") as tmp:
             work = Path(tmp) / name
             metrics = _build_shapes(work) if name == "shapes" else _build_random(name, work)
+            metrics["build_version"] = BUILD_VERSIONS.get(name, 1)
             (work / "build.json").write_text(json.dumps(metrics, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -124,35 +135,12 @@ def perturb_norms(model: Any, seed: int) -> None:
 
 
 def _build_shapes(out: Path) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from capworks.checkpoints.train_shapes import RECIPE, train_shapes
 
-    from capworks.checkpoints.train_shapes import MAX_STEPS, PATCH_PX, train_shapes
-
-    columns = (
-        TextColumn("training shapes"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}, held-out exact {task.fields[exact]:.0%}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        bar = progress.add_task("train", total=MAX_STEPS, loss=0.0, exact=0.0)
-        model, metrics = train_shapes(
-            on_step=lambda step, loss, exact: progress.update(
-                bar, completed=step + 1, loss=loss, exact=exact
-            )
-        )
-    write_checkpoint(model, out, PATCH_PX)
+    with TrainingProgress(RECIPE.max_steps, RECIPE.check_every) as progress:
+        model, metrics = train_shapes(RECIPE, on_step=progress.step)
+    log.warning("checking the shapes checkpoint on %d held-out images", HELD_OUT_COUNT)
+    write_checkpoint(model, out, RECIPE.patch_px)
     exact = held_out_exact(out)
     metrics.update(name="shapes", held_out_images=HELD_OUT_COUNT, held_out_exact=exact)
     if exact < MIN_HELD_OUT_EXACT:
@@ -161,6 +149,55 @@ def _build_shapes(out: Path) -> dict[str, Any]:
             f"(needs {MIN_HELD_OUT_EXACT:.0%}); not published"
         )
     return metrics
+
+
+class TrainingProgress:
+    """The shapes build's progress: a bar (steps, rate, loss, held-out exact, ETA) on a
+    terminal, otherwise one plain line per held-out check, so a log shows it too."""
+
+    def __init__(self, total_steps: int, line_every: int) -> None:
+        from rich import progress as rp
+        from rich.console import Console
+
+        self._total, self._every = total_steps, line_every
+        self._console = Console(stderr=True)
+        self._started = time.monotonic()
+        self._bar = rp.Progress(
+            rp.TextColumn("training shapes"),
+            rp.BarColumn(),
+            rp.MofNCompleteColumn(),
+            rp.TextColumn("{task.fields[rate]:.2f} steps/s, loss {task.fields[loss]:.3f}, "),
+            rp.TextColumn("held-out exact {task.fields[exact]:.0%}"),
+            rp.TimeElapsedColumn(),
+            rp.TextColumn("ETA"),
+            rp.TimeRemainingColumn(),
+            console=self._console,
+            disable=not self._console.is_terminal,
+        )
+        self._task = self._bar.add_task("train", total=total_steps, loss=0.0, exact=0.0, rate=0.0)
+
+    def __enter__(self) -> TrainingProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._bar.stop()
+
+    def step(self, step: int, loss: float, exact: float) -> None:
+        """Record that training step `step` (0-based) ended with `loss` and held-out `exact`."""
+        done = step + 1
+        rate = done / max(time.monotonic() - self._started, 1e-9)
+        self._bar.update(self._task, completed=done, loss=loss, exact=exact, rate=rate)
+        if not self._console.is_terminal and (done % self._every == 0 or done == 1):
+            eta_s = (self._total - done) / rate
+            print(
+                f"training shapes: step {done}/{self._total}, {rate:.2f} steps/s, "
+                f"loss {loss:.3f}, held-out exact {exact:.0%}, at most {eta_s / 60:.1f} min left",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def held_out_exact(model_dir: Path) -> float:

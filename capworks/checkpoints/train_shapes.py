@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -26,18 +27,33 @@ from capworks.workers.preprocess import Normalization, to_pixels
 
 log = logging.getLogger(__name__)
 
-PATCH_PX = 96
 TRAIN_SEED = 1000
 VALID_SEED = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How `shapes` is trained: image size, batch, schedule and how often held-out is checked."""
+
+    patch_px: int
+    batch: int
+    max_steps: int  # training stops earlier once held-out captions are exact twice in a row
+    lr: float
+    warmup_steps: int
+    check_every: int
+
+
+RECIPE = Recipe(patch_px=96, batch=16, max_steps=500, lr=3e-4, warmup_steps=40, check_every=50)
+PATCH_PX = RECIPE.patch_px
 
 
 class ShapesBatches:
     """Rendered (pixels, decoder input, target) batches; captions get a leading space."""
 
-    def __init__(self, tokenizer: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, tokenizer: Any, pool: ThreadPoolExecutor, patch_px: int) -> None:
         self._tok = tokenizer
         self._pool = pool
-        self._norm = Normalization(PATCH_PX)
+        self._norm = Normalization(patch_px)
 
     def make(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`count` samples drawn from `seed` as model-ready tensors."""
@@ -67,15 +83,10 @@ def _forward(
     return out.logits  # type: ignore[no-any-return]
 
 
-MAX_STEPS = 500  # training stops earlier once held-out captions are exact twice in a row
-
-
 def train_shapes(
+    recipe: Recipe = RECIPE,
     seed: int = 0,
-    batch: int = 16,
-    max_steps: int = MAX_STEPS,
     max_seconds: float | None = None,
-    lr: float = 3e-4,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train and return (model, metrics)."""
@@ -87,8 +98,8 @@ def train_shapes(
     model = OFAModel(OFAConfig(**ofa_config_kwargs("shapes")))
     model.train()
     prompt = torch.tensor([encode_prompt(tok, DEFAULT_PROMPT, max_src_length=256)])
+    lr, warmup, max_steps = recipe.lr, recipe.warmup_steps, recipe.max_steps
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = 40
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -101,12 +112,12 @@ def train_shapes(
     step = 0
     valid_exact = 0.0
     with ThreadPoolExecutor(4) as pool:
-        batches = ShapesBatches(tok, pool)
+        batches = ShapesBatches(tok, pool, recipe.patch_px)
         valid = batches.make(256, VALID_SEED)
-        upcoming = pool.submit(batches.make, batch, TRAIN_SEED)
+        upcoming = pool.submit(batches.make, recipe.batch, TRAIN_SEED)
         for step in range(max_steps):
             images, dec, tgt = upcoming.result()
-            upcoming = pool.submit(batches.make, batch, TRAIN_SEED + step + 1)
+            upcoming = pool.submit(batches.make, recipe.batch, TRAIN_SEED + step + 1)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             logits = _forward(model, prompt, images, dec)
@@ -115,15 +126,15 @@ def train_shapes(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if (step + 1) % 50 == 0:
+            if (step + 1) % recipe.check_every == 0:
                 recalibrate_batchnorm(model, prompt, batches, count=3, seed=10_000 + step)
                 valid_exact = teacher_forced_exact(model, prompt, valid, tok.pad_token_id)
                 log.info("step %d loss %.4f valid exact %.3f", step + 1, loss.item(), valid_exact)
                 perfect_checks = perfect_checks + 1 if valid_exact == 1.0 else 0
             if on_step is not None:  # (step, loss, held-out exact so far), for a progress bar
                 on_step(step, loss.item(), valid_exact)
-                if perfect_checks >= 2:
-                    break
+            if perfect_checks >= 2:
+                break
             # No wall-clock budget by default: the checkpoint must not depend on how busy the
             # machine was (a budget once cut a build on a loaded machine short, unpublished).
             if max_seconds is not None and time.monotonic() - started > max_seconds:
@@ -137,10 +148,8 @@ def train_shapes(
         "train_seconds": round(time.monotonic() - started, 1),
         "final_loss": round(loss.item(), 5),
         "valid_teacher_forced_exact": valid_exact,
-        "batch": batch,
-        "lr": lr,
         "seed": seed,
-        "patch_image_size": PATCH_PX,
+        **asdict(recipe),
     }
     return model, metrics
 
