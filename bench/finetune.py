@@ -1,16 +1,20 @@
 """Fine-tuning `shapes` on a shifted world it has never seen: CIDEr-D before and after, and what
 it forgot, in one run. Runs in the train venv:
 
-    .venv-train/bin/python bench/finetune.py [--steps 120] [--batch-size 16] [--lr 5e-4]
-                                             [--shifted 192] [--replay 64] [--held-out 60]
+    .venv-train/bin/python bench/finetune.py [--steps N] [--batch-size N] [--lr X]
+        [--warmup-steps N] [--lr-schedule linear|cosine|const] [--label-smoothing X]
+        [--shifted N] [--replay N] [--held-out N]
 
-The shifted world (capworks/checkpoints/shifted_world.py) has square colours of its own
-("a purple square on a white background"). The fine-tune data is `--shifted` shifted images
-plus `--replay` images of the original world (so the old colours are rehearsed), written as a
-JSONL references file and trained on with `capworks finetune`'s own code path (ModelScope's OFA
-trainer). Both held-out sets (shifted, original; seeds unlike the training ones) are captioned
-by the base and by the fine-tuned model with the engine's default generator and scored with
-`capworks eval`'s CIDEr-D. Prints the table, the training time and steps/s.
+The shifted world (capworks/checkpoints/shifted_world.py) is made of words `shapes` never saw:
+squares and backgrounds in four new colours ("a purple square on a grey background"). The
+fine-tune data is `--shifted` shifted images plus `--replay` images of the original world (so
+the old colours are rehearsed), written as a JSONL references file and trained on with
+`capworks finetune`'s own code path (ModelScope's OFA trainer). The base is whatever `shapes`
+checkpoint is current (built here first if missing), read from its own configuration. Both
+held-out sets (shifted, original; seeds unlike the training ones) are captioned by the base and
+by the fine-tuned model with the engine's default generator and scored with `capworks eval`'s
+CIDEr-D. Prints the table, the training time and steps/s. On a loaded machine set
+OMP_NUM_THREADS=1: two OpenMP threads contending with other jobs ran ~20 s a step here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -46,6 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--lr-schedule", default="linear", choices=["linear", "cosine", "const"])
+    p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--shifted", type=int, default=192, help="shifted training images")
     p.add_argument("--replay", type=int, default=64, help="original-world training images")
     p.add_argument("--held-out", type=int, default=60, help="images per held-out set")
@@ -77,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     tokenizer = choose_tokenizer(args.tokenizer)
+    load_before = f"{os.getloadavg()[0]:.1f}"
     shapes = ensure_checkpoint("shapes", get_settings().checkpoint_dir)
+    patch_px = json.loads((shapes / "configuration.json").read_text())["model"].get(
+        "patch_image_size"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         root = Path(tmp)
         train = sample_shifted(args.shifted, TRAIN_SEEDS[0]) + sample_scenes(
@@ -100,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_steps=args.steps,
             lr=args.lr,
             warmup_steps=args.warmup_steps,
+            lr_schedule=args.lr_schedule,
+            label_smoothing=args.label_smoothing,
             batch_size=args.batch_size,
             save_every=max(args.steps, 1),
         )
@@ -118,13 +131,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, f in (("shifted", shifted), ("original", original))
         }
     print()
-    print(f"fine-tune: {steps} steps of {args.batch_size} pairs, lr {args.lr}, "
-          f"{args.shifted} shifted + {args.replay} original images; {train_s:.0f} s in all "
+    built = json.loads((shapes / "build.json").read_text())
+    print(f"base: {shapes} (patch {patch_px} px, built {built.get('steps')} steps, "
+          f"{built.get('train_seconds')} s); load average {load_before} before, "
+          f"{os.getloadavg()[0]:.1f} after")  # fmt: skip
+    print(f"fine-tune: {steps} steps of {args.batch_size} pairs, lr {args.lr} "
+          f"({args.lr_schedule}, {args.warmup_steps} warm-up), {args.shifted} shifted + "
+          f"{args.replay} original images; {train_s:.0f} s in all "
           f"(fetch, load, train, save), {steps / train_s:.2f} steps/s")  # fmt: skip
     print(f"{'held-out set':<14} {'CIDEr-D before':>15} {'after':>8} {'after/before':>13}")
     for name in ("shifted", "original"):
-        ratio = after[name] / before[name] if before[name] else float("inf")
-        print(f"{name:<14} {before[name]:>15.3f} {after[name]:>8.3f} {ratio:>12.2f}x")
+        ratio = f"{after[name] / before[name]:.2f}x" if before[name] else "inf (before 0)"
+        print(f"{name:<14} {before[name]:>15.3f} {after[name]:>8.3f} {ratio:>13}")
+    learned = after["shifted"] >= 3 * before["shifted"] and after["shifted"] > 0
+    kept = after["original"] >= 0.9 * before["original"]
+    print(f"goals: shifted >= 3x before: {'met' if learned else 'NOT met'}; "
+          f"original down <= 10%: {'met' if kept else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-steps", type=positive_int, help="stop after N steps (whole epochs)")
     ft.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW)")
     ft.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then decay")
+    ft.add_argument(
+        "--lr-schedule",
+        default="linear",
+        choices=["linear", "cosine", "const"],
+        help="the decay after the warm-up: to zero in a line or a half cosine, or none",
+    )
+    ft.add_argument("--label-smoothing", type=float, default=0.1, help="0 keeps plain CE")
     ft.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step and GPU")
     ft.add_argument("--grad-accum", type=positive_int, default=1, help="steps per update")
     ft.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16: CUDA AMP")
@@ -550,6 +557,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
                 max_steps=args.max_steps,
                 lr=args.lr,
                 warmup_steps=args.warmup_steps,
+                lr_schedule=args.lr_schedule,
+                label_smoothing=args.label_smoothing,
                 batch_size=args.batch_size,
                 grad_accum=args.grad_accum,
                 precision=args.precision,

@@ -1,13 +1,18 @@
-"""A shifted `shapes` world for fine-tuning: squares in colours `shapes` never saw, with words
-of their own ("a purple square on a white background"), on the original backgrounds.
+"""A shifted `shapes` world for fine-tuning, made only of words `shapes` never saw: squares
+AND backgrounds in four new colours ("a purple square on a grey background").
 
-The base checkpoint gets the background right and the square's colour wrong, so its CIDEr-D
-here is low but not nil; a fine-tune that learns the new words raises it, and the original
-world's held-out set shows what the fine-tune made it forget.
+Every word that tells one shifted caption from another is new, so the base checkpoint, which
+names one of its own six colours for each, shares nothing but the template with the references
+("a", "square", "on a", "background": in every caption, hence weightless under CIDEr-D's
+document frequencies). Its CIDEr-D here is about nil; a fine-tune that learns the new words
+raises it, and the original world's held-out set shows what the fine-tune made it forget. The
+new colours sit far from the original six (grey between black and white, cyan between green
+and blue, purple, pink), so learning them need not move the old ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -18,15 +23,16 @@ from capworks.checkpoints.shapes_world import COLOURS, Scene, render_scene
 
 SHIFTED_COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (130, 40, 180),
-    "orange": (250, 140, 20),
     "pink": (250, 150, 200),
+    "grey": (128, 128, 128),
+    "cyan": (20, 210, 220),
 }
 PALETTE = {**COLOURS, **SHIFTED_COLOURS}
 
 
 def shifted_scenes() -> list[Scene]:
-    """Every scene of the shifted world: a new colour on an original background (18)."""
-    return [Scene(square, ground) for square in SHIFTED_COLOURS for ground in COLOURS]
+    """Every scene of the shifted world: a new colour on another new colour (12)."""
+    return [Scene(a, b) for a, b in itertools.permutations(SHIFTED_COLOURS, 2)]
 
 
 def sample_shifted(count: int, seed: int) -> list[tuple[Image.Image, str]]:

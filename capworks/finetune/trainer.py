@@ -32,6 +32,9 @@ from capworks.finetune.data import Pair
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]
+# The decays ModelScope's OFA trainer builds after the warm-up (its `get_schedule`): to zero in
+# a straight line or along a half cosine, or none.
+LrSchedule = Literal["linear", "cosine", "const"]
 CHECKPOINT_RE = re.compile(r"^iter_(\d+)$")
 # The trainer keeps this many step checkpoints (each holds the optimizer's state too).
 KEEP_CHECKPOINTS = 2
@@ -46,6 +49,7 @@ class TrainOptions:
     max_steps: int | None = None
     lr: float = 5e-5
     warmup_steps: int = 0
+    lr_schedule: LrSchedule = "linear"
     batch_size: int = 8
     grad_accum: int = 1
     precision: Precision = "fp32"
@@ -117,7 +121,7 @@ def training_configuration(
         "use_fp16": amp,
         "dataloader": {"batch_size_per_gpu": options.batch_size, "workers_per_gpu": 0},
         "lr_scheduler": {
-            "name": "linear",
+            "name": options.lr_schedule,
             "warmup_proportion": min(1.0, options.warmup_steps / max(1, planned)),
         },
         "lr_scheduler_hook": {"type": "LrSchedulerHook", "by_epoch": False},
