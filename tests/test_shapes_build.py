@@ -48,7 +48,6 @@ def test_training_progress_prints_plain_lines_with_rate_and_time_left_when_not_a
             progress.step(step, loss=1.0 / (step + 1), exact=0.5)
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == [
-        "training shapes: step 1/100",
         "training shapes: step 25/100",
         "training shapes: step 50/100",
     ]

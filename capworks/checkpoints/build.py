@@ -190,11 +190,11 @@ class TrainingProgress:
         done = step + 1
         rate = done / max(time.monotonic() - self._started, 1e-9)
         self._bar.update(self._task, completed=done, loss=loss, exact=exact, rate=rate)
-        if not self._console.is_terminal and (done % self._every == 0 or done == 1):
+        if not self._console.is_terminal and done % self._every == 0:
             eta_s = (self._total - done) / rate
             print(
                 f"training shapes: step {done}/{self._total}, {rate:.2f} steps/s, "
-                f"loss {loss:.3f}, held-out exact {exact:.0%}, at most {eta_s / 60:.1f} min left",
+                f"loss {loss:.3f}, held-out exact {exact:.0%}, about {eta_s / 60:.1f} min left",
                 file=sys.stderr,
                 flush=True,
             )
