@@ -245,9 +245,13 @@ def test_the_supervisor_hands_a_dead_childs_jobs_back_at_once(
             cwd=REPO,
         )
         try:
-            assert p.cli("enqueue", "s3://supervised-leases/", "--no-progress").returncode == 0
+            # Both workers ready before the jobs go out, so that they share them: under load the
+            # child loads its model long after the survivor and would otherwise find none left.
             child = wait_for_child(supervisor.pid)
             instance = instance_of(child)
+            child_beat = heartbeat_key(p.queue, instance)
+            wait_until(lambda: bool(p.redis().exists(child_beat)), 120, "the child's model")
+            assert p.cli("enqueue", "s3://supervised-leases/", "--no-progress").returncode == 0
             wait_until(lambda: len(held_tags(p, child)) >= 2, 120, "the child to hold jobs")
             tags = held_tags(p, child)
             os.kill(child, signal.SIGKILL)
