@@ -97,6 +97,7 @@ class Farm:
         self.net = 1 + int(self.id[-2:], 16) % 250  # 198.18.<net>.0/24
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.id}-"))
         self.root.chmod(0o755)  # PostgreSQL runs as `postgres` and keeps its data under it
+        (self.root / "owner").write_text(str(os.getpid()))  # a live owner's farm is not a leftover
         self.images = self.root / "images"  # what the producer crawls and the workers read
         self.images.mkdir()
         self.worker_env = worker_env or {}
@@ -467,9 +468,12 @@ def running_farm(cache_dir: Path, workers: int, sentinels: bool = False) -> Iter
 
 def remove_leftovers(prefix: str = PREFIX) -> None:
     """Kill every process in a namespace named `prefix...` (by PID, from `ip netns pids`),
-    delete those namespaces, links and the farm folders under the temporary directory."""
+    delete those namespaces, links and the farm folders under the temporary directory; a farm
+    whose owner (the test process that made it) still runs, and is not this one, is left alone:
+    on a shared machine it is another session's farm, not a leftover."""
+    live = live_farms()
     names = [line.split()[0] for line in sh("ip", "netns", "list").splitlines() if line.strip()]
-    for ns in [n for n in names if n.startswith(prefix)]:
+    for ns in [n for n in names if n.startswith(prefix) and n[: len(PREFIX) + 4] not in live]:
         for pid in sh("ip", "netns", "pids", ns, check=False).split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
@@ -479,10 +483,25 @@ def remove_leftovers(prefix: str = PREFIX) -> None:
         sh("ip", "netns", "del", ns, check=False)
     for line in sh("ip", "-o", "link", "show").splitlines():
         link = line.split(":")[1].strip().split("@")[0]
-        if link.startswith(prefix):
+        if link.startswith(prefix) and link[: len(PREFIX) + 4] not in live:
             sh("ip", "link", "del", link, check=False)
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.name[: len(PREFIX) + 4] not in live:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def live_farms() -> set[str]:
+    """The ids of the farms whose owner process is alive and is not this process."""
+    live = set()
+    for owner in Path(tempfile.gettempdir()).glob(f"{PREFIX}*/owner"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)  # raises when no such process is left
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid():
+            live.add(owner.parent.name[: len(PREFIX) + 4])
+    return live
 
 
 def _wait_gone(ns: str, timeout_s: float = 30) -> None:
