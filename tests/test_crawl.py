@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -401,9 +400,15 @@ def test_the_filters_of_enqueue_pick_what_the_readme_says(pipeline: Pipeline) ->
         bodies[f"s3://filters/{key}"] = body
     listing = s3.list_objects_v2(Bucket="filters")["Contents"]  # type: ignore[attr-defined]
     since = max(obj["LastModified"] for obj in listing) + timedelta(seconds=1)
-    time.sleep(2.0)  # S3 times are whole seconds: the next upload is after `since`
     late = png_bytes(sample_scenes(1, 53)[0][0])
-    s3.put_object(Bucket="filters", Key="late/new.png", Body=late)  # type: ignore[attr-defined]
+
+    def upload_late() -> bool:
+        s3.put_object(Bucket="filters", Key="late/new.png", Body=late)  # type: ignore[attr-defined]
+        head = s3.head_object(Bucket="filters", Key="late/new.png")  # type: ignore[attr-defined]
+        return bool(head["LastModified"] >= since)
+
+    # S3 times are whole seconds: uploaded again until the server stamps it at `since` or later.
+    wait_until(upload_late, 10, "an upload stamped at or after `since`")
     bodies["s3://filters/late/new.png"] = late
 
     everything = enqueue(p, "s3://filters/")

@@ -95,7 +95,9 @@ def test_a_lease_not_renewed_expires_and_its_messages_are_reaped(
     holder = keeper(client, index, 1.5)
     holder.renew(["job"])
     assert holder.reap() == ([], 0)
-    time.sleep(2)  # the holder died: no renewal
+    # The holder died: no renewal. Until its lease's deadline has passed on Redis's clock.
+    deadline = float(client.zscore(LEASES_KEY, "job") or 0)
+    wait_until(lambda: redis_now(client) > deadline, 10, "the lease to expire")
     assert keeper(client, index, 1.5).reap() == (["job"], 1)
 
 
@@ -108,7 +110,9 @@ def test_a_renewal_releases_what_the_process_no_longer_holds(
     holder.renew(["a"])  # b was acknowledged by kombu and dropped from the renewal
     assert client.zscore(LEASES_KEY, "b") is None and client.hget(OWNERS_KEY, "b") is None
     assert client.smembers(lease_key(holder.instance)) == {b"a"}
-    time.sleep(2)
+    # Until b's index entry is older than the lease on Redis's clock: no renewal moves it now.
+    delivered = float(client.zscore(index, "b") or 0)
+    wait_until(lambda: redis_now(client) - delivered > 1.5, 10, "b's entry to go stale")
     holder.renew(["a"])
     assert keeper(client, index, 1.5).reap() == (["b"], 1)  # b's index entry was stale
 

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import REPO, run_cli
-from pipeline_support import live_redis
+from pipeline_support import live_redis, wait_until
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,14 @@ from capworks.farm_metrics import FAMILIES
 from capworks.schema.checkpoint import CheckpointConfig
 from capworks.schema.db import connect
 from capworks.schema.errors import Code, ImageError
-from capworks.schema.heartbeat import Heartbeat, beat, forget, heartbeat_key, read_heartbeats
+from capworks.schema.heartbeat import (
+    Heartbeat,
+    beat,
+    forget,
+    heartbeat_key,
+    read_heartbeats,
+    redis_now,
+)
 from capworks.schema.jobs import Job
 from capworks.schema.queue import make_celery
 from capworks.schema.settings import Settings
@@ -229,7 +236,7 @@ class FakeBatchLoop:
     """A worker's batch loop reduced to its heartbeat: beats every 0.1 s until it 'hangs'."""
 
     def __init__(self, queue: str) -> None:
-        self.queue, self.hung = queue, threading.Event()
+        self.queue, self.hung, self.beating = queue, threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -238,6 +245,7 @@ class FakeBatchLoop:
         while not self.hung.is_set():
             beat(r, device="cpu", model="shapes", queue=self.queue, jobs_in_flight=1,
                  images_waiting=3, started_at=started)  # fmt: skip
+            self.beating.set()
             time.sleep(0.1)
 
 
@@ -248,20 +256,25 @@ def test_health_follows_the_heartbeat_of_this_host(queue: str, pg_url: str) -> N
     assert missing.returncode == 1
     assert "no worker heartbeat from this host" in missing.stdout
     loop = FakeBatchLoop(queue)
-    time.sleep(0.3)
+    assert loop.beating.wait(10), "the loop never beat"
     healthy = run_cli("health", "--worker", "--db", pg_url, env=env)
     assert healthy.returncode == 0, healthy.stdout
     assert f"worker {host}:{os.getpid()} (cpu) beat" in healthy.stdout
     loop.hung.set()  # the model thread hangs: Celery would still answer, the beats stop
     loop.thread.join()
-    time.sleep(2)
+    r = redis.Redis.from_url(REDIS_URL)
+
+    def stale() -> bool:
+        beats = read_heartbeats(r, queue)
+        return bool(beats) and all(hb.age_s(redis_now(r)) > 1.5 for hb in beats)
+
+    wait_until(stale, 10, "the last beat to be older than 1.5 s on Redis's clock")
     hung = run_cli("health", "--worker", "--no-database", "--db", pg_url, env=env)
     assert hung.returncode == 1
     assert "stale after 1.5 s" in hung.stdout and "hung" in hung.stdout
     # A heartbeat left by a process of this host that no longer exists is not a live worker.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    r = redis.Redis.from_url(REDIS_URL)
     forget(r, queue)
     beat(r, device="cpu", model="m", queue=queue, jobs_in_flight=0, started_at=0,
          pid=int(dead.stdout))  # fmt: skip
