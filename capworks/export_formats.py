@@ -119,6 +119,18 @@ def as_record(row: Sequence[Any]) -> dict[str, Any]:
     return record
 
 
+def rows_table(rows: Sequence[Sequence[Any]]) -> pa.Table:
+    """Rows in `COLUMNS` order as a table of `PARQUET_SCHEMA`."""
+    columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] if rows else []
+    if not columns:
+        return PARQUET_SCHEMA.empty_table()
+    by_name = dict(zip(COLUMNS, columns, strict=True))
+    by_name["extra"] = [None if e is None else json.dumps(e) for e in by_name["extra"]]
+    by_name["tags"] = [list((t or {}).items()) for t in by_name["tags"]]
+    by_name["created"] = [created_utc(c) for c in by_name["created"]]
+    return pa.table(by_name, schema=PARQUET_SCHEMA)
+
+
 class ParquetFile:
     """One Parquet file, a row group per batch."""
 
@@ -127,16 +139,12 @@ class ParquetFile:
         self._path = output.staging()
         self._writer = pq.ParquetWriter(str(self._path), PARQUET_SCHEMA, compression="zstd")
 
-    def write(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Append the batch as one row group."""
-        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] if rows else []
-        if not columns:
-            return
-        by_name = dict(zip(COLUMNS, columns, strict=True))
-        by_name["extra"] = [None if e is None else json.dumps(e) for e in by_name["extra"]]
-        by_name["tags"] = [list((t or {}).items()) for t in by_name["tags"]]
-        by_name["created"] = [created_utc(c) for c in by_name["created"]]
-        self._writer.write_table(pa.table(by_name, schema=PARQUET_SCHEMA))
+    def write(self, rows: Sequence[Sequence[Any]] | pa.Table) -> None:
+        """Append the batch (rows, or a table of `PARQUET_SCHEMA` as `export_copy` reads them
+        from PostgreSQL) as one row group."""
+        table = rows if isinstance(rows, pa.Table) else rows_table(rows)
+        if table.num_rows:
+            self._writer.write_table(table)
 
     def close(self) -> None:
         """Write the footer and publish the file."""

@@ -12,15 +12,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli, s3_client
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from capworks.cli import main
 from capworks.export import Window, iter_batches
-from capworks.export_formats import Output, WdsShards, sample_key
+from capworks.export_copy import iter_tables
+from capworks.export_formats import Output, WdsShards, rows_table, sample_key
 from capworks.schema.db import connect
 from capworks.schema.tables import Caption, Export, Image
 
@@ -244,3 +246,38 @@ def test_an_export_goes_to_s3_and_bad_targets_are_one_line_errors(
         bad = run_cli("export", *args, "--db", db, "--no-progress", env=env)
         assert bad.returncode == 1
         assert bad.stderr.count("\n") == 1 and says in bad.stderr, bad.stderr
+
+
+def test_parquet_tables_read_by_copy_hold_what_the_row_path_gives_whatever_the_text(
+    pg_url: str,
+) -> None:
+    # JSON and COPY both escape: backslashes, quotes, line breaks, tabs, control characters
+    # (COPY's own quote and delimiter among them) and non-ASCII must come through unchanged.
+    awkward = 'a "quoted" back\\slash\\\\ line\nbreak\ttab \x01\x02 ünï 😀 \\n'
+    add_caption(pg_url, "s3://b/odd/1.jpg", awkward, key="odd/1.jpg", extra={"k": awkward})
+    add_caption(pg_url, "https://host/2.png", "plain", source_id="id\\2", extra={"n": [1, 2.5]})
+    add_caption(pg_url, "/data/3.jpg", "no extra")
+    engine = connect(pg_url)
+    with Session(engine) as session:
+        caption = session.scalars(select(Caption).where(Caption.text == "no extra")).one()
+        caption.tags, caption.score, caption.revision = {}, float("-inf"), ""
+        caption.alternatives = [{"text": awkward, "score": -1.5}]
+        odd = session.scalars(select(Caption).where(Caption.text == awkward)).one()
+        odd.tags = {'say ": 1, "x': 0.5, awkward: 1, "}": 0.25}
+        session.execute(  # JSON text as another writer may have left it: over several lines
+            text("UPDATE captions SET alternatives = :alt WHERE text = 'plain'"),
+            {"alt": '[\n  {"text": "two\\nlines",\n   "score": -2}\n]'},
+        )
+        session.commit()
+
+    copied = list(iter_tables(engine, Window(), batch_rows=2))
+    rows = [row for batch in iter_batches(engine, Window()) for row in batch]
+    engine.dispose()
+
+    assert [table.num_rows for table in copied] == [2, 1]
+    by_uri = sorted(pa.concat_tables(copied).to_pylist(), key=lambda r: r["uri"])
+    assert by_uri == sorted(rows_table(rows).to_pylist(), key=lambda r: r["uri"])
+    assert [r["caption"] for r in by_uri] == ["no extra", "plain", awkward]
+    assert (by_uri[0]["tags"], by_uri[0]["score"], by_uri[0]["revision"]) == ([], float("-inf"), "")
+    assert by_uri[1]["alternatives"] == [{"text": "two\nlines", "score": -2.0}]
+    assert dict(by_uri[2]["tags"]) == {'say ": 1, "x': 0.5, awkward: 1.0, "}": 0.25}
