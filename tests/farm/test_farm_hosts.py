@@ -41,6 +41,8 @@ JOB_IMAGES = int(os.environ.get("CAPWORKS_FARM_JOB_IMAGES", "16"))
 REDIS_PARTITION_S = float(os.environ.get("CAPWORKS_FARM_REDIS_PARTITION_S", "20"))
 PG_PARTITION_S = float(os.environ.get("CAPWORKS_FARM_PG_PARTITION_S", "60"))
 OUT = os.environ.get("CAPWORKS_FARM_OUT")
+# A crawl's time limit: 1,000 images at this machine's slowest (1.8 images/s) take ~9 min.
+WAIT_S = max(600.0, 1.5 * IMAGES)
 LEASE_S = Settings.model_fields["lease_s"].default
 TICK_S = renew_every_s(LEASE_S)
 # CI's machine is shared: a recovery may wait this much longer than the promise for a CPU.
@@ -123,7 +125,7 @@ class Run:
             if any(r.exists(DONE_KEY.format(j)) for j in self.held):
                 self.recovered_s.append(now)
 
-    def wait(self, timeout_s: float = 600, during: Callable[[], None] = lambda: None) -> None:
+    def wait(self, timeout_s: float = WAIT_S, during: Callable[[], None] = lambda: None) -> None:
         """Until every image is captioned or dead-lettered, noting recoveries."""
         deadline = time.monotonic() + timeout_s
         while not self.finished():
