@@ -9,8 +9,7 @@ rows is handed out: its bytes against `files[].MD5checksum`, a Parquet file's co
 `fileSchema` (a CSV file's rows are checked against it one by one). Delete markers and
 versions that are not the latest are skipped; each row's ETag, size and modification time go
 into its reference, so the crawl's filters and its "already captioned" check work as they do
-for a listing. `inventory_rows` sizes the progress bar's ETA from the manifest and the files'
-heads (Parquet footers, the first MiB of CSV.gz).
+for a listing. `producer/inventory_eta.py` sizes the progress bar's ETA.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import hashlib
 import io
 import json
 import re
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,16 +29,15 @@ from typing import IO, Any
 from urllib.parse import unquote_plus
 
 from capworks.producer.sources import InputError, s3_body, s3_stream
-from capworks.schema.errors import StorageError
 from capworks.schema.uris import ImageRef, s3_uri
 
 SCHEME = "s3-inventory://"
 # The manifest's column names, normalised (CSV says `ETag`, Parquet `e_tag`): lower case, no `_`.
 _COLUMNS = ("bucket", "key", "size", "etag", "lastmodifieddate", "islatest", "isdeletemarker")
 _VERSION = "versionid"
+FALSE = (False, "false", "False", "FALSE")  # an `IsLatest` that is not
 # A Parquet fileSchema's fields: "message s3.inventory { required binary bucket (UTF8); ... }".
 _PARQUET_FIELD = re.compile(r"(?:required|optional|repeated)\s+\w+\s+(\w+)")
-ETA_SAMPLE_BYTES = 1 << 20  # of a CSV.gz file, decompressed to estimate rows per stored byte
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def iter_inventory(
 ) -> Iterator[tuple[str, ImageRef]]:
     """(position, reference) of every current object in the inventory, in manifest order."""
     manifest_path = None if source.startswith(SCHEME) else Path(source)
-    manifest = parse_manifest(_read_manifest(source, manifest_path, s3_client), source)
+    manifest = parse_manifest(read_manifest(source, manifest_path, s3_client), source)
     start_file, start_row = parse_position(start_after)
     for number, data in enumerate(manifest.files):
         if number < start_file:
@@ -148,7 +145,7 @@ def iter_inventory(
 def row_ref(row: dict[str, Any]) -> ImageRef | None:
     """The reference of one inventory row; None for a delete marker, an older version or a
     folder marker (a key ending in `/`)."""
-    if _truthy(row.get("isdeletemarker")) or row.get("islatest") in (False, "false", "False"):
+    if not is_current(row):
         return None
     bucket, key = str(row["bucket"]), str(row["key"])
     if not key or key.endswith("/"):
@@ -166,7 +163,14 @@ def row_ref(row: dict[str, Any]) -> ImageRef | None:
     )
 
 
-def _truthy(value: Any) -> bool:
+def is_current(row: dict[str, Any]) -> bool:
+    """False for a delete marker's row and an older version's (rows without the columns are
+    current objects)."""
+    return not is_true(row.get("isdeletemarker")) and row.get("islatest") not in FALSE
+
+
+def is_true(value: Any) -> bool:
+    """True for an inventory flag that is set (a Parquet boolean, or CSV's `true`)."""
     return value is True or value in ("true", "True", "TRUE")
 
 
@@ -223,7 +227,8 @@ def _parquet_rows(
         first += count
 
 
-def _read_manifest(source: str, path: Path | None, s3_client: Any | None) -> bytes:
+def read_manifest(source: str, path: Path | None, s3_client: Any | None) -> bytes:
+    """The manifest's bytes: the local file `path`, else the `s3-inventory://` object."""
     if path is not None:
         try:
             return path.read_bytes()
@@ -241,7 +246,7 @@ def _opened(
     beside a local manifest when it is there, else from the inventory's destination bucket.
     A file read from S3 is spooled to a temporary file when it is checked or is Parquet (which
     seeks); an unchecked CSV.gz streams."""
-    local = _local_copy(path, data.key) if path is not None else None
+    local = local_copy(path, data.key) if path is not None else None
     if local is not None:
         with local.open("rb") as f:
             _check_md5(f, data)
@@ -250,12 +255,13 @@ def _opened(
     if path is not None and s3_client is None:
         raise InputError(f"inventory file {data.key} is not beside {path} (and S3 is not set up)")
     seekable = manifest.file_format != "CSV" or data.md5 is not None
-    with s3_stream(s3_client, _data_bucket(source, manifest), data.key, seekable) as stream:
+    with s3_stream(s3_client, data_bucket(source, manifest), data.key, seekable) as stream:
         _check_md5(stream, data)
         yield stream
 
 
-def _data_bucket(source: str, manifest: Manifest) -> str:
+def data_bucket(source: str, manifest: Manifest) -> str:
+    """The bucket the data files are in: the manifest's destination, else the manifest's own."""
     return manifest.destination_bucket or source.removeprefix(SCHEME).partition("/")[0]
 
 
@@ -275,81 +281,7 @@ def _check_md5(stream: IO[bytes], data: DataFile) -> None:
     stream.seek(0)
 
 
-def inventory_rows(source: str, s3_client: Any | None) -> int | None:
-    """About how many rows an inventory holds, for the progress bar's ETA: a Parquet file's
-    footer says; a CSV.gz file's count is estimated from its size and the rows in the first
-    `ETA_SAMPLE_BYTES` of the first file (exact when that file is smaller). None when the
-    manifest cannot be read (the crawl then reports why)."""
-    manifest_path = None if source.startswith(SCHEME) else Path(source)
-    try:
-        manifest = parse_manifest(_read_manifest(source, manifest_path, s3_client), source)
-        if not manifest.files:
-            return 0
-        if manifest.file_format == "CSV":
-            return _estimate_csv_rows(source, manifest, manifest_path, s3_client)
-        return sum(
-            _parquet_file_rows(source, manifest, manifest_path, d, s3_client)
-            for d in manifest.files
-        )
-    except (InputError, StorageError, OSError, ValueError):
-        return None
-
-
-def _estimate_csv_rows(
-    source: str, manifest: Manifest, path: Path | None, s3_client: Any | None
-) -> int | None:
-    """Rows of the files read whole within `ETA_SAMPLE_BYTES`, and of the rest by the rows per
-    byte of what was read."""
-    budget, rows, read_bytes, unread_bytes = ETA_SAMPLE_BYTES, 0, 0, 0
-    for data in manifest.files:
-        sample = _head(source, manifest, path, data, s3_client, budget) if budget else b""
-        budget -= len(sample)
-        rows += zlib.decompressobj(wbits=31).decompress(sample).count(b"\n")
-        read_bytes += len(sample)
-        if len(sample) < (data.size_bytes or 0) or (not sample and data.size_bytes is None):
-            if data.size_bytes is None:
-                return None
-            unread_bytes += data.size_bytes - len(sample)
-    if unread_bytes and not rows:
-        return None
-    return rows + round(unread_bytes * rows / max(read_bytes, 1))
-
-
-def _head(
-    source: str,
-    manifest: Manifest,
-    path: Path | None,
-    data: DataFile,
-    s3_client: Any | None,
-    size_bytes: int,
-) -> bytes:
-    """The first `size_bytes` of a data file (fewer when it is shorter)."""
-    local = _local_copy(path, data.key) if path is not None else None
-    if local is not None:
-        with local.open("rb") as f:
-            return f.read(size_bytes)
-    where = _data_bucket(source, manifest)
-    body = s3_body(s3_client, where, data.key, data.key, Range=f"bytes=0-{size_bytes - 1}")
-    return bytes(body.read())
-
-
-def _parquet_file_rows(
-    source: str, manifest: Manifest, path: Path | None, data: DataFile, s3_client: Any | None
-) -> int:
-    """A Parquet file's row count from its footer (on S3, two ranged reads of its end)."""
-    import pyarrow.parquet as pq
-
-    local = _local_copy(path, data.key) if path is not None else None
-    if local is not None:
-        return int(pq.ParquetFile(local).metadata.num_rows)
-    bucket = _data_bucket(source, manifest)
-    tail = s3_body(s3_client, bucket, data.key, data.key, Range="bytes=-8").read()
-    footer_bytes = int.from_bytes(tail[:4], "little") + 8
-    footer = s3_body(s3_client, bucket, data.key, data.key, Range=f"bytes=-{footer_bytes}").read()
-    return int(pq.read_metadata(io.BytesIO(b"PAR1" + footer)).num_rows)
-
-
-def _local_copy(manifest: Path, key: str) -> Path | None:
+def local_copy(manifest: Path, key: str) -> Path | None:
     """A data file of a local manifest: its key under one of the manifest's folders, or the
     standard layout (`<config>/<time>/manifest.json` beside `<config>/data/<file>`)."""
     parts = Path(key).parts

@@ -27,7 +27,8 @@ from pipeline_support import REDIS_URL, Pipeline, own_queue, queued_images
 from capworks.checkpoints.layout import configuration_json
 from capworks.producer.crawl import Filters, Publisher, run_crawl
 from capworks.producer.enqueue import make_publisher
-from capworks.producer.inventory import inventory_rows, iter_inventory
+from capworks.producer.inventory import iter_inventory
+from capworks.producer.inventory_eta import inventory_rows
 from capworks.producer.sources import InputError
 from capworks.schema.db import connect
 from capworks.schema.jobs import Job
@@ -316,3 +317,37 @@ def test_an_inventorys_row_count_for_the_eta_comes_from_its_manifest_and_files(
         s3_client(s3_endpoint), "Parquet", pq_files, manifest("Parquet", pq_files)
     )
     assert inventory_rows(source, s3_client(s3_endpoint)) == 11  # from the footers' ranges
+
+
+def old_versions() -> list[dict[str, Any]]:
+    """Rows of a versioned bucket that are no current object: a delete marker, an old version."""
+    return not_current()[:2]
+
+
+def test_an_inventorys_eta_leaves_out_delete_markers_and_older_versions(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    s3 = s3_client(s3_endpoint)
+    first, second = objects(5) + old_versions(), old_versions() + objects(4, offset=5)
+    csv_files = data_files([csv_gz(first), csv_gz(second)], ".csv.gz")
+    source = put_inventory(s3, "CSV", csv_files, manifest("CSV", csv_files))
+    assert inventory_rows(source, s3) == 9
+    pq_files = data_files([parquet(first, 3), parquet(second, 3)], ".parquet")
+    source = put_inventory(s3, "Parquet", pq_files, manifest("Parquet", pq_files))
+    assert inventory_rows(source, s3) == 9  # the flag columns read by ranged GETs
+    assert inventory_rows(str(local_inventory(tmp_path, "Parquet", pq_files)), None) == 9
+
+
+def test_enqueue_sizes_its_progress_bar_by_the_inventorys_current_objects(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    files = data_files([parquet(objects(6) + old_versions(), 3)], ".parquet")
+    path = local_inventory(tmp_path / "download", "Parquet", files)
+    model = producer_model(tmp_path / "model")
+    local.extra_env["COLUMNS"] = "400"  # the bar's last frame whole on a stderr that is no tty
+    result = local.cli("enqueue", str(path), "--model", str(model))
+    assert result.returncode == 0, result.stderr
+    assert "listed 6, skipped 0, enqueued 6" in result.stdout
+    # 6 of 6 at the end (8 rows counted would stop it at 75%; no size, at no percentage).
+    [bar] = [line for line in result.stderr.splitlines() if "manifest.json" in line]
+    assert " 100% ETA" in bar, result.stderr

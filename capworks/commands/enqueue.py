@@ -24,7 +24,8 @@ from capworks.producer.crawl import CrawlStats, Filters, crawl_id_for, run_crawl
 from capworks.producer.enqueue import crawl_lock, make_publisher
 from capworks.producer.imagenames import IMAGE_SUFFIXES, suffix_set
 from capworks.producer.inventory import SCHEME as INVENTORY_SCHEME
-from capworks.producer.inventory import inventory_rows, is_inventory
+from capworks.producer.inventory import is_inventory
+from capworks.producer.inventory_eta import inventory_rows
 from capworks.producer.listing import ListingPlan, describe_position
 from capworks.producer.sources import InputError, count_uri_file
 from capworks.producer.tables import TableSpec, table_rows
