@@ -10,7 +10,9 @@ PostgreSQL database where a case says so), each in a child process of its own so
 is its alone: the URI list (`@FILE`, the way in before tables), the table with `--url-col url`,
 and the table with `--id-col key --keep-cols caption` (which also writes each image's id and
 kept columns into `images`), on SQLite and on PostgreSQL, each also with the ORM bulk upsert
-those columns were written with before (`orm_upsert`, patched into the crawl in its child).
+those columns were written with before (`orm_upsert`, patched into the crawl in its child),
+and on PostgreSQL with the crawl's done check before (`two_lookups_drop_done`, two lookups a
+page; patched likewise).
 The queue and its marks are deleted after each crawl.
 """
 
@@ -30,16 +32,18 @@ import pyarrow.parquet as pq
 import redis
 from child_rss import peak_growth_bytes, rss_bytes, run_in_child
 from scratch_pg import scratch_database
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from capworks.producer import crawl
-from capworks.producer.crawl import SENT_KEY, Filters, run_crawl
+from capworks.producer.crawl import IMAGE_FAULTS, SENT_KEY, Filters, run_crawl
 from capworks.producer.enqueue import make_publisher
 from capworks.producer.tables import TableRef, TableSpec
 from capworks.schema.db import connect
+from capworks.schema.redact import redact_uri
 from capworks.schema.settings import Settings
-from capworks.schema.tables import Image, utcnow
+from capworks.schema.tables import Caption, Failure, Image, utcnow
 from capworks.schema.uris import ImageRef
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -89,15 +93,63 @@ def orm_upsert(session: Session, refs: list[ImageRef]) -> None:
         )
 
 
+def two_lookups_drop_done(
+    session: Session,
+    refs: list[ImageRef],
+    identity: tuple[str, str, str],
+    failed_too: bool,
+    retry_failed: bool = False,
+) -> list[ImageRef]:
+    """The crawl's done check before (a copy): two lookups a page, the page's URIs as 1,000
+    bound parameters each."""
+    if not refs:
+        return refs
+    model_id, revision, settings_hash = identity
+    # Rows name an http(s) image by its masked URI: one object, one row, whatever its token.
+    stored = {ref.uri: redact_uri(ref.uri) for ref in refs}
+    uris = list(dict.fromkeys(stored.values()))
+    done: dict[str, str | None] = dict(
+        session.execute(
+            select(Image.uri, Image.etag)
+            .join(Caption, Caption.image_id == Image.id)
+            .where(
+                Image.uri.in_(uris),
+                Caption.model_id == model_id,
+                Caption.revision == revision,
+                Caption.settings_hash == settings_hash,
+            )
+        ).all()
+    )
+    failed = select(Image.uri, Image.etag).join(Failure, Failure.image_id == Image.id)
+    if failed_too:
+        done.update(session.execute(failed.where(Image.uri.in_(uris))).all())
+    elif not retry_failed:
+        permanent = failed.where(
+            Image.uri.in_(uris),
+            Failure.code.in_([code.value for code in IMAGE_FAULTS]),
+            Failure.model_id.in_([model_id, ""]),  # "": a letter from before letters had models
+        )
+        done.update(session.execute(permanent).all())
+    # An object whose ETag changed since it was captioned is captioned again.
+    return [
+        ref
+        for ref in refs
+        if stored[ref.uri] not in done
+        or (ref.etag is not None and done[stored[ref.uri]] != ref.etag)
+    ]
+
+
 def measure(
-    source: str, table: TableSpec | None, tmp: str, db_url: str | None, old: bool
+    source: str, table: TableSpec | None, tmp: str, db_url: str | None, old: str
 ) -> dict[str, Any]:
     """One crawl to the end (in a child of its own): its count, time and peak RSS growth."""
     queue = f"bench-table-{uuid.uuid4().hex[:8]}"
     settings = Settings(broker_url=REDIS_URL, queue_name=queue)
     publisher = make_publisher(settings)
-    if old:
+    if old == "orm":
         crawl.save_table_columns = orm_upsert  # this child only
+    if old == "two lookups":
+        crawl._drop_done = two_lookups_drop_done  # this child only
     db = connect(db_url or f"sqlite:///{tmp}/crawl-{queue}.db")
     base = rss_bytes()
     started = time.perf_counter()
@@ -127,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--row-group", type=int, default=100_000)
+    parser.add_argument("--databases", default="sqlite,postgresql")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="capworks-table-bench-"))
     try:
@@ -135,15 +188,19 @@ def main() -> None:
         print(f"{args.rows:,} rows: Parquet {sizes_mb[0]:.1f} MiB, URI list {sizes_mb[1]:.1f} MiB")
         keep = TableSpec("url", "key", ("caption",))
         cases = [
-            ("URI list (@FILE)", f"@{listing}", None, False, False),
-            ("Parquet --url-col url", str(parquet), TableSpec("url"), False, False),
-            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, False, False),
-            ("  the same, ORM upsert (before)", str(parquet), keep, False, True),
-            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, True, False),
-            ("  the same, ORM upsert (before)", str(parquet), keep, True, True),
+            ("URI list (@FILE)", f"@{listing}", None, False, ""),
+            ("Parquet --url-col url", str(parquet), TableSpec("url"), False, ""),
+            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, False, ""),
+            ("  the same, ORM upsert (before)", str(parquet), keep, False, "orm"),
+            ("Parquet --id-col key --keep-cols caption", str(parquet), keep, True, ""),
+            ("  the same, ORM upsert (before)", str(parquet), keep, True, "orm"),
+            ("  the same, two done lookups (before)", str(parquet), keep, True, "two lookups"),
         ]
+        wanted = set(args.databases.split(","))
         rates = {}
         for label, source, table, on_pg, old in cases:
+            if ("postgresql" if on_pg else "sqlite") not in wanted:
+                continue
             if on_pg:
                 with scratch_database() as db_url:
                     r = run_in_child(measure, source, table, tmp, db_url, old)
@@ -159,9 +216,14 @@ def main() -> None:
                 f"{rate:8,.0f} URIs/s ({goal} the {GOAL_URIS_PER_S:,}/s goal), "
                 f"peak RSS +{r['rss'] / 2**20:.1f} MiB"
             )
-        base = rates["URI list (@FILE) (SQLite)"]
+        base = rates.get("URI list (@FILE) (SQLite)")
         for label, rate in rates.items():
-            print(f"{label}: {rate / base:.2f}x the URI list's rate")
+            if base:
+                print(f"{label}: {rate / base:.2f}x the URI list's rate")
+        pg = "Parquet --id-col key --keep-cols caption (PostgreSQL)"
+        before = "  the same, two done lookups (before) (PostgreSQL)"
+        if pg in rates and before in rates:
+            print(f"PostgreSQL, one done lookup a page: {rates[pg] / rates[before]:.2f}x two")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

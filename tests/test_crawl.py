@@ -31,7 +31,7 @@ from pipeline_support import (
     wait_until,
 )
 from redis_server import own_redis
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.producer.crawl import run_crawl
@@ -231,6 +231,41 @@ def test_a_recrawl_skips_images_dead_lettered_for_their_own_fault_unless_asked_t
     # perhaps fixed since) and the new one are sent.
     assert recrawl("c1") == [uris[3], uris[1]]
     assert recrawl("c2", retry_failed=True) == [uris[0], uris[3], uris[1]]
+
+
+def test_a_pages_done_check_is_one_statement_with_its_uris_as_one_parameter_on_postgresql(
+    local: Pipeline, tmp_path: Path
+) -> None:
+    config = CheckpointConfig(model_dir=tmp_path, model_id="m", revision="r")
+    uris = [f"s3://b/{n:03d}.jpg" for n in range(250)]
+    listing = tmp_path / "uris.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    ResultWriter(connect(local.db_url), config).save(
+        [Outcome(ImageRef(uris[7]), captioned("a red square"))]
+        + [Outcome(ImageRef(uris[140]), ImageError(Code.UNDECODABLE, "cannot identify image"))]
+    )
+    db = connect(local.db_url)
+    checks: list[Any] = []
+
+    @event.listens_for(db, "before_cursor_execute")
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if "FROM images" in statement and ("captions" in statement or "failures" in statement):
+            checks.append(params)
+
+    run_crawl(
+        f"@{listing}",
+        crawl_id="c1",
+        db=db,
+        publisher=make_publisher(Settings(broker_url=REDIS_URL, queue_name=local.queue)),
+        s3_client=None,
+        identity=config.identity,
+        page_size=100,
+    )
+
+    assert sorted(queued_images(local)) == [u for u in uris if u not in (uris[7], uris[140])]
+    assert len(checks) == 3  # one statement a page of 100, 100 and 50 URIs
+    if db.dialect.name == "postgresql":  # the URIs as one array, not one parameter each
+        assert all(len(params) < 20 for params in checks), [len(p) for p in checks]
 
 
 # -- the broker ------------------------------------------------------------------------------
