@@ -8,6 +8,9 @@ crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s p
 listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
 whose list pages `schema/list_pages.py` parses, and again with botocore's own parser (the way
 before); prints keys/s and the ratios to one stream of each, and to one stream before.
+`--servers fake` (or both, the default) lists the same keys from `FakeListServer`
+(bench/fake_list_server.py: pre-rendered pages, the same delay, next to no server CPU), which
+measures the listing's own side on a machine whose cores SeaweedFS would otherwise share.
 
     .venv/bin/python bench/list_streams.py [--prefixes 64] [--keys-per-prefix 1000]
 """
@@ -27,11 +30,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
+from botocore import handlers
+from fake_list_server import fake_list_server
 from seaweed import s3_client, scratch_s3
 
 from capworks.producer.listing import ListingPlan, iter_parallel_pages
 from capworks.producer.sources import iter_s3
-from capworks.schema.list_pages import FAST_PARSER_ID
+from capworks.schema.list_pages import CHECK_200_ID, FAST_PARSER_ID
 from capworks.schema.settings import Settings
 from capworks.schema.storage import make_s3_client
 
@@ -104,18 +109,24 @@ def proxied_client(endpoint: str, fast_parser: bool = True) -> Any:
         s3_addressing_style="path",
     )
     client = make_s3_client(settings)
-    if not fast_parser:
-        client.meta.events.unregister("before-parse.s3.ListObjectsV2", unique_id=FAST_PARSER_ID)
+    if not fast_parser:  # botocore's parser, and its 200-error check of every page, back
+        events = client.meta.events
+        events.unregister("before-parse.s3.ListObjectsV2", unique_id=FAST_PARSER_ID)
+        events.unregister("before-parse.s3.*", unique_id=CHECK_200_ID)
+        events.register_first("before-parse.s3.*", handlers._handle_200_error)
     return client
 
 
-def fill_bucket(client: Any, prefixes: int, per_prefix: int) -> int:
-    """Empty objects in `prefixes` camera-roll folders; returns how many."""
+def bucket_keys(prefixes: int, per_prefix: int) -> list[str]:
+    """The keys of `prefixes` camera-roll folders of `per_prefix` images."""
+    return [f"cam{p:03d}/IMG_{n:05d}.jpg" for p in range(prefixes) for n in range(per_prefix)]
+
+
+def fill_bucket(client: Any, keys: list[str]) -> None:
+    """An empty object for each key."""
     client.create_bucket(Bucket=BUCKET)
-    keys = [f"cam{p:03d}/IMG_{n:05d}.jpg" for p in range(prefixes) for n in range(per_prefix)]
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=b""), keys))
-    return len(keys)
 
 
 def list_keys(client: Any, streams: int) -> int:
@@ -133,32 +144,50 @@ def main() -> None:
     parser.add_argument("--keys-per-prefix", type=int, default=1000)
     parser.add_argument("--page-delay-ms", type=float, default=50.0)
     parser.add_argument("--streams", default="1,8,32")
+    parser.add_argument("--servers", default="seaweedfs,fake", help="seaweedfs, fake or both")
+    parser.add_argument("--parsers", default="botocore,list_pages")
     args = parser.parse_args()
-    with scratch_s3() as endpoint:
-        started = time.perf_counter()
-        total = fill_bucket(s3_client(endpoint), args.prefixes, args.keys_per_prefix)
-        put_s = time.perf_counter() - started
-        print(f"{total:,} objects in {args.prefixes} folders, put in {put_s:.0f} s")
-        with latency_proxy(endpoint, args.page_delay_ms / 1000) as proxied:
-            print(f"{args.page_delay_ms:.0f} ms added to each list page")
-            print("| page parser | streams | keys | seconds | keys/s | vs 1 stream | vs 1 before |")
-            print("|---|---|---|---|---|---|---|")
-            before = None
-            for parser in ("botocore (before)", "list_pages (now)"):
-                client = proxied_client(proxied, fast_parser=parser.startswith("list_pages"))
-                base = None
-                for streams in (int(s) for s in args.streams.split(",")):
-                    begun = time.perf_counter()
-                    listed = list_keys(client, streams)
-                    seconds = time.perf_counter() - begun
-                    rate = listed / seconds
-                    base = base or rate
-                    before = before or rate
-                    print(
-                        f"| {parser} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
-                        f"{rate / base:.1f}x | {rate / before:.1f}x |"
-                    )
-                    assert listed == total, f"listed {listed} of {total}"
+    delay_s = args.page_delay_ms / 1000
+    keys = bucket_keys(args.prefixes, args.keys_per_prefix)
+    print(f"{args.page_delay_ms:.0f} ms added to each list page")
+    print(
+        "| server | page parser | streams | keys | seconds | keys/s | vs 1 stream | vs 1 before |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    if "seaweedfs" in args.servers:
+        with scratch_s3() as endpoint:
+            started = time.perf_counter()
+            fill_bucket(s3_client(endpoint), keys)
+            put_s = time.perf_counter() - started
+            print(f"{len(keys):,} objects in {args.prefixes} folders, put in {put_s:.0f} s")
+            with latency_proxy(endpoint, delay_s) as proxied:
+                run_counts("SeaweedFS + proxy", proxied, args, len(keys))
+    if "fake" in args.servers:
+        with fake_list_server(BUCKET, keys, delay_s) as endpoint:
+            run_counts("FakeListServer", endpoint, args, len(keys))
+
+
+def run_counts(server: str, endpoint: str, args: argparse.Namespace, total: int) -> None:
+    """Each stream count with each page parser through `endpoint`, one row each."""
+    before = None
+    for parser in ("botocore (before)", "list_pages (now)"):
+        if parser.split()[0] not in args.parsers:
+            continue
+        client = proxied_client(endpoint, fast_parser=parser.startswith("list_pages"))
+        base = None
+        for streams in (int(s) for s in args.streams.split(",")):
+            begun = time.perf_counter()
+            listed = list_keys(client, streams)
+            seconds = time.perf_counter() - begun
+            rate = listed / seconds
+            base = base or rate
+            before = before or rate
+            print(
+                f"| {server} | {parser} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
+                f"{rate / base:.1f}x | {rate / before:.1f}x |",
+                flush=True,
+            )
+            assert listed == total, f"listed {listed} of {total}"
 
 
 if __name__ == "__main__":

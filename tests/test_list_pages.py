@@ -102,3 +102,36 @@ def test_the_client_a_crawl_builds_parses_list_pages_fast(s3_endpoint: str) -> N
     # The fast parser reads only the fields a crawl uses: botocore's also has StorageClass.
     assert "StorageClass" in botocores and set(ours) == set(FIELDS)
     assert {f: botocores[f] for f in FIELDS} == ours
+
+
+WHOLE_PAGE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/'
+    b'doc/2006-03-01/"><Name>b</Name><KeyCount>1</KeyCount><IsTruncated>false</IsTruncated>'
+    b"<Contents><Key>a.png</Key><Size>3</Size></Contents></ListBucketResult>\n"
+)
+
+
+def before_parse(body: bytes, operation: str = "ListObjectsV2") -> tuple[int, dict[str, Any]]:
+    """(status botocore goes on with, what the hooks parsed) for a 200 response of `body`,
+    through the `before-parse` hooks of the client a crawl builds (no request is made)."""
+    settings = Settings(s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    client = make_s3_client(settings)
+    response = {"status_code": 200, "headers": {}, "body": body}
+    parsed: dict[str, Any] = {}
+    client.meta.events.emit(
+        f"before-parse.s3.{operation}",
+        operation_model=client.meta.service_model.operation_model(operation),
+        response_dict=response,
+        customized_response_dict=parsed,
+    )
+    return response["status_code"], parsed  # type: ignore[return-value]
+
+
+def test_a_whole_page_is_parsed_once_and_a_page_cut_short_or_an_error_is_retried() -> None:
+    status, parsed = before_parse(WHOLE_PAGE)
+    assert status == 200 and parsed["Contents"] == [{"Key": "a.png", "Size": 3}]
+    # Cut short by the network: not parsed here (keys would be lost), but a 500 to retry.
+    assert before_parse(WHOLE_PAGE[:-40]) == (500, {})
+    error = b"<Error><Code>InternalError</Code><Message>retry</Message></Error>"
+    assert before_parse(error) == (500, {})
+    assert before_parse(error, "ListBuckets") == (500, {})  # other calls keep botocore's check
