@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Inventory: s3-inventory://bucket/path/manifest.json or a local manifest.json",
     )
     enq.add_argument("--model", default=settings.model, help="model whose captions count as done")
-    enq.add_argument("--revision", default=settings.revision)
+    enq.add_argument("--revision", default=settings.revision, help="hub revision of --model")
     enq.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     enq.add_argument("--crawl-id", help="resume this crawl (default: derived from the source)")
     redo = enq.add_mutually_exclusive_group()
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="only names with this suffix, any case (repeat; default: the image suffixes)",
     )
-    enq.add_argument("--min-bytes", type=int)
-    enq.add_argument("--max-bytes", type=int)
+    enq.add_argument("--min-bytes", type=int, help="skip smaller objects (default: no limit)")
+    enq.add_argument("--max-bytes", type=int, help="skip larger objects (default: no limit)")
     enq.add_argument("--modified-since", type=iso_datetime, help="ISO date or time (UTC)")
     enq.add_argument(
         "--expect",
@@ -138,12 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     work = sub.add_parser("worker", help="run captioning workers, one process per GPU")
     work.add_argument("--gpus", default="all", help="all, cpu, or a list such as 0,1")
-    work.add_argument("--concurrency", type=positive_int, help="jobs held per process")
+    work.add_argument(
+        "--concurrency",
+        type=positive_int,
+        help="jobs held per process (default: CAPWORKS_PREFETCH_JOBS, now"
+        f" {settings.prefetch_jobs})",
+    )
     work.add_argument(
         "--cpu-procs",
         type=positive_int,
         metavar="N",
-        help="with --gpus cpu: N processes, each with cores/N torch and decode threads",
+        help="with --gpus cpu: N processes, each with cores/N torch and decode threads"
+        " (default: one process using every core)",
     )
     work.add_argument("--loglevel", default="INFO")
     work.add_argument(
@@ -151,9 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="ModelScope hub id, local checkpoint folder, or an offline name (shapes, tiny-random,"
         f" large-random, tiny-wide) to serve; sets CAPWORKS_MODEL (now {settings.model!r})",
     )
-    work.add_argument("--revision", help="hub revision; sets CAPWORKS_REVISION")
     work.add_argument(
-        "--db", help="SQLAlchemy database URL for captions; sets CAPWORKS_DATABASE_URL"
+        "--revision",
+        help=f"hub revision; sets CAPWORKS_REVISION (now {settings.revision or 'the newest'})",
+    )
+    work.add_argument(
+        "--db",
+        help="SQLAlchemy database URL for captions; sets CAPWORKS_DATABASE_URL (now"
+        f" {redact(settings.database_url)})",
     )
     work.add_argument(
         "--file-root",
@@ -185,9 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("uri")
 
     ev = sub.add_parser("events", help="turn storage events (webhook, SQS, filer) into jobs")
-    ev.add_argument("--source", required=True, choices=["webhook", "sqs", "filer"])
+    ev.add_argument(
+        "--source",
+        required=True,
+        choices=["webhook", "sqs", "filer"],
+        help="where storage events come from (required)",
+    )
     ev.add_argument("--model", default=settings.model, help="model whose captions dedup counts")
-    ev.add_argument("--revision", default=settings.revision)
+    ev.add_argument("--revision", default=settings.revision, help="hub revision of --model")
     ev.add_argument("--db", default=settings.database_url, help="SQLAlchemy database URL")
     ev.add_argument("--host", default="127.0.0.1", help="webhook: address to listen on")
     ev.add_argument("--port", type=int, default=8750, help="webhook: port (0: any free one)")

@@ -53,3 +53,24 @@ def test_checkpoint_list_names_each_offline_checkpoint_built_or_not(tmp_path: Pa
     assert lines[1] == f"shapes\tbuilt\t{built}\theld-out exact 98.5%"
     assert lines[2].startswith("tiny-random\tnot built\tcapworks checkpoint build tiny-random")
     assert len(lines) == 5
+
+
+def test_every_option_has_help_and_worker_options_name_the_setting_they_default_to() -> None:
+    for name, parser in commands().items():
+        for action in parser._actions:
+            if action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                # Without either, argparse prints the option's bare name and nothing else.
+                assert action.help or shows_default(action), (name, action.option_strings)
+    env = {
+        "CAPWORKS_PREFETCH_JOBS": "7",
+        "CAPWORKS_REVISION": "v1.0.1",
+        "CAPWORKS_DATABASE_URL": "postgresql+psycopg://u:hunter2-in-help@db/captions",
+    }
+    done = run_cli("worker", "--help", env=env)
+    assert done.returncode == 0, done.stderr
+    flat = " ".join(done.stdout.split())
+    assert "(default: CAPWORKS_PREFETCH_JOBS, now 7)" in flat
+    assert "sets CAPWORKS_REVISION (now v1.0.1)" in flat
+    assert "(now postgresql+psycopg://u:***@db/captions)" in flat
+    assert "hunter2-in-help" not in flat
+    assert "(default: one process using every core)" in flat
