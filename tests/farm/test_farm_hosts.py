@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, png_bytes
+from conftest import REPO, png_bytes, require_service
 from faults.harness import jobs_held
 from pipeline_support import instance_of
 from sqlalchemy import create_engine, func, select
@@ -32,7 +33,16 @@ from capworks.schema.settings import Settings
 from capworks.schema.tables import Caption, Failure, Image
 from capworks.workers.leases import OWNERS_KEY, lease_key, renew_every_s
 from capworks.workers.ledger import DONE_KEY
-from farm.hosts import PG_PORT, REDIS_PORT, Farm, Host, running_farm
+from farm.hosts import (
+    PG_PORT,
+    REDIS_PORT,
+    Farm,
+    Host,
+    in_ns,
+    running_farm,
+    sh,
+    skew_missing,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SUPERVISED = REPO / "tests" / "wrappers" / "supervised_farm_worker.py"
@@ -243,8 +253,19 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
     run.enqueue()
     run.note_fault(victim, busy(run, victim))
     cut_off(run, victim, REDIS_PORT, REDIS_PARTITION_S)
-    run.wait()
-    figures = run.report(f"partition from Redis {REDIS_PARTITION_S:.0f} s")
+    healed_at = time.monotonic()
+    # What TCP still owes across the healed link, each side: a retransmission backing off.
+    svc = farm.services
+    assert svc is not None
+    timers = {"redis": tcp_timers(svc, victim), "victim": tcp_timers(victim, svc)}
+    polls_again_s: list[float] = []  # from the heal to its consumer's first blocking fetch
+
+    def watch() -> None:
+        if not polls_again_s and polling(farm, victim):
+            polls_again_s.append(round(time.monotonic() - healed_at, 1))
+
+    run.wait(during=watch)
+    figures = run.report(f"partition from Redis {REDIS_PARTITION_S:.0f} s", tcp_at_heal=timers)
     assert_whole(run, figures)
     # It lost Redis for longer than the lease: only its own jobs may have run again.
     assert {job for job, _ in run.run_twice()} <= set(run.held), figures
@@ -254,12 +275,15 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
     # back off to ~13 s, so that can take a while after the heal), a second crawl, enough jobs
     # for every host's prefetch, reaches it.
     wait_for(lambda: polling(farm, victim), 120, f"{victim.ns}'s consumer to poll Redis again")
+    watch()
     before = victim.runs()
     again = Run(farm, "redispart-after", images=4 * 16)
     again.enqueue(job_images=4)
     again.wait()
     assert victim.runs() - before, f"{victim.ns} took no job after the partition healed"
-    assert_whole(again, again.report("after the Redis partition healed"))
+    assert_whole(
+        again, again.report("after the Redis partition healed", polls_again_s=polls_again_s[0])
+    )
 
 
 def polling(farm: Farm, host: Host) -> bool:
@@ -270,6 +294,13 @@ def polling(farm: Farm, host: Host) -> bool:
         and int(c.get("idle", 99)) <= 2
         for c in farm.redis().client_list()
     )
+
+
+def tcp_timers(host: Host, peer: Host) -> list[str]:
+    """`host`'s TCP timers on its connections to `peer` as `ss -o` shows them: a retransmission
+    backing off reads `timer:(on,<due in>,<retries so far>)`."""
+    out = sh(*in_ns(host.ns, "ss", "-tno", "dst", peer.addr))
+    return re.findall(r"timer:\(on,[^)]*\)", out)
 
 
 def wait_for(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -345,6 +376,51 @@ def test_a_hung_model_threads_jobs_are_captioned_on_other_hosts(farm: Farm) -> N
     started_there = {job for job, _ in victim.runs() - before}
     assert {job for job, _ in run.run_twice()} <= started_there, figures
     assert run.back_s is not None and run.back_s <= stale_s + 15 + MARGIN_S, figures
+
+
+def test_hosts_30_s_ahead_and_behind_lose_nothing_and_rerun_only_a_dead_hosts_jobs(
+    farm: Farm,
+) -> None:
+    """One worker host's wall clock 30 s ahead and another's 30 s behind (libfaketime, under
+    their real supervisors and workers), the third true; the ahead host dies holding jobs.
+    Leases, reaps and heartbeats read Redis's clock, so the skew changes nothing: its jobs are
+    back within the lease and a tick, and no job the behind host ran is taken from it."""
+    missing = skew_missing()
+    if missing:
+        require_service("libfaketime", missing)
+    ahead, behind, _ = farm.worker_hosts()
+    skews = [(ahead, 30), (behind, -30)]
+    clocks = {}  # what `date` and Python read inside each skewed host, minus the true time
+    try:
+        for host, offset_s in skews:
+            farm.skew_clock(host, offset_s)
+        for host, offset_s in skews:
+            farm.wait_ready(host)
+            date_s, python_s = farm.clock_offset_s(host)
+            clocks[host.ns] = [round(date_s, 1), round(python_s, 1)]
+            # Inside the host, in its worker's own environment: the skew really is applied.
+            assert abs(date_s - offset_s) < 5 and abs(python_s - offset_s) < 5, clocks
+        supervisor = behind.pid1()
+        run = Run(farm, "skew")
+        run.enqueue()
+        busy(run, behind, require_caption=False)  # both skewed hosts renew leases meanwhile
+        run.note_fault(ahead, busy(run, ahead))
+        farm.kill_host(ahead)
+        run.wait()
+        assert behind.pid1() == supervisor, "the behind host's supervisor died"
+    finally:
+        for host, _ in skews:
+            farm.skew_clock(host, 0)
+        for host, _ in skews:
+            farm.wait_ready(host)
+    figures = run.report(
+        "clock skew: a host +30 s (killed holding jobs), another -30 s", clocks_off_s=clocks
+    )
+    assert_whole(run, figures)
+    # Only the dead host's jobs may have run twice: the behind host's leases held.
+    assert {job for job, _ in run.run_twice()} <= set(run.held), figures
+    assert run.recovered_s, "no job the dead host held was committed"
+    assert run.back_s is not None and run.back_s <= LEASE_S + TICK_S + MARGIN_S, figures
 
 
 def test_a_lossy_network_on_every_host_loses_nothing(farm: Farm) -> None:

@@ -4,7 +4,7 @@ take CAPWORKS_TEST_SLOW_S to fetch, so that jobs are mid-run when the fault land
 CAPWORKS_TEST_HANG=1 its captioner hangs for ever on its first batch (a stand-in for a GPU that
 stops answering, which cannot be made on purpose here). With CAPWORKS_TEST_CLOCK_SKEW_S=S its
 wall clock (`time.time`) reads S seconds off, an injected clock for a host whose clock is wrong
-(libfaketime, the other way, breaks the worker's sleeps and waits here). With
+(tests/farm skews whole hosts with libfaketime instead: Farm.skew_clock). With
 CAPWORKS_TEST_DELAY_START_S=S each job waits S seconds after it is received, before its task
 body runs (Celery's task_prerun), so a job can be held received but not started. Everything
 else is the production worker, plugged in through the runtime's seams; run it as
