@@ -32,7 +32,8 @@ from farm.test_farm_hosts import JOB_IMAGES, OUT, Run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 IMAGES = int(os.environ.get("CAPWORKS_FARM_SLOW_IMAGES", "40"))
-DELAY_MS = 25  # each way: a round trip through the proxy takes 50 ms more
+# Each way: a round trip through the proxy takes 50 ms more (CAPWORKS_FARM_DELAY_MS).
+DELAY_MS = float(os.environ.get("CAPWORKS_FARM_DELAY_MS", "25"))
 LOSS_PCT = 1.0
 HTTP_PORT = 8080
 PROXY_PORTS = {REDIS_PORT: 16379, PG_PORT: 15432, HTTP_PORT: 18080}  # target -> proxy
@@ -69,7 +70,8 @@ class SlowFarm:
         self.proxy.send_signal(signal.SIGUSR1)
         wait_for(lambda: self.ping_s() >= 2 * DELAY_MS / 1000, 10, "the proxy to hold chunks")
         applied = {self.farm.slow_network(host, 0, LOSS_PCT) for host in self.hosts()}
-        return f"delay proxy {DELAY_MS} ms each way; {', '.join(applied)}"
+        loss = "netem" if any(a.startswith("netem") for a in applied) else "iptables statistic"
+        return f"delay proxy {DELAY_MS:g} ms each way, {LOSS_PCT:g}% packet loss ({loss})"
 
     def clean(self) -> None:
         for host in self.hosts():
