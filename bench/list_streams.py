@@ -6,8 +6,10 @@ empty objects; a small loopback proxy in front of it forwards every request and 
 `--page-delay-ms` before each ListObjectsV2 (GETs with `list-type=2`). One stream is today's
 crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s parallel
 listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
-whose list pages `schema/list_pages.py` parses, and again with botocore's own parser (the way
-before); prints keys/s and the ratios to one stream of each, and to one stream before.
+whose list pages `schema/list_pages.py` parses (and does not parse again for botocore's
+200-error check), with that check put back (the client of 2026-12-05), and with botocore's own
+parser (the way before); prints keys/s and the ratios to one stream of each, and to one
+stream before.
 `--servers fake` (or both, the default) lists the same keys from `FakeListServer`
 (bench/fake_list_server.py: pre-rendered pages, the same delay, next to no server CPU), which
 measures the listing's own side on a machine whose cores SeaweedFS would otherwise share.
@@ -98,9 +100,17 @@ def latency_proxy(upstream: str, delay_s: float) -> Iterator[str]:
         proxy.join()
 
 
-def proxied_client(endpoint: str, fast_parser: bool = True) -> Any:
+PARSERS = {
+    "botocore": "botocore (before)",
+    "list_pages+check": "list_pages, botocore's 200 check (2026-12-05)",
+    "list_pages": "list_pages (now)",
+}
+
+
+def proxied_client(endpoint: str, parser: str = "list_pages") -> Any:
     """The client a crawl uses (`make_s3_client`), through the proxy; with botocore's own
-    list-page parser when not `fast_parser`."""
+    list-page parser (`botocore`), or with its check of every page for an error sent with
+    status 200 (`list_pages+check`, the client as it was before that check was skipped)."""
     settings = Settings(
         s3_endpoint_url=endpoint,
         s3_access_key_id="bench",
@@ -109,11 +119,12 @@ def proxied_client(endpoint: str, fast_parser: bool = True) -> Any:
         s3_addressing_style="path",
     )
     client = make_s3_client(settings)
-    if not fast_parser:  # botocore's parser, and its 200-error check of every page, back
-        events = client.meta.events
-        events.unregister("before-parse.s3.ListObjectsV2", unique_id=FAST_PARSER_ID)
+    events = client.meta.events
+    if parser != "list_pages":  # botocore's 200-error check of every page back
         events.unregister("before-parse.s3.*", unique_id=CHECK_200_ID)
         events.register_first("before-parse.s3.*", handlers._handle_200_error)
+    if parser == "botocore":
+        events.unregister("before-parse.s3.ListObjectsV2", unique_id=FAST_PARSER_ID)
     return client
 
 
@@ -145,7 +156,7 @@ def main() -> None:
     parser.add_argument("--page-delay-ms", type=float, default=50.0)
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--servers", default="seaweedfs,fake", help="seaweedfs, fake or both")
-    parser.add_argument("--parsers", default="botocore,list_pages")
+    parser.add_argument("--parsers", default=",".join(PARSERS))
     args = parser.parse_args()
     delay_s = args.page_delay_ms / 1000
     keys = bucket_keys(args.prefixes, args.keys_per_prefix)
@@ -170,10 +181,10 @@ def main() -> None:
 def run_counts(server: str, endpoint: str, args: argparse.Namespace, total: int) -> None:
     """Each stream count with each page parser through `endpoint`, one row each."""
     before = None
-    for parser in ("botocore (before)", "list_pages (now)"):
-        if parser.split()[0] not in args.parsers:
+    for name, parser in PARSERS.items():
+        if name not in args.parsers.split(","):
             continue
-        client = proxied_client(endpoint, fast_parser=parser.startswith("list_pages"))
+        client = proxied_client(endpoint, name)
         base = None
         for streams in (int(s) for s in args.streams.split(",")):
             begun = time.perf_counter()
