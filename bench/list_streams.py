@@ -7,9 +7,8 @@ empty objects; a small loopback proxy in front of it forwards every request and 
 crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s parallel
 listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
 whose list pages `schema/list_pages.py` parses (and does not parse again for botocore's
-200-error check), with that check put back (the client of 2026-12-05), and with botocore's own
-parser (the way before); prints keys/s and the ratios to one stream of each, and to one
-stream before.
+200-error check), with that check put back, and with botocore's own parser (the way
+before); prints keys/s and the ratios to one stream of each, and to one stream before.
 `--servers fake` (or both, the default) lists the same keys from `FakeListServer`
 (bench/fake_list_server.py: pre-rendered pages, the same delay, next to no server CPU), which
 measures the listing's own side on a machine whose cores SeaweedFS would otherwise share.
@@ -102,7 +101,7 @@ def latency_proxy(upstream: str, delay_s: float) -> Iterator[str]:
 
 PARSERS = {
     "botocore": "botocore (before)",
-    "list_pages+check": "list_pages, botocore's 200 check (2026-12-05)",
+    "list_pages+check": "list_pages, botocore's 200 check back",
     "list_pages": "list_pages (now)",
 }
 
@@ -110,7 +109,7 @@ PARSERS = {
 def proxied_client(endpoint: str, parser: str = "list_pages") -> Any:
     """The client a crawl uses (`make_s3_client`), through the proxy; with botocore's own
     list-page parser (`botocore`), or with its check of every page for an error sent with
-    status 200 (`list_pages+check`, the client as it was before that check was skipped)."""
+    status 200 (`list_pages+check`: that check as botocore runs it, on every page)."""
     settings = Settings(
         s3_endpoint_url=endpoint,
         s3_access_key_id="bench",

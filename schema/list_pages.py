@@ -22,6 +22,24 @@ from botocore.utils import parse_timestamp
 
 _CONTENTS = re.compile(rb"<Contents>(.*?)</Contents>", re.S)
 _FIELD = re.compile(rb"<(Key|LastModified|ETag|Size)>([^<]*)</")
+# An object's fields as S3 writes them (Key, LastModified, ETag, checksums, Size) and as
+# SeaweedFS does (Key, ETag, Size, StorageClass, LastModified): groups key, time, ETag, size.
+_USUAL = (
+    (
+        re.compile(
+            rb"<Contents><Key>([^<]*)</Key><LastModified>([^<]*)</LastModified><ETag>([^<]*)"
+            rb"</ETag>(?:<Checksum\w*>[^<]*</Checksum\w*>)*<Size>([0-9]+)</Size>"
+        ),
+        (0, 1, 2, 3),
+    ),
+    (
+        re.compile(
+            rb"<Contents><Key>([^<]*)</Key><ETag>([^<]*)</ETag><Size>([0-9]+)</Size>"
+            rb"(?:<StorageClass>[^<]*</StorageClass>)?<LastModified>([^<]*)</LastModified>"
+        ),
+        (0, 3, 1, 2),
+    ),
+)
 _COMMON = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>\s*</CommonPrefixes>")
 _TOP = re.compile(
     rb"<(IsTruncated|NextContinuationToken|KeyCount|MaxKeys|EncodingType|Name)>([^<]*)</"
@@ -50,17 +68,9 @@ def parse_list_page(body: bytes) -> dict[str, Any]:
         page[key] = value == "true" if key == "IsTruncated" else value
         if key in _INTS:
             page[key] = int(value)
-    contents = []
-    for block in _CONTENTS.finditer(body):
-        fields = dict(_FIELD.findall(block.group(1)))
-        item: dict[str, Any] = {"Key": _text(fields[b"Key"])}
-        if b"ETag" in fields:
-            item["ETag"] = _text(fields[b"ETag"])
-        if b"Size" in fields:
-            item["Size"] = int(fields[b"Size"])
-        if b"LastModified" in fields:
-            item["LastModified"] = _timestamp(fields[b"LastModified"].decode())
-        contents.append(item)
+    contents = _usual_contents(body)
+    if contents is None:
+        contents = [_contents_item(block.group(1)) for block in _CONTENTS.finditer(body)]
     if contents:
         page["Contents"] = contents
     prefixes = [{"Prefix": _text(raw)} for raw in _COMMON.findall(body)]
@@ -68,6 +78,39 @@ def parse_list_page(body: bytes) -> dict[str, Any]:
         page["CommonPrefixes"] = prefixes
     page.setdefault("IsTruncated", False)
     return page
+
+
+def _usual_contents(body: bytes) -> list[dict[str, Any]] | None:
+    """The objects of a page whose every `<Contents>` is laid out as S3 or SeaweedFS writes it,
+    read by one pass of one pattern (a third of the CPU of a pass per object); None when
+    some object is laid out otherwise, for `_contents_item` to read."""
+    count = body.count(b"<Contents>")
+    for pattern, (k, t, e, n) in _USUAL:
+        found = pattern.findall(body)
+        if len(found) == count:
+            return [
+                {
+                    "Key": _text(f[k]),
+                    "ETag": _text(f[e]),
+                    "Size": int(f[n]),
+                    "LastModified": _timestamp(f[t].decode()),
+                }
+                for f in found
+            ]
+    return None
+
+
+def _contents_item(block: bytes) -> dict[str, Any]:
+    """One object of a page, from its `<Contents>` element's inside, fields in any order."""
+    fields = dict(_FIELD.findall(block))
+    item: dict[str, Any] = {"Key": _text(fields[b"Key"])}
+    if b"ETag" in fields:
+        item["ETag"] = _text(fields[b"ETag"])
+    if b"Size" in fields:
+        item["Size"] = int(fields[b"Size"])
+    if b"LastModified" in fields:
+        item["LastModified"] = _timestamp(fields[b"LastModified"].decode())
+    return item
 
 
 def _timestamp(text: str) -> datetime:

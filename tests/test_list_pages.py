@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import s3_client
 
-from capworks.schema.list_pages import parse_list_page, use_fast_list_parser
+from capworks.schema.list_pages import _usual_contents, parse_list_page, use_fast_list_parser
 from capworks.schema.settings import Settings
 from capworks.schema.storage import make_s3_client
 
@@ -135,3 +135,40 @@ def test_a_whole_page_is_parsed_once_and_a_page_cut_short_or_an_error_is_retried
     error = b"<Error><Code>InternalError</Code><Message>retry</Message></Error>"
     assert before_parse(error) == (500, {})
     assert before_parse(error, "ListBuckets") == (500, {})  # other calls keep botocore's check
+
+
+def test_objects_in_any_field_order_or_with_checksums_parse_alike() -> None:
+    usual = (
+        b"<Contents><Key>a.png</Key><LastModified>2026-12-05T10:00:00.000Z</LastModified>"
+        b"<ETag>&quot;e1&quot;</ETag><ChecksumAlgorithm>CRC32</ChecksumAlgorithm>"
+        b"<ChecksumType>FULL_OBJECT</ChecksumType><Size>5</Size></Contents>"
+    )
+    reordered = (
+        b"<Contents><Size>6</Size><Key>b &amp; c.png</Key><ETag>&quot;e2&quot;</ETag>"
+        b"<LastModified>2026-12-05T11:00:00.000Z</LastModified></Contents>"
+    )
+    page = b"<ListBucketResult><Name>b</Name>%s</ListBucketResult>"
+    a = parse_list_page(page % usual)["Contents"]
+    both = parse_list_page(page % (usual + reordered))["Contents"]
+    assert [(o["Key"], o["ETag"], o["Size"]) for o in both] == [
+        ("a.png", '"e1"', 5),
+        ("b & c.png", '"e2"', 6),
+    ]
+    assert both[0] == a[0] and str(both[1]["LastModified"]) == "2026-12-05 11:00:00+00:00"
+
+
+def test_seaweedfs_pages_take_the_one_pattern_pass(s3_endpoint: str) -> None:
+    client = s3_client(s3_endpoint)
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    for key in KEYS:
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    bodies: list[bytes] = []
+    client.meta.events.register(
+        "before-parse.s3.ListObjectsV2",
+        lambda response_dict, **_: bodies.append(response_dict["body"]),
+    )
+    client.list_objects_v2(Bucket=bucket)
+    [body] = bodies
+    assert body.count(b"<Contents>") == len(KEYS)
+    assert _usual_contents(body) == parse_list_page(body)["Contents"]
