@@ -243,12 +243,20 @@ def wait_until(
     what: str,
     on_timeout: Callable[[], str] = lambda: "",
 ) -> None:
+    """Until `check()`; a check that cannot reach Redis (a test restarting it) is tried again,
+    any other exception escapes."""
     deadline = time.monotonic() + timeout_s
+    unreachable = ""
     while time.monotonic() < deadline:
-        if check():
-            return
+        try:
+            if check():
+                return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            unreachable = f"last try: {exc!r}\n"
         time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{on_timeout()}")
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f} s waiting for {what}\n{unreachable}{on_timeout()}"
+    )
 
 
 def free_port() -> int:

@@ -54,7 +54,8 @@ def test_workers_consume_again_by_themselves_after_redis_restarts(
         wait_until(lambda: count_rows(p.db_url)["captions"] >= 24, 300, "first captions")
         seen = {name: len(p.log_text(name)) for name in ("a", "b")}
         # Down for 5 s, then down again 1 s after it came back: losing the connection
-        # twice within seconds is what some of those bugs needed (celery#8030).
+        # twice within seconds is what some of those bugs needed (celery#8030). These sleeps
+        # are the fault's shape, not an ordering.
         server.stop()
         time.sleep(5)
         server.start()
@@ -104,7 +105,7 @@ def test_a_postgresql_restart_is_waited_out_and_nothing_is_lost_or_doubled(
             assert p.cli("enqueue", "s3://pg-restart/", "--no-progress").returncode == 0
             wait_until(lambda: count_rows(p.db_url)["captions"] >= 24, 300, "first captions")
             postgres_cluster("stop")
-            time.sleep(8)
+            time.sleep(8)  # the fault itself: PostgreSQL down for 8 s
             postgres_cluster("start")
             run_with_kills(
                 farm,
