@@ -257,6 +257,7 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
     run = Run(farm, "redispart")
     run.enqueue()
     run.note_fault(victim, busy(run, victim))
+    log_at = len(victim.log.read_text(errors="replace"))
     cut_off(run, victim, REDIS_PORT, REDIS_PARTITION_S)
     healed_at = time.monotonic()
     # What TCP still owes across the healed link, each side: a retransmission backing off.
@@ -281,13 +282,22 @@ def test_a_host_cut_off_from_redis_loses_nothing_and_consumes_again_after(farm: 
     # for every host's prefetch, reaches it.
     wait_for(lambda: polling(farm, victim), 120, f"{victim.ns}'s consumer to poll Redis again")
     watch()
+    # kombu's own check of a blocking fetch that got no reply: how long it had waited.
+    stale = re.findall(
+        r"BRPOP got no reply for (\d+) seconds", victim.log.read_text(errors="replace")[log_at:]
+    )
     before = victim.runs()
     again = Run(farm, "redispart-after", images=4 * 16)
     again.enqueue(job_images=4)
     again.wait()
     assert victim.runs() - before, f"{victim.ns} took no job after the partition healed"
     assert_whole(
-        again, again.report("after the Redis partition healed", polls_again_s=polls_again_s[0])
+        again,
+        again.report(
+            "after the Redis partition healed",
+            polls_again_s=polls_again_s[0],
+            stale_fetch_dropped_after_s=[int(s) for s in stale],
+        ),
     )
 
 
