@@ -59,7 +59,8 @@ def table(rows: list[dict[str, object]], command: str) -> str:
             f"| {row['fault']} | {row['images']} images, {row.get('worker_hosts', 3)} worker "
             f"hosts | {row['lost']} "
             f"| {row['jobs_run_twice']} (of {row['held_at_fault']} held at the fault) "
-            f"| {recovery} | {row['wall_s']} s ({ratio}x) | `{command}` |"
+            f"| {recovery} | {row['wall_s']} s ({f'{ratio}x' if ratio else 'no calm run'}) "
+            f"| `{command}` |"
         )
     return "\n".join(lines)
 
