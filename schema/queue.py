@@ -11,6 +11,7 @@ Every Redis client capworks opens (broker, leases, ledger, heartbeats, claims, s
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import redis
 from celery import Celery
 
 from capworks.schema.redact import redact
+from capworks.schema.redis_transport import Transport
 from capworks.schema.sentinel import (
     is_sentinel_url,
     parse_sentinel_url,
@@ -28,6 +30,41 @@ from capworks.schema.sentinel import (
 from capworks.schema.settings import Settings
 
 CAPTION_TASK = "capworks.caption_job"
+
+# How long one fetch blocks in Redis (kombu's `brpop_timeout`, the BLMOVE's server-side wait in
+# schema/redis_transport.py): a live server answers it within this, plus the round trip.
+FETCH_WAIT_S = float(Transport.brpop_timeout)
+# A synchronous broker command (the fetch's registration and claim, kombu's restore sweep and
+# its lock, a publish) that waits longer than this is on a dead connection. Without it such a
+# command, sent into a partition, blocked the consumer's loop until TCP's backed-off
+# retransmissions got through (a host polled again 95 s after a 120 s partition healed; on
+# loopback py-spy showed the restore sweep's lock stuck in recv). Far above FETCH_WAIT_S (the
+# fetch's reply is read only once it has arrived); a timed-out command is not retried.
+BROKER_SOCKET_TIMEOUT_S = 10.0
+BROKER_CONNECT_TIMEOUT_S = 5.0
+# kombu drops a blocking fetch whose reply is this much overdue, checking this often (and
+# redis-py pings a connection idle this long before using it): a half-open fetch connection is
+# replaced within FETCH_WAIT_S + 2 x this (21 s), against 51 s with kombu's default of 25.
+BROKER_HEALTH_CHECK_S = 10
+# An idle connection (the pub/sub one for events and control) whose peer vanished is found by
+# TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 unanswered (25 s).
+KEEPALIVE_OPTIONS = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
+
+
+def broker_socket_options() -> dict[str, Any]:
+    """kombu transport options that keep a dead broker connection from blocking a worker: a
+    socket timeout on every command, a connect timeout, keepalive and kombu's health checks."""
+    return {
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "socket_keepalive_options": KEEPALIVE_OPTIONS,
+        "health_check_interval": BROKER_HEALTH_CHECK_S,
+    }
 
 
 def redis_tls_options(settings: Settings) -> dict[str, Any]:
@@ -138,6 +175,7 @@ def make_celery(settings: Settings) -> Celery:
             # mark drops.
             "unacked_mutex_expire": 15,
             "priority_steps": [0],
+            **broker_socket_options(),
             **(
                 transport_options(address.master_name or "", address.sentinel_password)
                 if sentinels
