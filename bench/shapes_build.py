@@ -1,11 +1,14 @@
-"""Time `shapes` builds of several training recipes side by side, on the same load.
+r"""Time `shapes` builds of several training recipes side by side, on the same load.
 
 Each recipe trains in its own process with one torch thread, started together, so a busy
 machine slows all of them alike: the ratio to the first (old) recipe is the figure, the absolute
 seconds are this machine's at this load. Each build is checked like a published one (held-out
 exact with the real generator) but written to a temporary folder, never to the cache.
 
-    .venv/bin/python bench/shapes_build.py --recipe 96,500,3e-4,40,50 --recipe 64,300,1e-3,20,25
+    .venv/bin/python bench/shapes_build.py --recipe 96,500,3e-4,40,50,fp32 \
+        --recipe 80,400,3e-4,40,50
+
+A recipe trains in bfloat16 autocast where the CPU has bf16 units unless it ends in `,fp32`.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from pathlib import Path
 
 
 def build_one(spec: str) -> None:
-    """Train one recipe (px,max_steps,lr,warmup,check_every), check it, print one JSON line."""
+    """Train one recipe (px,max_steps,lr,warmup,check_every[,bf16|fp32]), check it, print one
+    JSON line."""
     from capworks.checkpoints.build import held_out_exact
     from capworks.checkpoints.layout import write_checkpoint
     from capworks.checkpoints.train_shapes import Recipe, train_shapes
 
-    px, steps, lr, warmup, every = spec.split(",")
-    recipe = Recipe(int(px), 16, int(steps), float(lr), int(warmup), int(every))
+    px, steps, lr, warmup, every, *precision = spec.split(",")
+    bf16 = precision != ["fp32"]
+    recipe = Recipe(int(px), 16, int(steps), float(lr), int(warmup), int(every), bf16)
     started = time.monotonic()
     model, metrics = train_shapes(recipe)
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +44,9 @@ def build_one(spec: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", action="append", required=True, help="px,steps,lr,warmup,every")
+    parser.add_argument(
+        "--recipe", action="append", required=True, help="px,steps,lr,warmup,every[,bf16|fp32]"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
