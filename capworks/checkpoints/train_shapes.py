@@ -46,7 +46,7 @@ class Recipe:
     bf16: bool = True
 
 
-RECIPE = Recipe(patch_px=80, batch=16, max_steps=500, lr=3e-4, warmup_steps=40, check_every=50)
+RECIPE = Recipe(patch_px=96, batch=16, max_steps=500, lr=3e-4, warmup_steps=40, check_every=50)
 PATCH_PX = RECIPE.patch_px
 
 
