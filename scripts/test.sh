@@ -3,8 +3,8 @@
 # S3 server the tests start on 127.0.0.1. The shapes checkpoint is built on first use.
 # Three passes: the tests that can share the machine run two at a time (pytest-xdist; most of
 # their time is spent waiting on worker processes and servers), then the `serial` ones alone
-# (they stop PostgreSQL, or compare timings), then the `train` ones in .venv-train. Arguments
-# go to every pass. Each step's time is printed, so a slow CI run says where it went.
+# (they stop PostgreSQL, or compare timings), then the `train` ones in .venv-train with the
+# memory soak beside them (it asserts memory, not time). Arguments go to every pass. Each step's time is printed, so a slow CI run says where it went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -28,8 +28,11 @@ status=0
     || status=$?
 took "the parallel pass"
 serial=0
-.venv/bin/python -m pytest -q -m serial "$@" || serial=$?
+.venv/bin/python -m pytest -q -m "serial and not soak" "$@" || serial=$?
 took "the serial pass"
+soak_log=$(mktemp)
+.venv/bin/python -m pytest -q -m soak "$@" >"$soak_log" 2>&1 &
+soak_run=$!
 # The fine-tune tests (`train`) run in the train venv (torch 2.14.1 + torchvision, README
 # "Fine-tuning"); in the main venv they would only skip.
 train=0
@@ -41,9 +44,15 @@ else
     train=1
 fi
 rm -f "$train_log"
-took "the train pass"
+soak=0
+wait "$soak_run" || soak=$?
+echo "test.sh: the soak, beside the train pass:" >&2
+cat "$soak_log" >&2
+rm -f "$soak_log"
+took "the train pass and the soak"
 # 5: the arguments selected no test of that pass.
 [ "$serial" = 5 ] && serial=0
 [ "$status" = 5 ] && status=0
 [ "$train" = 5 ] && train=0
-exit $(( status || serial || train ))
+[ "$soak" = 5 ] && soak=0
+exit $(( status || serial || train || soak ))

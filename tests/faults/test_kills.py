@@ -1,13 +1,15 @@
-"""1,000 images through two supervised worker processes with the default lease and visibility
-settings, once calm and once with six SIGKILLs (one while the farm is idle, five at random
-moments of the run): nothing lost, no caption twice, the queue empty, and every killed process's
-jobs committed again within the supervisor's promise: handed back at once, run at the other
-process's next tick (README, "Delivery and retries"), with a margin for CI's load that stays
-below what the lease alone could do."""
+"""3,000 images through two supervised worker processes with the default lease and visibility
+settings, with six SIGKILLs (one while the farm is idle, five at random moments of the run):
+nothing lost, no caption twice, the queue empty, and every killed process's jobs committed again
+within the supervisor's promise: handed back at once, run at the other process's next tick
+(README, "Delivery and retries"), with a margin for CI's load that stays below what the lease
+alone could do. With CAPWORKS_FAULT_CALM=1 the same crawl runs calm first, for RELIABILITY.md's
+slowdown figure (a timing, not asserted; CI leaves it out: two minutes of its time)."""
 
 from __future__ import annotations
 
 import statistics
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ LEASE_S = Settings.model_fields["lease_s"].default
 # a loaded machine (2026-12-05). The bound, the lease itself, leaves ~3 s of that for CI's load.
 PROMISED_S = POLL_S + renew_every_s(LEASE_S)
 BOUND_S = LEASE_S
+CALM = os.environ.get("CAPWORKS_FAULT_CALM") == "1"
 
 
 def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_by_the_hand_back(
@@ -43,9 +46,11 @@ def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_by_the_hand_back(
             rows = count_rows(p.db_url)
             return rows["captions"] + rows["failures"] >= IMAGES and p.queue_length() == 0
 
-        calm_s = timed_crawl(Farm(env, 2, tmp_path / "calm.log"), r, "s3://faults/", done, 0)
-        assert count_rows(p.db_url)["captions"] == IMAGES
-        clear(p.db_url)
+        calm_s: float | None = None
+        if CALM:
+            calm_s = timed_crawl(Farm(env, 2, tmp_path / "calm.log"), r, "s3://faults/", done, 0)
+            assert count_rows(p.db_url)["captions"] == IMAGES
+            clear(p.db_url)
         farm = Farm(env, 2, tmp_path / "rough.log")
         rough_s = timed_crawl(farm, r, "s3://faults/", done, 5, gap_s=(8.0, 16.0))
         rows = count_rows(p.db_url)
@@ -67,11 +72,13 @@ def test_six_sigkills_lose_nothing_repeat_nothing_and_recover_by_the_hand_back(
         # not asserted: a timing on a shared 2-core machine, not a pass or fail.
 
 
-def report(calm_s: float, rough_s: float, farm: Any, times: list[float]) -> None:
+def report(calm_s: float | None, rough_s: float, farm: Any, times: list[float]) -> None:
     """The figures RELIABILITY.md records (shown with `pytest -s`)."""
+    walls = f"{rough_s:.0f} s with kills"
+    if calm_s is not None:
+        walls = f"{calm_s:.0f} s calm, {walls} ({rough_s / calm_s:.2f}x)"
     print(
         f"\nkills: {len(farm.kills)} ({sum(k.idle for k in farm.kills)} idle); "
         f"recovery p50 {statistics.median(times):.1f} s, max {max(times):.1f} s; restart "
-        f"{[round(k.restarted_s or -1, 1) for k in farm.kills]} s; "
-        f"{calm_s:.0f} s calm, {rough_s:.0f} s with kills ({rough_s / calm_s:.2f}x)"
+        f"{[round(k.restarted_s or -1, 1) for k in farm.kills]} s; {walls}"
     )

@@ -1,8 +1,9 @@
 """A soak: one worker process captioning without a pause for CAPWORKS_SOAK_MINUTES (5 by
-default: scripts/test.sh runs it in CI's serial pass; 30 or more for the record), its resident
-memory sampled every 10 s. It must stay bounded: the last fifth of the samples no more than 15%
-(plus 64 MiB) above the fifth after warm-up. The samples go to `soak-rss.csv` and a plot to
-`soak-rss.svg` in CAPWORKS_SOAK_OUT (default: the test's temporary folder).
+default; 30 or more for the record), its resident memory sampled every 10 s. scripts/test.sh
+runs it beside CI's train pass: what it asserts is memory, not time. It must stay bounded: the
+last fifth of the samples no more than 15% (plus 64 MiB) above the fifth after warm-up. The
+samples go to `soak-rss.csv` and a plot to `soak-rss.svg` in CAPWORKS_SOAK_OUT (default: the
+test's temporary folder).
 
     CAPWORKS_SOAK_MINUTES=30 CAPWORKS_SOAK_OUT=. .venv/bin/pytest -s tests/faults/test_soak.py
 """
@@ -21,7 +22,7 @@ from pipeline_support import count_rows, make_bucket, own_queue
 
 from faults.harness import CAPWORKS, Farm, default_env, rss_bytes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 MINUTES = float(os.environ.get("CAPWORKS_SOAK_MINUTES", "5"))
 MIB = 1024 * 1024
 
