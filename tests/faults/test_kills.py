@@ -8,8 +8,8 @@ slowdown figure (a timing, not asserted; CI leaves it out: two minutes of its ti
 
 from __future__ import annotations
 
-import statistics
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
