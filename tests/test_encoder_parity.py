@@ -177,8 +177,11 @@ def test_tiny_wide_differs_from_the_other_checkpoints_in_every_dimension_read(
         "image_bucket_size",
     ]
     for other in others:
-        assert all(wide_arch[k] != other[k] for k in keys), [
-            k for k in keys if wide_arch[k] == other[k]
+        # shapes has used resnet18 too since its build 4 (a faster build): tiny's resnet50
+        # still differs, so an engine with a depth of its own fails on one of them.
+        read = [k for k in keys if not (other is others[1] and k == "resnet_type")]
+        assert all(wide_arch[k] != other[k] for k in read), [
+            k for k in read if wide_arch[k] == other[k]
         ]
     assert wide.patch_image_size not in (tiny.patch_image_size, PATCH_PX)
     assert wide.mean_std != tiny.mean_std  # shapes uses the default normalisation too
