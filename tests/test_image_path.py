@@ -146,6 +146,36 @@ def test_images_in_flight_never_exceed_the_budget(tiny_engine: OfaEngine) -> Non
     assert max(most) == 5
 
 
+class FakeStuckCaptioner:
+    """A captioner that never answers until released, like a hung GPU."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def caption_pixels(self, pixels: Sequence[np.ndarray]) -> list[EngineCaption]:
+        self.release.wait()
+        raise RuntimeError("released")
+
+
+def test_the_start_up_probe_passes_on_a_real_model_and_fails_on_one_that_does_not_answer(
+    tiny_engine: OfaEngine,
+) -> None:
+    counting = CountingCaptioner(tiny_engine)
+    path = image_path(MemoryFetcher({}), counting, tiny_engine, room=2)
+    try:
+        assert path.probe(timeout_s=60) is True
+    finally:
+        path.close()
+    assert counting.captioned == 1  # one generated image went through decode and the model
+    stuck = FakeStuckCaptioner()
+    path = image_path(MemoryFetcher({}), stuck, tiny_engine, room=2)
+    try:
+        assert path.probe(timeout_s=0.5) is False
+    finally:
+        stuck.release.set()
+        path.close()
+
+
 def test_a_job_runs_through_the_runtime_with_a_fetcher_plugged_into_its_seam(
     tiny_dir: Path, tmp_path: Path
 ) -> None:

@@ -12,11 +12,15 @@ captioned or fails. Every stage's failure is that image's `Outcome`; the others 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from PIL import Image
 
 from capworks.schema.errors import CapworksError, StorageError
 from capworks.schema.uris import ImageRef
@@ -60,6 +64,23 @@ class ImagePath:
         started = [self._start(ref) for ref in refs]
         wait(started)
         return [f.result() for f in started]
+
+    def probe(self, timeout_s: float) -> bool:
+        """Caption one small generated image through the decoder and the model thread: True
+        once it answers, False when it has not within `timeout_s` (a GPU that stopped
+        answering, a deadlocked runtime). A worker probes before it takes jobs, so a process
+        restarted on a device that is still hung holds nothing when it is found out."""
+        blank = io.BytesIO()
+        Image.new("RGB", (32, 32), (127, 127, 127)).save(blank, format="PNG")
+        prepared = self._decode(blank.getvalue())
+        if isinstance(prepared, CapworksError):
+            raise prepared
+        (answer,) = self.batcher.submit([prepared.pixels])
+        try:
+            answer.result(timeout=timeout_s)
+        except FutureTimeout:
+            return False
+        return True
 
     def close(self) -> None:
         """Finish the batcher's queued batches and stop its model thread, then stop the fetch

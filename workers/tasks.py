@@ -33,7 +33,7 @@ from capworks.schema.startup import wait_until_reachable
 from capworks.workers import metrics, policy
 from capworks.workers.engine import CaptionedImage
 from capworks.workers.job import run_job
-from capworks.workers.leases import LeaseStep
+from capworks.workers.leases import LeaseStep, exit_stalled
 from capworks.workers.ledger import GAVE_UP_KEY
 from capworks.workers.outcome import Outcome
 from capworks.workers.policy import Before
@@ -61,7 +61,9 @@ def load_before_taking_jobs(sender: Any = None, **_: Any) -> None:
     """Load the model and open connections before consuming: a worker that cannot (a missing
     checkpoint, a bad database URL, a broker that would evict queued jobs, metrics that would
     listen off loopback with no token) exits instead of taking jobs and failing them; a broker or
-    database that is down (restarting) is waited for, up to `start_wait_s`.
+    database that is down (restarting) is waited for, up to `start_wait_s`. Then one generated
+    image is captioned: a model that does not answer within `heartbeat_stale_s` (a GPU still
+    hung after the restart of a stalled process) ends the process as stalled, holding no job.
 
     Celery sets up logging after this signal: our format and level come first here, and the
     model libraries are quieted before and after the model loads (they log as they import)."""
@@ -80,11 +82,14 @@ def load_before_taking_jobs(sender: Any = None, **_: Any) -> None:
         )
         for warning in warnings:
             log.warning("%s", warning)
-        get_runtime(settings)
+        rt = get_runtime(settings)
         quiet_libraries(level)  # a library may have lowered the root logger while loading
+        probed = rt.path.probe(settings.heartbeat_stale_s)
     except Exception as exc:  # noqa: BLE001 - any start-up failure stops this worker
         log.critical("cannot start the worker: %s", exc)
         raise SystemExit(1) from exc
+    if not probed:  # the device hangs before any job is held: none runs twice for it
+        exit_stalled(settings.heartbeat_stale_s)
 
 
 def record_quarantined(queue: str, item: bytes, reason: str) -> None:

@@ -144,6 +144,33 @@ def test_a_hung_model_threads_jobs_go_to_another_worker_within_the_stale_limit(
         assert back_s <= stale_s + 15 + 30, f"the hung worker's jobs took {back_s:.1f} s"
 
 
+def test_a_worker_whose_device_is_hung_at_start_exits_stalled_holding_no_job(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    """A process started on a device that still hangs (the restart after a stall) fails its
+    start-up probe: it exits as stalled before it consumes, so no job is held and none runs
+    twice for it. Without the probe it took jobs and hung on them (the farm's hung-thread test
+    at 1,000 images: 16 jobs run twice)."""
+    stale_s = 5.0
+    mark = tmp_path / "device-hung"
+    mark.touch()
+    with own_queue(pg_url, tmp_path, s3_endpoint) as p:
+        p.extra_env.update(
+            CAPWORKS_JOB_IMAGES="1",
+            CAPWORKS_HEARTBEAT_STALE_S=str(stale_s),
+            CAPWORKS_TEST_HANG="1",
+            CAPWORKS_TEST_HANG_MARK=str(mark),
+        )
+        uris = slow_images(p, "wedged", 4, seed=207)
+        enqueue(p, "wedged")
+        wedged = p.start_worker("wedged", WORKER)
+        assert wedged.wait(timeout=180) == EXIT_STALLED, p.log_text("wedged")[-3000:]
+        log_text = p.log_text("wedged")
+        assert "made no progress" in log_text and "ready." not in log_text, log_text[-3000:]
+        # Every job still waits in the queue itself: none was fetched, claimed or run.
+        assert runs(p) == [] and p.redis().llen(p.queue) == len(uris)
+
+
 def test_the_supervisor_kills_a_child_whose_heartbeat_is_stale(tmp_path: Path) -> None:
     from capworks.commands.worker import Child, kill_stale
 
