@@ -162,11 +162,15 @@ def test_the_start_up_probe_passes_on_a_real_model_and_fails_on_one_that_does_no
 ) -> None:
     counting = CountingCaptioner(tiny_engine)
     path = image_path(MemoryFetcher({}), counting, tiny_engine, room=2)
+    images_before = REGISTRY.get_sample_value("capworks_batch_images_sum") or 0.0
     try:
         assert path.probe(timeout_s=60) is True
     finally:
         path.close()
     assert counting.captioned == 1  # one generated image went through decode and the model
+    # ...and is not counted as a user's image: /metrics and the batch sizes count only those.
+    assert (REGISTRY.get_sample_value("capworks_batch_images_sum") or 0.0) == images_before
+    assert not path.batcher.batch_sizes
     stuck = FakeStuckCaptioner()
     path = image_path(MemoryFetcher({}), stuck, tiny_engine, room=2)
     try:

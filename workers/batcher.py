@@ -34,6 +34,7 @@ the shapes model ran 15-25% slower that way.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import queue
@@ -85,12 +86,14 @@ class _Item:
     pixels: np.ndarray | JpegBytes
     future: Future[Caption]
     enqueued_s: float
+    counted: bool  # False for a probe: run, but kept out of the batch metrics
 
 
 @dataclass
 class _Ready:
     pixels: ModelPixels
     future: Future[Caption]
+    counted: bool
 
 
 # Where the model thread is, and since when (time.monotonic): waiting for a first image, in a
@@ -145,11 +148,14 @@ class Batcher:
             return 0.0
         return max(0.0, (time.monotonic() if now_s is None else now_s) - since_s)
 
-    def submit(self, pixels: Sequence[np.ndarray | JpegBytes]) -> list[Future[Caption]]:
+    def submit(
+        self, pixels: Sequence[np.ndarray | JpegBytes], *, counted: bool = True
+    ) -> list[Future[Caption]]:
         """Queue preprocessed images (or JPEGs for the stager); each future resolves to its
-        caption or a `CapworksError`."""
+        caption or a `CapworksError`. Images not `counted` (a health probe's) are captioned
+        like the others but left out of the batch sizes and the batch metrics."""
         now = time.monotonic()
-        items = [_Item(p, Future(), now) for p in pixels]
+        items = [_Item(p, Future(), now, counted) for p in pixels]
         for item in items:
             self._queue.put(item)
         return [item.future for item in items]
@@ -220,7 +226,8 @@ class Batcher:
     def _run_batch(self, batch: list[_Item]) -> None:
         started = time.monotonic()
         for item in batch:
-            metrics.BATCH_WAIT_SECONDS.observe(started - item.enqueued_s)
+            if item.counted:
+                metrics.BATCH_WAIT_SECONDS.observe(started - item.enqueued_s)
         ready = self._stage(batch)
         if not ready:
             return
@@ -255,16 +262,20 @@ class Batcher:
             if isinstance(pixels, BaseException):
                 item.future.set_exception(pixels)
             else:
-                ready.append(_Ready(pixels, item.future))
+                ready.append(_Ready(pixels, item.future, item.counted))
         return ready
 
     def _caption_isolating(self, batch: list[_Ready]) -> list[Caption | BaseException]:
         """Captions for the batch, halving it on failure until each failure is one image's."""
-        log.info("batch of %d images", len(batch))
+        counted = sum(i.counted for i in batch)
+        if counted:
+            log.info("batch of %d images", counted)
+        if counted < len(batch):
+            log.info("%d probe image(s) through the model", len(batch) - counted)
         out_of_memory = False
         failed: Exception | None = None
         try:
-            with metrics.BATCH_SECONDS.time():
+            with metrics.BATCH_SECONDS.time() if counted else contextlib.nullcontext():
                 captions = self._captioner.caption_pixels([i.pixels for i in batch])
             if len(captions) != len(batch):
                 raise RuntimeError(f"{len(captions)} captions for a batch of {len(batch)} images")
@@ -283,8 +294,9 @@ class Batcher:
             log.warning("the model failed on %d images (%r): halving the batch", len(batch), failed)
             metrics.ERROR_SPLITS.inc()
             return self._halves(batch)
-        self.batch_sizes[len(batch)] += 1
-        metrics.BATCH_IMAGES.observe(len(batch))
+        if counted:
+            self.batch_sizes[counted] += 1
+            metrics.BATCH_IMAGES.observe(counted)
         return list(captions)
 
     def _after_out_of_memory(self, batch: list[_Ready]) -> list[Caption | BaseException]:

@@ -69,13 +69,14 @@ class ImagePath:
         """Caption one small generated image through the decoder and the model thread: True
         once it answers, False when it has not within `timeout_s` (a GPU that stopped
         answering, a deadlocked runtime). A worker probes before it takes jobs, so a process
-        restarted on a device that is still hung holds nothing when it is found out."""
+        restarted on a device that is still hung holds nothing when it is found out. The probe
+        is not counted in the batch metrics: they count the images a user sent."""
         blank = io.BytesIO()
         Image.new("RGB", (32, 32), (127, 127, 127)).save(blank, format="PNG")
         prepared = self._decode(blank.getvalue())
         if isinstance(prepared, CapworksError):
             raise prepared
-        (answer,) = self.batcher.submit([prepared.pixels])
+        (answer,) = self.batcher.submit([prepared.pixels], counted=False)
         try:
             answer.result(timeout=timeout_s)
         except FutureTimeout:
