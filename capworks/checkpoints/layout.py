@@ -14,8 +14,8 @@ BUILD_VERSIONS = {"shapes": 4}
 # Said before a build starts, so a first run is not minutes of silence.
 BUILD_DURATIONS = {
     "shapes": (
-        "training a small OFA captioner, about 4 to 5 minutes on 2 CPU cores with bfloat16 "
-        "units, about 10 without (once)"
+        "training a small OFA captioner, about 3 minutes on 2 CPU cores with bfloat16 units, "
+        "about 7 without (once)"
     ),
     "tiny-random": "seeded random weights, seconds",
     "tiny-wide": "seeded random weights, seconds",
