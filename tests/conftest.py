@@ -193,7 +193,10 @@ def postgres_control() -> Iterator[None]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`serial`: the fault suite (its timings compare runs on a quiet machine) and every test
-    that stops PostgreSQL (which the others share); scripts/test.sh runs them alone."""
+    that stops PostgreSQL (which the others share); scripts/test.sh runs them alone. `farm`:
+    the test farm's, whose hosts run services of their own, so they run beside those."""
     for item in items:
         if "faults" in item.path.parts or "postgres_control" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.serial)
+        if "farm" in item.path.parts:
+            item.add_marker(pytest.mark.farm)

@@ -30,7 +30,7 @@ import redis
 from farm.hosts import CAPWORKS, PG_PORT, REDIS_PORT, Farm, Host, in_ns, running_farm
 from farm.test_farm_hosts import JOB_IMAGES, OUT, Run, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.quiet]
 IMAGES = int(os.environ.get("CAPWORKS_FARM_SLOW_IMAGES", "40"))
 # Each way: a round trip through the proxy takes 50 ms more (CAPWORKS_FARM_DELAY_MS).
 DELAY_MS = float(os.environ.get("CAPWORKS_FARM_DELAY_MS", "25"))
