@@ -19,6 +19,7 @@ import pytest
 import redis
 from conftest import REPO, png_bytes, s3_client
 from pipeline_support import Pipeline, captions, failures, instance_of, live_redis, own_queue
+from redis_server import own_redis
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.commands.worker import POLL_S
@@ -27,6 +28,7 @@ from capworks.schema.settings import Settings
 from capworks.workers.leases import (
     LEASES_KEY,
     OWNERS_KEY,
+    HeldMessages,
     LeaseKeeper,
     hand_back,
     lease_key,
@@ -144,6 +146,49 @@ def test_handing_back_a_dead_processes_lease_skips_what_it_acknowledged(
     assert scores(client, index) == {"running": 0, "other": pytest.approx(time.time(), abs=5)}
     assert not client.exists(lease_key(holder.instance))
     assert client.zscore(LEASES_KEY, "running") is None
+
+
+def test_a_job_whose_reject_redis_never_heard_is_held_no_longer(tmp_path: Path) -> None:
+    """A job that ends the instant Redis goes down: Celery's reject (or ack) fails ("Couldn't
+    reject") and Celery counts the job ended, while kombu's message stays unacknowledged in
+    `unacked`. It must leave what the process renews, or its lease is renewed for as long as the
+    process lives and the job never runs again (the Redis restart test timed out so on
+    2026-12-06, four jobs held by a live worker that had ended them). Real Redis, kombu message
+    and Celery request; the message alone still says "not acknowledged"."""
+    from celery import Celery
+    from celery.worker.request import Request
+    from kombu import Connection, Exchange, Queue
+
+    name = f"test-held-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with own_redis(tmp_path / "redis") as server:
+        app = Celery("test-held", broker=server.url)
+
+        @app.task(name="test.noop")  # type: ignore[misc]
+        def noop() -> None:
+            """The job: never run here, only received."""
+
+        app.send_task("test.noop", queue=queue)
+        transport = "capworks.schema.redis_transport:Transport"
+        with Connection(server.url, transport=transport) as conn:
+            message = queue(conn.default_channel).get(no_ack=False)
+            assert message is not None
+            request = Request(
+                message,
+                app=app,
+                on_ack=message.ack_log_error,
+                on_reject=message.reject_log_error,
+                connection_errors=conn.connection_errors,
+            )
+            held, message_only = HeldMessages(), HeldMessages()
+            tag = held.add(message, request)
+            message_only.add(message)
+            assert held.tags() == [tag]
+            server.stop()
+            request.reject(requeue=True)  # logged: Couldn't reject ... Connection refused
+            assert request.acknowledged and not message.acknowledged
+            assert held.tags() == []
+            assert message_only.tags() == [tag]  # what the process renewed before
 
 
 def test_reaping_reads_no_key_beyond_the_jobs_it_examines(client: redis.Redis, index: str) -> None:

@@ -192,25 +192,38 @@ def hand_back(redis: Any, instance: str, index_key: str = UNACKED_INDEX) -> int:
 
 
 class HeldMessages:
-    """The messages this process received and has not yet acknowledged, on any channel."""
+    """The messages this process received and whose jobs have not ended, on any channel.
+
+    A job ends when Celery acknowledges or rejects its message. Celery marks its request
+    acknowledged even when the broker did not hear it (Redis down at that instant: "Couldn't
+    ack" / "Couldn't reject"), while kombu's message stays unacknowledged; such a message is no
+    longer held here, so its lease lapses and the reap puts it back (the job runs again, or its
+    done mark drops it). Renewing it would keep it from every worker for as long as this process
+    lives."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._messages: dict[str, Any] = {}
+        self._held: dict[str, tuple[Any, Any]] = {}  # tag -> (kombu message, Celery request)
 
-    def add(self, message: Any) -> str:
-        """Track one received message; returns its delivery tag."""
+    def add(self, message: Any, request: Any = None) -> str:
+        """Track one received message (and the Celery request running it); returns its
+        delivery tag."""
         tag = str(message.delivery_tag)
         with self._lock:
-            self._messages[tag] = message
+            self._held[tag] = (message, request)
         return tag
 
     def tags(self) -> list[str]:
-        """The tags of the messages still unacknowledged (acknowledged ones are forgotten)."""
+        """The tags of the messages whose jobs have not ended (ended ones are forgotten)."""
         with self._lock:
-            for tag in [t for t, m in self._messages.items() if m.acknowledged]:
-                del self._messages[tag]
-            return list(self._messages)
+            for tag in [t for t, held in self._held.items() if _ended(*held)]:
+                del self._held[tag]
+            return list(self._held)
+
+
+def _ended(message: Any, request: Any) -> bool:
+    """Acknowledged or rejected, by the broker's word or by Celery's attempt."""
+    return bool(message.acknowledged or getattr(request, "acknowledged", False))
 
 
 class Renewer:
@@ -353,7 +366,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         """`task_received`, on the consumer's thread: hold and lease the message now."""
         if self._renewer is None or request is None:
             return
-        tag = _held.add(request.message)
+        tag = _held.add(request.message, request)
         try:
             self._renewer.keeper.hold(tag)
         except Exception as exc:  # noqa: BLE001 - the next renewal leases it

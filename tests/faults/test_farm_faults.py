@@ -26,7 +26,7 @@ from redis_server import RedisServer, own_redis
 
 from capworks.checkpoints.shapes_world import sample_scenes
 from capworks.schema.settings import Settings
-from capworks.workers.leases import EXIT_STALLED, lease_key
+from capworks.workers.leases import EXIT_STALLED, lease_key, renew_every_s
 from faults.harness import children_of
 
 pytestmark = pytest.mark.slow
@@ -230,6 +230,51 @@ def test_jobs_running_across_a_redis_restart_run_once_and_no_worker_dies(
         dead = [n for n, w in zip("ab", workers, strict=True) if w.poll() is not None]
         assert not dead, [p.log_text(n)[-3000:] for n in dead]
         assert runs_per_image(p) == Counter(dict.fromkeys(uris, 1))
+        assert failures(p.db_url) == {}
+
+
+# How a worker's log says a job ended: run (acknowledged or not) or handed back by a reject.
+JOB_ENDS = ("] succeeded in ", "] reject requeue=", "Couldn't ack", "Couldn't reject")
+
+
+def test_a_job_that_ends_while_redis_is_down_is_not_held_for_ever(
+    pg_url: str, s3_endpoint: str, shapes_dir: Path, tmp_path: Path
+) -> None:
+    """A job that ends while Redis is down (its outcome cannot be recorded, so it is handed
+    back by a reject no broker hears) is put back within a lease and two ticks of Redis' return
+    and captioned; the worker lives on. Here the consumer has seen the connection drop before the
+    job ends; the race where the job ends first ("Couldn't reject", the message renewed for as
+    long as the worker lived) is tests/test_leases.py's test of a reject Redis never heard."""
+    with queue_on_own_redis(pg_url, tmp_path, s3_endpoint) as (server, p):
+        p.extra_env.update(CAPWORKS_JOB_IMAGES="1", CAPWORKS_TEST_SLOW_S="4")
+        p.extra_env.pop("CAPWORKS_LEASE_S", None)
+        (uri,) = slow_images(p, "ends-in-outage", 1, seed=208)
+        worker = p.start_worker("a", WORKER, concurrency=1)
+        ready(p, "a")
+        enqueue(p, "ends-in-outage")
+        wait_until(lambda: len(runs(p)) == 1, 60, "the job to start fetching")
+        server.stop()
+        try:
+            wait_until(
+                lambda: any(end in p.log_text("a") for end in JOB_ENDS),
+                120,
+                "the job to end while Redis is down",
+                lambda: p.log_text("a")[-3000:],
+            )
+        finally:
+            server.start()
+        back_s = time.monotonic()
+        wait_until(
+            lambda: uri in captions(p.db_url) and p.queue_length() == 0,
+            120,
+            "the ended job's message to be put back and settled",
+            lambda: p.log_text("a")[-3000:],
+        )
+        back_s = time.monotonic() - back_s
+        print(f"a job ended in a Redis outage: settled {back_s:.1f} s after Redis came back")
+        # Within a lease and two ticks of Redis' return, with 10 s for CI's load.
+        assert back_s <= LEASE_S + 2 * renew_every_s(LEASE_S) + 10, back_s
+        assert worker.poll() is None, p.log_text("a")[-3000:]
         assert failures(p.db_url) == {}
 
 
