@@ -203,27 +203,26 @@ class HeldMessages:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: dict[str, tuple[Any, Any]] = {}  # tag -> (kombu message, Celery request)
+        self._requests: dict[str, Any] = {}  # delivery tag -> the Celery request of its job
 
-    def add(self, message: Any, request: Any = None) -> str:
-        """Track one received message (and the Celery request running it); returns its
-        delivery tag."""
-        tag = str(message.delivery_tag)
+    def add(self, request: Any) -> str:
+        """Track one received job by its Celery request; returns its message's delivery tag."""
+        tag = str(request.message.delivery_tag)
         with self._lock:
-            self._held[tag] = (message, request)
+            self._requests[tag] = request
         return tag
 
     def tags(self) -> list[str]:
         """The tags of the messages whose jobs have not ended (ended ones are forgotten)."""
         with self._lock:
-            for tag in [t for t, held in self._held.items() if _ended(*held)]:
-                del self._held[tag]
-            return list(self._held)
+            for tag in [t for t, r in self._requests.items() if _ended(r)]:
+                del self._requests[tag]
+            return list(self._requests)
 
 
-def _ended(message: Any, request: Any) -> bool:
+def _ended(request: Any) -> bool:
     """Acknowledged or rejected, by the broker's word or by Celery's attempt."""
-    return bool(message.acknowledged or getattr(request, "acknowledged", False))
+    return bool(request.acknowledged or request.message.acknowledged)
 
 
 class Renewer:
@@ -366,7 +365,7 @@ class LeaseStep(bootsteps.StartStopStep):  # type: ignore[misc]
         """`task_received`, on the consumer's thread: hold and lease the message now."""
         if self._renewer is None or request is None:
             return
-        tag = _held.add(request.message, request)
+        tag = _held.add(request)
         try:
             self._renewer.keeper.hold(tag)
         except Exception as exc:  # noqa: BLE001 - the next renewal leases it
