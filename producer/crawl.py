@@ -215,8 +215,12 @@ def run_crawl(
                 )
                 crawl.listed, crawl.skipped = stats.listed, stats.skipped
                 session.commit()
+                # One queue-length read for the page when all of it fits: a round trip less a
+                # job for a producer far from Redis. Else the room is checked before each job.
+                fits = publisher.queued_images() + len(keep) <= max_queued_images
                 for job in jobs:
-                    wait_for_room(publisher, max_queued_images)
+                    if not fits:
+                        wait_for_room(publisher, max_queued_images)
                     publisher.publish(job)
                 publisher.confirm()  # the position moves on only once replicas hold the page
                 stats.enqueued += len(keep)

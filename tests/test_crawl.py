@@ -268,6 +268,47 @@ def test_a_pages_done_check_is_one_statement_with_its_uris_as_one_parameter_on_p
         assert all(len(params) < 20 for params in checks), [len(p) for p in checks]
 
 
+class LengthReads:
+    """A Redis client that counts the queue-length reads made through it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.reads = client, 0
+
+    def llen(self, name: str) -> int:
+        self.reads += 1
+        return int(self.client.llen(name))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+@pytest.mark.parametrize(("max_queued", "reads"), [(100_000, 1), (99, 1 + 10)])
+def test_a_page_that_fits_the_queue_reads_its_length_once_else_before_each_job(
+    local: Pipeline, tmp_path: Path, max_queued: int, reads: int
+) -> None:
+    """A round trip less a job for a producer far from Redis: 10 jobs of 10 images, one page;
+    when the page does not fit, the page's read, then one before each job as before."""
+    uris = [f"s3://b/{n:03d}.jpg" for n in range(100)]
+    listing = tmp_path / "uris.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    settings = Settings(broker_url=REDIS_URL, queue_name=local.queue, job_images=10)
+    publisher = make_publisher(settings)
+    counted = LengthReads(publisher.redis)
+    publisher.redis = counted
+    run_crawl(
+        f"@{listing}",
+        crawl_id="c1",
+        db=connect(local.db_url),
+        publisher=publisher,
+        s3_client=None,
+        identity=IDENTITY,
+        job_images=10,
+        max_queued_images=max_queued,
+    )
+    assert sorted(queued_images(local)) == uris
+    assert counted.reads == reads
+
+
 # -- the broker ------------------------------------------------------------------------------
 
 

@@ -10,6 +10,14 @@ slow, slow, clean), so the proxy's own CPU and the machine's load drifting over 
 on both alike. Worker images/s with the slow network over images/s without it: goal >= 0.9 with
 the default prefetch (4); asserted with a margin for a shared machine's noise (MARGIN).
 
+Worker images/s is a run's images over the workers' window: from the moment its first job is in
+Redis (the queue or a worker's unacked hash, watched by the test every 5 ms) to the last
+caption's `created` (set by the worker as it makes the caption; the clocks are one, no host is
+skewed here). The enqueue command's own time (its PostgreSQL statements and Redis writes
+through the proxy, about 9 s more when slow at this size) is reported beside it, as is the
+run's whole wall time, but it is the producer's, not the workers': with 40 images a run, every
+job is published in the enqueue's last second, so the wall time mostly measures the producer.
+
 Sizes: each of the four runs is CAPWORKS_FARM_SLOW_IMAGES images (40; `bench/farm.py` sets it
 to a quarter of its --images), in jobs of CAPWORKS_FARM_JOB_IMAGES (16)."""
 
@@ -20,13 +28,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import create_engine, func, select
 
+from capworks.schema.settings import Settings
+from capworks.schema.tables import Caption, Image
 from farm.hosts import CAPWORKS, PG_PORT, REDIS_PORT, Farm, Host, in_ns, running_farm
 from farm.test_farm_hosts import JOB_IMAGES, OUT, Run, wait_for
 
@@ -125,13 +137,65 @@ def run_on(farm: Farm, host: Host, cmd: list[str]) -> subprocess.Popen[bytes]:
     return proc
 
 
-def crawl_by_url(run: Run) -> float:
+class FirstJob:
+    """Watches Redis directly (not through the proxy) from `start()` until a job is in the
+    queue or taken by a worker; `at` is that moment (`time.time()`)."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.redis, self.at = farm.redis(), 0.0
+        self.queue = Settings().queue_name
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def start(self) -> None:
+        # The last run's acknowledgements may still be on their way through the proxy.
+        wait_for(lambda: self.waiting() == 0, 30, "the jobs of the last run to leave Redis")
+        self.thread.start()
+
+    def waiting(self) -> int:
+        queued, taken = self.redis.pipeline().llen(self.queue).hlen("unacked").execute()
+        return int(queued) + int(taken)
+
+    def watch(self) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.waiting():
+                self.at = time.time()
+                return
+            time.sleep(0.005)
+
+    def join(self) -> float:
+        """The moment, once the enqueue has returned (its jobs are in Redis by then)."""
+        self.thread.join(timeout=10)
+        assert self.at, "no job was seen in Redis"
+        return self.at
+
+
+def last_caption_at(run: Run) -> float:
+    """When the last caption of the run's images was made (`created`, as `time.time()`)."""
+    engine = create_engine(run.farm.db_url)
+    try:
+        with engine.connect() as conn:
+            last = conn.scalar(
+                select(func.max(Caption.created))
+                .join(Image)
+                .where(Image.uri.like(f"%/{run.name}/%"))
+            )
+    finally:
+        engine.dispose()
+    assert last is not None, f"{run.name}: no caption"
+    return float(last.timestamp())
+
+
+def crawl_by_url(run: Run) -> tuple[float, float]:
     """Enqueue the run's images as a URI list of URLs through the proxy, wait until every one
-    is captioned; how long the enqueue command took (the run's wall time is `run.wall_s`)."""
+    is captioned; how long the enqueue command took, and the workers' window: from the first
+    job in Redis to the last caption (the run's wall time is `run.wall_s`)."""
     svc = f"{run.farm.addr(1)}:{PROXY_PORTS[HTTP_PORT]}"
     uris = run.farm.root / f"{run.name}.txt"
     names = sorted(p.name for p in run.folder.iterdir())
     uris.write_text("".join(f"http://{svc}/{run.name}/{name}\n" for name in names))
+    first = FirstJob(run.farm)
+    first.start()
     run.started = time.monotonic()
     assert run.farm.producer is not None
     enqueue = in_ns(run.farm.producer.ns, str(CAPWORKS), "enqueue", f"@{uris}", "--no-progress")
@@ -139,8 +203,9 @@ def crawl_by_url(run: Run) -> float:
     done = subprocess.run(enqueue, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     enqueue_s = time.monotonic() - run.started
+    first_at = first.join()
     run.wait()
-    return enqueue_s
+    return enqueue_s, last_caption_at(run) - first_at
 
 
 def test_a_50_ms_network_with_loss_loses_nothing_and_keeps_nine_tenths_of_the_rate(
@@ -149,6 +214,7 @@ def test_a_50_ms_network_with_loss_loses_nothing_and_keeps_nine_tenths_of_the_ra
     farm = slow_farm.farm
     walls: dict[str, float] = {"clean": 0.0, "slow": 0.0}
     enqueues: dict[str, float] = {"clean": 0.0, "slow": 0.0}
+    workers: dict[str, float] = {"clean": 0.0, "slow": 0.0}
     runs: list[Run] = []
     applied = ""
     for i, phase in enumerate(("clean", "slow", "slow", "clean")):
@@ -156,15 +222,15 @@ def test_a_50_ms_network_with_loss_loses_nothing_and_keeps_nine_tenths_of_the_ra
         if phase == "slow":
             applied = slow_farm.slow()
         try:
-            enqueues[phase] += crawl_by_url(run)
+            enqueue_s, workers_s = crawl_by_url(run)
         finally:
             slow_farm.clean()
+        enqueues[phase] += enqueue_s
+        workers[phase] += workers_s
         walls[phase] += run.wall_s
         runs.append(run)
-    ratio = walls["clean"] / walls["slow"]  # images/s slow over clean: as many images each
-    # The workers' part: from the enqueue command's exit (its jobs all queued) to the last
-    # caption. They start on the first jobs before it exits, so this flatters both alike.
-    workers = {phase: walls[phase] - enqueues[phase] for phase in walls}
+    # Worker images/s slow over clean (as many images in each): the goal's figure.
+    ratio = workers["clean"] / workers["slow"]
     counts = [run.counts() for run in runs]
     figures = {
         "fault": f"slow network: {applied}",
@@ -179,8 +245,9 @@ def test_a_50_ms_network_with_loss_loses_nothing_and_keeps_nine_tenths_of_the_ra
         "clean_wall_s": round(walls["clean"], 1),
         "wall_vs_calm": round(walls["slow"] / walls["clean"], 2),
         "images_per_s_vs_clean": round(ratio, 2),
+        "workers_s": {phase: round(t, 2) for phase, t in workers.items()},
         "enqueue_s": {phase: round(t, 1) for phase, t in enqueues.items()},
-        "after_enqueue_images_per_s_vs_clean": round(workers["clean"] / workers["slow"], 2),
+        "wall_images_per_s_vs_clean": round(walls["clean"] / walls["slow"], 2),
     }
     print(f"\nfarm: {json.dumps(figures)}")
     if OUT:
