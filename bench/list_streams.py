@@ -8,7 +8,9 @@ crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s p
 listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
 whose list pages `schema/list_pages.py` parses (and does not parse again for botocore's
 200-error check), with that check put back, and with botocore's own parser (the way
-before); prints keys/s and the ratios to one stream of each, and to one stream before.
+before); `list_pages` also with the streams in `--processes` listing processes (their
+spawning counted); prints keys/s and the ratios to one stream of each, and to one stream
+before, and each case's rate between 20% and 90% of its keys (a long crawl's, start left out).
 `--servers fake` (or both, the default) lists the same keys from `FakeListServer`
 (bench/fake_list_server.py: pre-rendered pages, the same delay, next to no server CPU), which
 measures the listing's own side on a machine whose cores SeaweedFS would otherwise share.
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import Connection
 from typing import Any
@@ -139,13 +143,33 @@ def fill_bucket(client: Any, keys: list[str]) -> None:
         list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=b""), keys))
 
 
-def list_keys(client: Any, streams: int) -> int:
-    """Keys listed by one stream (today's crawl) or by `streams` parallel ones."""
+def list_keys(
+    client: Any, streams: int, processes: int = 1, endpoint: str = ""
+) -> list[tuple[float, int]]:
+    """(seconds from the start, keys) of each page listed by one stream (today's crawl) or by
+    `streams` parallel ones, in `processes` listing processes (each with a client like
+    `client`, made anew: spawning included)."""
     source = f"s3://{BUCKET}/"
+    begun = time.perf_counter()
     if streams == 1:
-        return sum(1 for _ in iter_s3(source, client))
-    plan = ListingPlan(streams=streams)
-    return sum(len(page) for _, page in iter_parallel_pages(source, client, None, plan, 1000))
+        refs = iter_s3(source, client)
+        pages = iter(lambda: list(itertools.islice(refs, 1000)), [])
+    else:
+        factory = partial(proxied_client, endpoint) if processes > 1 else None
+        plan = ListingPlan(streams=streams, processes=processes, client=factory)
+        pages = (page for _, page in iter_parallel_pages(source, client, None, plan, 1000))
+    return [(time.perf_counter() - begun, len(page)) for page in pages]
+
+
+def mid_run_rate(pages: list[tuple[float, int]]) -> float:
+    """Keys/s between the pages at 20% and at 90% of the keys: a long crawl's rate, without
+    the start (discovery, spawning listing processes, filling the merger) or the last parts."""
+    total, done, marks = sum(n for _, n in pages), 0, []
+    for at, keys in pages:
+        done += keys
+        marks.append((at, done))
+    (t0, k0), (t1, k1) = [next(m for m in marks if m[1] >= share * total) for share in (0.2, 0.9)]
+    return (k1 - k0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
 def main() -> None:
@@ -156,14 +180,18 @@ def main() -> None:
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--servers", default="seaweedfs,fake", help="seaweedfs, fake or both")
     parser.add_argument("--parsers", default=",".join(PARSERS))
+    parser.add_argument(
+        "--processes", default="2", help="listing processes to try too (list_pages; 1: none)"
+    )
     args = parser.parse_args()
     delay_s = args.page_delay_ms / 1000
     keys = bucket_keys(args.prefixes, args.keys_per_prefix)
     print(f"{args.page_delay_ms:.0f} ms added to each list page")
     print(
-        "| server | page parser | streams | keys | seconds | keys/s | vs 1 stream | vs 1 before |"
+        "| server | page parser | streams | keys | seconds | keys/s | vs 1 stream | vs 1 before "
+        "| keys/s mid-run |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     if "seaweedfs" in args.servers:
         with scratch_s3() as endpoint:
             started = time.perf_counter()
@@ -185,16 +213,20 @@ def run_counts(server: str, endpoint: str, args: argparse.Namespace, total: int)
             continue
         client = proxied_client(endpoint, name)
         base = None
-        for streams in (int(s) for s in args.streams.split(",")):
-            begun = time.perf_counter()
-            listed = list_keys(client, streams)
-            seconds = time.perf_counter() - begun
+        cases = [(int(s), 1) for s in args.streams.split(",")]
+        if name == "list_pages":
+            more = [int(p) for p in args.processes.split(",") if int(p) > 1]
+            cases += [(streams, p) for p in more for streams, _ in cases if streams >= p]
+        for streams, processes in cases:
+            pages = list_keys(client, streams, processes, endpoint)
+            listed, seconds = sum(n for _, n in pages), pages[-1][0]
             rate = listed / seconds
             base = base or rate
             before = before or rate
+            label = parser if processes == 1 else f"{parser}, {processes} processes"
             print(
-                f"| {server} | {parser} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
-                f"{rate / base:.1f}x | {rate / before:.1f}x |",
+                f"| {server} | {label} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
+                f"{rate / base:.1f}x | {rate / before:.1f}x | {mid_run_rate(pages):,.0f} |",
                 flush=True,
             )
             assert listed == total, f"listed {listed} of {total}"

@@ -9,6 +9,11 @@ crawled). Each stream lists one part at a time; the pages of all streams are mer
 robin, so each crawl page, and each job cut from it, mixes keys of many prefixes and the
 workers' GETs are spread across them (S3 serves ~5,500 GET/s per prefix).
 
+With `--list-processes P` the streams run in P processes, each with its own S3 client: one
+process parses pages on one core at most (the GIL), about 100k keys/s here. The parts, their
+positions and the merge stay in the crawl's process; a listing process only lists the parts it
+is handed and sends their chunks back.
+
 Parts are prefixes, never key ranges: key order is the server's own (SeaweedFS puts `cats/...`
 before `cats.png`, S3 after), so nothing here compares keys. The resume position after a page
 is JSON of every part with the last key handed out from it and whether it is done. Keys are
@@ -23,13 +28,15 @@ done.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import pickle
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -46,10 +53,14 @@ PARTS_PER_STREAM = 2  # discovery stops once it has this many parts per stream (
 
 @dataclass(frozen=True)
 class ListingPlan:
-    """How to list a bucket crawl: concurrent streams, and prefixes given instead of found."""
+    """How to list a bucket crawl: concurrent streams, and prefixes given instead of found;
+    with `processes` > 1, the streams run in that many processes, each making its own client
+    with `client` (a picklable callable: a spawned process cannot be handed a client)."""
 
     streams: int = 1
     prefixes: tuple[str, ...] = ()  # relative to the crawl's prefix; empty: discover them
+    processes: int = 1
+    client: Callable[[], Any] | None = None
 
 
 ONE_STREAM = ListingPlan()
@@ -175,44 +186,128 @@ def iter_part(bucket: str, s3_client: Any, part: Part) -> Iterator[list[ImageRef
 _Item = tuple[int, list[ImageRef] | None | BaseException]
 
 
+class _Queue(Protocol):
+    """What the streams and the merger need of a queue (a thread's or a process's)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None: ...
+
+
 def iter_parallel_pages(
     source: str, s3_client: Any, position: str | None, plan: ListingPlan, page_size: int
 ) -> Iterator[tuple[str, list[ImageRef]]]:
     """(resume position, page) of a bucket listed by `plan.streams` concurrent streams."""
     parts = plan_parts(source, s3_client, position, plan)
     bucket = parse_s3(source).bucket
-    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for number, part in enumerate(parts):
-        if not part.done:
-            todo.put(number)
+    open_numbers = [number for number, part in enumerate(parts) if not part.done]
+    streams = min(plan.streams, len(open_numbers))
+    if plan.processes > 1 and streams > 1:
+        yield from _in_processes(bucket, parts, open_numbers, streams, plan, page_size)
+        return
+    todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    for number in [*open_numbers, *[None] * streams]:  # a None ends each stream
+        todo.put(number)
     out: queue.Queue[_Item] = queue.Queue(maxsize=2 * plan.streams)
     stop = threading.Event()
     work = (bucket, s3_client, parts, todo, out, stop)
-    streams = [
-        threading.Thread(target=_stream, args=work, daemon=True)
-        for _ in range(min(plan.streams, todo.qsize()))
-    ]
-    for thread in streams:
-        thread.start()
+    for _ in range(streams):
+        threading.Thread(target=_stream, args=work, daemon=True).start()
     try:
-        yield from _merge(parts, out, plan.streams, page_size)
+        yield from _merge(parts, out.get, plan.streams, page_size)
     finally:
         stop.set()
+
+
+def _in_processes(
+    bucket: str,
+    parts: list[Part],
+    open_numbers: list[int],
+    streams: int,
+    plan: ListingPlan,
+    page_size: int,
+) -> Iterator[tuple[str, list[ImageRef]]]:
+    """The pages of `iter_parallel_pages`, listed by `streams` streams spread over
+    `plan.processes` spawned processes (a fork would copy the crawl's threads and sockets)."""
+    if plan.client is None:
+        raise ValueError("listing processes need a client factory (ListingPlan.client)")
+    ctx = multiprocessing.get_context("spawn")
+    todo: Any = ctx.Queue()
+    for number in [*open_numbers, *[None] * streams]:
+        todo.put(number)
+    out: Any = ctx.Queue(maxsize=2 * streams)
+    stop = ctx.Event()
+    count = min(plan.processes, streams)
+    procs = [
+        ctx.Process(
+            target=_listing_process,
+            args=(bucket, parts, todo, out, stop, streams // count + (i < streams % count)),
+            kwargs={"client": plan.client},
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def take() -> _Item:
+        """The next item; a listing process that died without a word fails the crawl."""
+        while True:
+            try:
+                return out.get(timeout=1.0)  # type: ignore[no-any-return]
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise StorageError(
+                        Code.STORAGE_UNAVAILABLE, f"a listing process died (exit code {dead[0]})"
+                    ) from None
+
+    try:
+        yield from _merge(parts, take, streams, page_size)
+    finally:
+        stop.set()
+        todo.cancel_join_thread()  # part numbers no process took: not worth a wait
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _listing_process(
+    bucket: str,
+    parts: list[Part],
+    todo: _Queue,
+    out: Any,
+    stop: Any,
+    threads: int,
+    client: Callable[[], Any],
+) -> None:
+    """A listing process: `threads` streams on a client of its own, until `todo` ends."""
+    s3_client = client()
+    work = (bucket, s3_client, parts, todo, out, stop, True)
+    streams = [threading.Thread(target=_stream, args=work) for _ in range(threads)]
+    for thread in streams:
+        thread.start()
+    for thread in streams:
+        thread.join()
+    if stop.is_set():  # the crawl has stopped reading: leave what was not sent
+        out.cancel_join_thread()
 
 
 def _stream(
     bucket: str,
     s3_client: Any,
     parts: list[Part],
-    todo: queue.SimpleQueue[int],
-    out: queue.Queue[_Item],
-    stop: threading.Event,
+    todo: _Queue,
+    out: _Queue,
+    stop: Any,
+    portable: bool = False,
 ) -> None:
-    """One listing stream: parts from `todo` until none is left or the crawl stops."""
+    """One listing stream: parts from `todo` until it hands out None or the crawl stops.
+    `portable`: an error is sent as one that pickles (a listing process's go to the crawl's)."""
     while not stop.is_set():
-        try:
-            number = todo.get_nowait()
-        except queue.Empty:
+        number = todo.get()
+        if number is None:
             return
         part = parts[number]
         start = Part(part.prefix, part.flat, part.after)  # the merger moves `part.after` on
@@ -221,12 +316,21 @@ def _stream(
                 if not _put(out, (number, chunk), stop):
                     return
         except Exception as exc:  # noqa: BLE001 - raised again by the merger, in the crawl's thread
-            _put(out, (number, exc), stop)  # (a stream that died silently would hang the crawl)
-            return
+            _put(out, (number, _portable(exc) if portable else exc), stop)  # (a stream that
+            return  # died silently would hang the crawl)
         _put(out, (number, None), stop)
 
 
-def _put(out: queue.Queue[_Item], item: _Item, stop: threading.Event) -> bool:
+def _portable(exc: Exception) -> Exception:
+    """`exc`, or a StorageError saying what it was where it does not survive pickling."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes, of the line itself
+    except Exception:  # noqa: BLE001 - any failure to pickle or unpickle
+        return StorageError(Code.STORAGE_UNAVAILABLE, f"listing failed: {exc!r}")
+    return exc
+
+
+def _put(out: _Queue, item: _Item, stop: Any) -> bool:
     """Wait for room in the merger's queue; False once the crawl has stopped."""
     while not stop.is_set():
         try:
@@ -238,7 +342,7 @@ def _put(out: queue.Queue[_Item], item: _Item, stop: threading.Event) -> bool:
 
 
 def _merge(
-    parts: list[Part], out: queue.Queue[_Item], streams: int, page_size: int
+    parts: list[Part], take: Callable[[], _Item], streams: int, page_size: int
 ) -> Iterator[tuple[str, list[ImageRef]]]:
     """Pages taken round robin, one key at a time, from as many parts as there are streams
     (or open parts), each with the position after it: each part's last key handed out, and
@@ -250,7 +354,7 @@ def _merge(
     page: list[ImageRef] = []
     while open_parts:
         while len(waiting) < min(streams, open_parts):
-            number, chunk = out.get()
+            number, chunk = take()
             if isinstance(chunk, BaseException):
                 raise chunk
             if chunk is not None:

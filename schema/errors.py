@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class Kind(enum.Enum):
@@ -56,6 +57,17 @@ class CapworksError(Exception):
     def kind(self) -> Kind:
         """Whether retrying can help."""
         return Kind.TRANSIENT if self.code in TRANSIENT_CODES else Kind.PERMANENT
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (a listing process sends its error to the crawl), whatever arguments
+        # a subclass's own __init__ takes.
+        return (_rebuilt, (type(self), self.code, self.message))
+
+
+def _rebuilt(cls: type[CapworksError], code: Code, message: str) -> CapworksError:
+    error = cls.__new__(cls)
+    CapworksError.__init__(error, code, message)
+    return error
 
 
 class Unreachable(CapworksError):

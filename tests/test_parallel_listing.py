@@ -2,16 +2,18 @@
 [--prefixes a/,b/]`) against a real SeaweedFS: discovered parts hold every key once (SeaweedFS
 lists `cats/...` before `cats.png`, unlike S3), every key enqueued once in jobs that mix
 prefixes, and a run cut off mid-page resumed per part with no key published twice, also by a
-run with another number of streams."""
+run with another number of streams; the same with the streams in listing processes."""
 
 from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from capworks.producer.listing import (
     iter_part,
 )
 from capworks.schema.db import connect
+from capworks.schema.errors import StorageError
 from capworks.schema.settings import Settings
 from capworks.schema.storage import parse_timestamp_fast
 from capworks.schema.uris import S3Location
@@ -160,3 +163,52 @@ def test_a_resumed_parallel_crawl_also_lists_folders_made_since_it_began_and_no_
     assert set(queued) == set(uris) | {f"s3://{name}/{key}" for key in added}
     assert set(queued.values()) == {1}
     assert stats.enqueued == len(uris) + len(added)
+
+
+def test_listing_processes_enqueue_every_key_once_and_a_cut_off_crawl_resumes(
+    local: Pipeline, bucket: tuple[str, list[str]]
+) -> None:
+    name, uris = bucket
+    plan = ListingPlan(streams=4, processes=2, client=partial(s3_client, local.s3_endpoint))
+    with pytest.raises(Crash):  # dies before its 7th job: the middle of the second page
+        crawl(local, f"s3://{name}/", plan, crash_at=7)
+    assert multiprocessing.active_children() == []  # the listing processes stopped with it
+    assert 0 < len(queued_images(local)) < len(uris)
+
+    stats = crawl(local, f"s3://{name}/", plan)
+
+    queued = Counter(queued_images(local))
+    assert set(queued) == set(uris) and set(queued.values()) == {1}
+    assert stats.enqueued == len(uris) and stats.resumed_from.startswith('{"parts"')
+    mixed = [folders for folders in job_folders(local) if len(folders) > 1]
+    assert len(mixed) >= len(job_folders(local)) // 2, job_folders(local)
+
+
+def test_a_listing_process_that_cannot_list_fails_the_crawl_with_its_reason(
+    local: Pipeline, bucket: tuple[str, list[str]]
+) -> None:
+    name, _ = bucket
+    nothing_listens = partial(s3_client, "http://127.0.0.1:9")  # refused on loopback
+    plan = ListingPlan(streams=2, prefixes=("cats/", "dogs/"), processes=2, client=nothing_listens)
+    with pytest.raises(StorageError, match=f"cannot list s3://{name}/(cats|dogs)/"):
+        crawl(local, f"s3://{name}/", plan)
+    assert multiprocessing.active_children() == []
+    assert queued_images(local) == []
+
+
+def test_enqueue_lists_with_processes_from_the_command_line(
+    local: Pipeline, bucket: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    name, uris = bucket
+    model = producer_model(tmp_path / "model")
+    enqueue = ["enqueue", f"s3://{name}/", "--model", str(model), "--no-progress"]
+    refused = local.cli(*enqueue, "--list-streams", "2", "--list-processes", "3")
+    assert refused.returncode != 0 and queued_images(local) == []
+    assert "--list-processes cannot be more than --list-streams" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    result = local.cli(*enqueue, "--list-streams", "4", "--list-processes", "2")
+
+    assert result.returncode == 0, result.stderr
+    queued = Counter(queued_images(local))
+    assert set(queued) == set(uris) and set(queued.values()) == {1}

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -55,7 +56,11 @@ def run_enqueue(args: argparse.Namespace) -> int:
         if any(is_s3(s) or s.startswith(INVENTORY_SCHEME) for s in args.sources)
         else None
     )
-    listing = ListingPlan(args.list_streams, args.prefixes)
+    if args.list_processes > args.list_streams:
+        raise InputError("--list-processes cannot be more than --list-streams")
+    listing = ListingPlan(
+        args.list_streams, args.prefixes, args.list_processes, partial(make_s3_client, settings)
+    )
     table = table_spec(args)
     filters = Filters(
         suffix_set(args.suffix) or None,
