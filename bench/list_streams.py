@@ -8,7 +8,9 @@ crawl listing (`producer.sources.iter_s3`); N streams are `producer.listing`'s p
 listing (delimiter discovery included in its time). Each runs with the client a crawl builds,
 whose list pages `schema/list_pages.py` parses (and does not parse again for botocore's
 200-error check), with that check put back, and with botocore's own parser (the way
-before); `list_pages` also with the streams in `--processes` listing processes (their
+before, with Python's default cyclic collector; the others with it as a crawl sets it,
+`CRAWL_GC_THRESHOLDS`);
+`list_pages` also with the streams in `--processes` listing processes (their
 spawning counted); prints keys/s and the ratios to one stream of each, and to one stream
 before, and each case's rate between 20% and 90% of its keys (a long crawl's, start left out).
 `--servers fake` (or both, the default) lists the same keys from `FakeListServer`
@@ -21,6 +23,7 @@ measures the listing's own side on a machine whose cores SeaweedFS would otherwi
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import itertools
 import multiprocessing
@@ -39,13 +42,14 @@ from botocore import handlers
 from fake_list_server import fake_list_server
 from seaweed import s3_client, scratch_s3
 
-from capworks.producer.listing import ListingPlan, iter_parallel_pages
+from capworks.producer.listing import CRAWL_GC_THRESHOLDS, ListingPlan, iter_parallel_pages
 from capworks.producer.sources import iter_s3
 from capworks.schema.list_pages import CHECK_200_ID, FAST_PARSER_ID
 from capworks.schema.settings import Settings
 from capworks.schema.storage import make_s3_client
 
 BUCKET = "library"
+DEFAULT_GC = gc.get_threshold()  # Python's own, as the crawl had it before
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -212,6 +216,9 @@ def run_counts(server: str, endpoint: str, args: argparse.Namespace, total: int)
         if name not in args.parsers.split(","):
             continue
         client = proxied_client(endpoint, name)
+        # The collector as a crawl sets it (`collect_less`) for today's client; Python's
+        # default for the way before.
+        gc.set_threshold(*(DEFAULT_GC if name == "botocore" else CRAWL_GC_THRESHOLDS))
         base = None
         cases = [(int(s), 1) for s in args.streams.split(",")]
         if name == "list_pages":

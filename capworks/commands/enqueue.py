@@ -27,7 +27,7 @@ from capworks.producer.imagenames import IMAGE_SUFFIXES, suffix_set
 from capworks.producer.inventory import SCHEME as INVENTORY_SCHEME
 from capworks.producer.inventory import is_inventory
 from capworks.producer.inventory_eta import inventory_rows
-from capworks.producer.listing import ListingPlan, describe_position
+from capworks.producer.listing import ListingPlan, collect_less, describe_position
 from capworks.producer.sources import InputError, count_uri_file
 from capworks.producer.tables import TableSpec, table_rows
 from capworks.schema.broker_check import check_broker
@@ -44,6 +44,7 @@ def run_enqueue(args: argparse.Namespace) -> int:
     """Crawl each source to the end (resuming where a previous run stopped), one run per crawl
     at a time; `--reconcile` lists anew and enqueues whatever SQL does not show as done."""
     settings = get_settings()
+    collect_less()
     publisher = make_publisher(settings)
     for warning in check_broker(publisher.redis, settings.allow_evicting_broker):
         log.warning("%s", warning)
