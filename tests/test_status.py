@@ -30,7 +30,7 @@ import pytest
 import redis
 from conftest import REPO, run_cli
 from pipeline_support import live_redis, wait_until
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from capworks.commands.status import throughput_text
@@ -175,6 +175,43 @@ def test_status_json_shows_queue_held_jobs_last_hour_crawls_and_workers(
     assert set(workers) == {os.getpid(), 4242}
     assert workers[os.getpid()]["heartbeat"]["device"] == "cuda:0"
     assert not workers[os.getpid()]["stale"] and workers[4242]["stale"]
+
+
+def test_a_ctrl_c_during_a_read_that_waits_ends_the_watch_after_it_and_a_second_at_once(
+    queue: str, pg_url: str
+) -> None:
+    """The first SIGINT does not cancel the read in progress (psycopg's cancel and wait for
+    the server, under load, outlasted 20 s); a second one does."""
+    watch = subprocess.Popen(
+        [str(Path(sys.executable).parent / "capworks"), "status", "--watch", "--json"]
+        + ["--interval", "0.2s", "--db", pg_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **cli_env(queue)},
+        cwd=REPO,
+    )
+    assert watch.stdout is not None and watch.stderr is not None
+    json.loads(watch.stdout.readline())  # it reads the farm
+    db = connect(pg_url)
+    try:
+        with db.connect() as lock, db.connect() as look:
+            lock.execute(text("LOCK TABLE crawls IN ACCESS EXCLUSIVE MODE"))
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            wait_until(lambda: look.scalar(waiting) == 1, 30, "the watch's read to wait")
+            watch.send_signal(signal.SIGINT)
+            time.sleep(1.0)  # the read is not cancelled: the watch is still waiting on it
+            assert watch.poll() is None
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(timeout=20) == 0  # with the lock still held
+            lock.rollback()
+    finally:
+        db.dispose()
+        watch.kill()
+    assert "Traceback" not in watch.stderr.read()
 
 
 def test_a_rate_below_a_tenth_per_second_is_shown_as_a_count_not_as_zero(
