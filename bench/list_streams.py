@@ -165,15 +165,18 @@ def list_keys(
     return [(time.perf_counter() - begun, len(page)) for page in pages]
 
 
-def mid_run_rate(pages: list[tuple[float, int]]) -> float:
+def mid_run(pages: list[tuple[float, int]], streams: int) -> str:
     """Keys/s between the pages at 20% and at 90% of the keys: a long crawl's rate, without
-    the start (discovery, spawning listing processes, filling the merger) or the last parts."""
+    the start (discovery, spawning listing processes, filling the merger) or the last parts;
+    "n/a" where the streams list fewer than 10 pages each (the merger's bursts rule then)."""
+    if len(pages) < 10 * streams:
+        return "n/a"
     total, done, marks = sum(n for _, n in pages), 0, []
     for at, keys in pages:
         done += keys
         marks.append((at, done))
     (t0, k0), (t1, k1) = [next(m for m in marks if m[1] >= share * total) for share in (0.2, 0.9)]
-    return (k1 - k0) / (t1 - t0) if t1 > t0 else float("nan")
+    return f"{(k1 - k0) / (t1 - t0):,.0f}"
 
 
 def main() -> None:
@@ -233,7 +236,7 @@ def run_counts(server: str, endpoint: str, args: argparse.Namespace, total: int)
             label = parser if processes == 1 else f"{parser}, {processes} processes"
             print(
                 f"| {server} | {label} | {streams} | {listed:,} | {seconds:.2f} | {rate:,.0f} | "
-                f"{rate / base:.1f}x | {rate / before:.1f}x | {mid_run_rate(pages):,.0f} |",
+                f"{rate / base:.1f}x | {rate / before:.1f}x | {mid_run(pages, streams)} |",
                 flush=True,
             )
             assert listed == total, f"listed {listed} of {total}"
