@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         metavar="P",
-        help="with --list-streams: run the streams in P processes (one parses about 100k keys/s "
+        help="with --list-streams: run the streams in P processes (one lists about 86k keys/s "
         "on one core)",
     )
     enq.add_argument(

@@ -10,7 +10,7 @@ robin, so each crawl page, and each job cut from it, mixes keys of many prefixes
 workers' GETs are spread across them (S3 serves ~5,500 GET/s per prefix).
 
 With `--list-processes P` the streams run in P processes, each with its own S3 client: one
-process parses pages on one core at most (the GIL), about 100k keys/s here. The parts, their
+process parses pages on one core at most (the GIL), about 86k keys/s here. The parts, their
 positions and the merge stay in the crawl's process; a listing process only lists the parts it
 is handed and sends their chunks back.
 
