@@ -112,17 +112,29 @@ def test_several_streams_enqueue_every_key_once_in_jobs_that_mix_folders(
     assert len(mixed) >= len(job_folders(local)) // 2, job_folders(local)
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["threads", "listing processes"])
 def test_a_cut_off_parallel_crawl_resumes_per_part_and_publishes_each_key_once(
-    local: Pipeline, bucket: tuple[str, list[str]]
+    local: Pipeline, bucket: tuple[str, list[str]], processes: int
 ) -> None:
     name, uris = bucket
+    client = partial(s3_client, local.s3_endpoint)
+    first, then = (
+        (ListingPlan(streams=3), ListingPlan(streams=8))  # more streams, same ranges
+        if processes == 1
+        else (ListingPlan(streams=4, processes=processes, client=client),) * 2
+    )
     with pytest.raises(Crash):  # dies before its 7th job: the middle of the second page
-        crawl(local, f"s3://{name}/", ListingPlan(streams=3), crash_at=7)
+        crawl(local, f"s3://{name}/", first, crash_at=7)
+    assert multiprocessing.active_children() == []  # listing processes stopped with it
     assert 0 < len(queued_images(local)) < len(uris)
-    stats = crawl(local, f"s3://{name}/", ListingPlan(streams=8))  # more streams, same ranges
+
+    stats = crawl(local, f"s3://{name}/", then)
+
     queued = Counter(queued_images(local))
     assert set(queued) == set(uris) and set(queued.values()) == {1}
     assert stats.enqueued == len(uris) and stats.resumed_from.startswith('{"parts"')
+    mixed = [folders for folders in job_folders(local) if len(folders) > 1]
+    assert len(mixed) >= len(job_folders(local)) // 2, job_folders(local)
 
 
 def test_given_prefixes_are_listed_by_several_streams_and_only_their_keys_enqueued(
@@ -163,25 +175,6 @@ def test_a_resumed_parallel_crawl_also_lists_folders_made_since_it_began_and_no_
     assert set(queued) == set(uris) | {f"s3://{name}/{key}" for key in added}
     assert set(queued.values()) == {1}
     assert stats.enqueued == len(uris) + len(added)
-
-
-def test_listing_processes_enqueue_every_key_once_and_a_cut_off_crawl_resumes(
-    local: Pipeline, bucket: tuple[str, list[str]]
-) -> None:
-    name, uris = bucket
-    plan = ListingPlan(streams=4, processes=2, client=partial(s3_client, local.s3_endpoint))
-    with pytest.raises(Crash):  # dies before its 7th job: the middle of the second page
-        crawl(local, f"s3://{name}/", plan, crash_at=7)
-    assert multiprocessing.active_children() == []  # the listing processes stopped with it
-    assert 0 < len(queued_images(local)) < len(uris)
-
-    stats = crawl(local, f"s3://{name}/", plan)
-
-    queued = Counter(queued_images(local))
-    assert set(queued) == set(uris) and set(queued.values()) == {1}
-    assert stats.enqueued == len(uris) and stats.resumed_from.startswith('{"parts"')
-    mixed = [folders for folders in job_folders(local) if len(folders) > 1]
-    assert len(mixed) >= len(job_folders(local)) // 2, job_folders(local)
 
 
 def test_a_listing_process_that_cannot_list_fails_the_crawl_with_its_reason(
