@@ -53,11 +53,12 @@ def test_a_redis_failover_is_followed_and_reconcile_finds_what_it_lost(farm: Far
     lost = Run(farm, "failover-lost", images=LOST_IMAGES)
     run.enqueue(JOB_IMAGES)
     wait_for(lambda: run.counts()[0] >= 16, 300, "first captions")
-    run.held = [job for host in farm.worker_hosts() for job in held_by(farm, host)]
     wait_for(lambda: replica_has_everything(farm), 10, "the replica to catch up")
     for host in farm.worker_hosts():
         farm.freeze(host)
     frozen_at = time.monotonic()
+    # Read once the hosts are frozen: a job taken while the replica caught up is held too.
+    run.held = [job for host in farm.worker_hosts() for job in held_by(farm, host)]
     marks = {host.ns: host.log.stat().st_size for host in farm.worker_hosts()}
     try:
         farm.cut_replication()
